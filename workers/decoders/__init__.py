@@ -1,0 +1,45 @@
+"""Decoders: one module each, a pure function ``decode(frame, ctx) -> [Reading | Event]``.
+
+Registered by name in ``REGISTRY``; a listener's ``decoder`` key chooses one. To add a format, write
+``workers/decoders/<name>.py`` with a ``decode`` function whose docstring shows one real frame and what it
+becomes, add it here, and add golden cases under ``tests/golden/<name>/``. Decoders raise
+``DecodeError``; they never log.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, NamedTuple
+
+from workers.envelope import Event, Reading
+
+if TYPE_CHECKING:
+    from workers.config import Config
+
+
+class DecodeError(ValueError):
+    """A frame that cannot become readings. ``reason`` is short and safe to show to a user."""
+
+    def __init__(self, reason: str, frame: bytes = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.frame = frame
+
+
+class Context(NamedTuple):
+    device: str        # the device id to use when the frame names none
+    recv_ts: int       # arrival time, Unix ns
+    config: "Config"
+
+
+Decoder = Callable[[bytes, Context], list[Reading | Event]]
+
+from workers.decoders import auto, binary, influx, json, kv  # noqa: E402  (registry below)
+
+REGISTRY: dict[str, Decoder] = {
+    "auto": auto.decode,
+    "json": json.decode,
+    "kv": kv.decode,
+    "influx": influx.decode,
+    "binary": binary.decode,
+}
+
+__all__ = ["REGISTRY", "Context", "DecodeError", "Decoder"]

@@ -1,0 +1,79 @@
+"""Sinks write batches of readings to a store. They only connect, write and close.
+
+Batching, the disk spool, retries with backoff and splitting refused batches all live in one place,
+``workers.outbox``, so every sink behaves the same when its server is away or refuses data. A sink tells
+the outbox what kind of failure it met by the exception it raises:
+
+- ``TransientError``: the server is away, slow or throttling; keep the batch and retry (``retry_after``
+  in seconds when the server said so).
+- ``PermanentError``: the server refused the batch as invalid; the outbox splits it to isolate the bad
+  readings, which go to the dead-letter store, and writes the rest.
+- ``BatchTooLarge``: the server refused the batch for its size (413); the outbox splits it.
+
+Writes must be idempotent, keyed by (device, field, timestamp): a batch may arrive twice after a
+worker is killed, and must not be stored twice.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
+
+from workers.envelope import Event, Reading
+
+if TYPE_CHECKING:
+    from workers.config import Config
+
+
+class Batch(NamedTuple):
+    readings: list[Reading]
+    events: list[Event]
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return len(self.readings) + len(self.events)
+
+
+class SinkError(Exception):
+    pass
+
+
+class TransientError(SinkError):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(SinkError):
+    pass
+
+
+class BatchTooLarge(SinkError):
+    pass
+
+
+class Sink(Protocol):
+    name: str
+
+    def connect(self) -> None: ...
+
+    def write(self, batch: Batch) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def make_sink(name: str, cfg: "Config") -> Sink:
+    """The sink called ``name`` in ``[sinks.<name>]``."""
+    factories: dict[str, Callable[["Config"], Sink]] = {}
+    from workers.sinks import sqlite
+    factories["sqlite"] = sqlite.SqliteSink.from_config
+    try:
+        from workers.sinks import influx
+        factories["influx"] = influx.InfluxSink.from_config
+    except ImportError:
+        pass
+    try:
+        from workers.sinks import mongo
+        factories["mongo"] = mongo.MongoSink.from_config
+    except ImportError:
+        pass
+    if name not in factories:
+        raise KeyError(f"no sink called {name!r}; known: {sorted(factories)}")
+    return factories[name](cfg)

@@ -1,0 +1,232 @@
+"""Real sensorpipe worker processes on free ports, for end-to-end tests.
+
+``pipeline`` starts edge, two parsers, the SQLite sink and the query worker from a TOML file written
+for the test (every port free, data in a temp dir). Tests wait with ``wait_for`` (poll with a
+deadline), never with fixed sleeps.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from workers import query as query_mod
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ROLES = ("query", "sink-sqlite", "parser", "parser", "edge")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,
+             message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the thing polled may not be up yet
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}"
+                         + (f" (last error: {last_error!r})" if last_error else ""))
+
+
+BASE_TOML = """
+data_dir = "{data}"
+log_level = "INFO"
+
+[[listeners]]
+name = "text"
+bind = "127.0.0.1:{text_port}"
+max_frame_bytes = {max_frame}
+idle_timeout_s = {idle_timeout}
+
+[[listeners]]
+name = "binary"
+bind = "127.0.0.1:{binary_port}"
+framing = "binary"
+decoder = "binary"
+
+[endpoints]
+frames = "tcp://127.0.0.1:{p_frames}"
+acks = "tcp://127.0.0.1:{p_acks}"
+live = "tcp://127.0.0.1:{p_live}"
+inject = "tcp://127.0.0.1:{p_inject}"
+query = "tcp://127.0.0.1:{p_query}"
+
+[edge]
+batch_max_delay_ms = 5
+redeliver_after_s = {redeliver}
+
+[binary.devices.1]
+device = "balcony"
+fields = [
+  {{ name = "light", type = "u16" }},
+  {{ name = "humidity", type = "u16", scale = 0.0019073486328125, offset = -6.0 }},
+  {{ name = "temperature", type = "u16", scale = 0.00268127441406250, offset = -46.85 }},
+]
+
+[devices.balcony]
+tags = {{ place = "balcony" }}
+
+[sinks.sqlite]
+enabled = true
+endpoint = "tcp://127.0.0.1:{p_sqlite}"
+flush_interval_ms = 50
+
+[query]
+resync_after_s = 1
+"""
+
+
+class Pipeline:
+    def __init__(self, tmp: Path, extra_toml: str = "", max_frame: int = 65536, idle_timeout: float = 600,
+                 redeliver: float = 3.0) -> None:
+        self.tmp = tmp
+        self.data = tmp / "data"
+        self.text_port = free_port()
+        self.binary_port = free_port()
+        ports = {f"p_{n}": free_port() for n in ("frames", "acks", "live", "inject", "query", "sqlite")}
+        self.query_endpoint = f"tcp://127.0.0.1:{ports['p_query']}"
+        self.config_path = tmp / "sensorpipe.toml"
+        self.config_path.write_text(BASE_TOML.format(
+            data=self.data, text_port=self.text_port, binary_port=self.binary_port, max_frame=max_frame,
+            idle_timeout=idle_timeout, redeliver=redeliver, **ports) + extra_toml)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = tmp / "logs"
+        self.logs.mkdir(exist_ok=True)
+
+    # ------------------------------------------------------------------ processes
+
+    def start(self, role: str, name: str | None = None) -> str:
+        name = name or self._name(role)
+        env = {**os.environ, "SUPERVISOR_PROCESS_NAME": name.replace(":", "_"), "PYTHONUNBUFFERED": "1"}
+        log = open(self.logs / f"{name.replace(':', '_')}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--config", str(self.config_path), "worker", role],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return name
+
+    def _name(self, role: str) -> str:
+        n = 1
+        while f"{role}:{n}" in self.procs and self.procs[f"{role}:{n}"].poll() is None:
+            n += 1
+        return f"{role}:{n}"
+
+    def start_all(self, roles: tuple[str, ...] = DEFAULT_ROLES) -> None:
+        for role in roles:
+            self.start(role)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: self.query({"op": "ping"}, timeout=0.5).get("ok"), message="query worker")
+        wait_for(self._port_open, message="edge listener")
+
+    def _port_open(self) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.text_port)) == 0
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        return proc.wait(timeout)
+
+    def kill(self, name: str) -> None:
+        self.stop(name, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        # Edge first (stops taking frames), then parsers, then sinks flush, then query.
+        order = sorted(self.procs, key=lambda n: ["edge", "parser", "sink", "query"].index(
+            next(p for p in ["edge", "parser", "sink", "query"] if n.startswith(p))))
+        for name in order:
+            if self.procs[name].poll() is None:
+                try:
+                    self.stop(name)
+                except subprocess.TimeoutExpired:
+                    self.kill(name)
+
+    def log_text(self) -> str:
+        return "\n".join(f"==== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logs.iterdir()))
+
+    # ------------------------------------------------------------------ talking to it
+
+    def query(self, message: dict, timeout: float = 2.0) -> dict:
+        return query_mod.request(self.query_endpoint, message, timeout_s=timeout, retries=0)
+
+    def latest(self, device: str) -> dict:
+        reply = self.query({"op": "latest", "device": device})
+        return {k: v["value"] for k, v in reply.get("fields", {}).items()} if reply.get("ok") else {}
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "workers", "--config", str(self.config_path), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    def send(self, data: bytes, port: int | None = None, read_reply: int = 0, timeout: float = 5) -> bytes:
+        with socket.create_connection(("127.0.0.1", port or self.text_port), timeout=timeout) as sock:
+            sock.sendall(data)
+            reply = b""
+            if read_reply:
+                while len(reply) < read_reply:
+                    chunk = sock.recv(read_reply - len(reply))
+                    if not chunk:
+                        break
+                    reply += chunk
+            return reply
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.data / 'sensorpipe.db'}?mode=ro", uri=True, timeout=10)
+
+    def count_rows(self, table: str = "readings", where: str = "", args: tuple = ()) -> int:
+        if not (self.data / "sensorpipe.db").exists():
+            return 0
+        db = self.db()
+        try:
+            return db.execute(f"SELECT count(*) FROM {table} {where}", args).fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+        finally:
+            db.close()
+
+
+@pytest.fixture
+def pipeline_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Pipeline]]:
+    made: list[Pipeline] = []
+
+    def make(**kwargs: Any) -> Pipeline:
+        sub = tmp_path / f"pipeline{len(made)}"
+        sub.mkdir()
+        p = Pipeline(sub, **kwargs)
+        made.append(p)
+        return p
+
+    yield make
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for p in made:
+        p.stop_all()
+        if failed:
+            print(p.log_text())
+
+
+@pytest.fixture
+def pipeline(pipeline_factory: Callable[..., Pipeline]) -> Pipeline:
+    p = pipeline_factory()
+    p.start_all()
+    return p

@@ -1,0 +1,353 @@
+"""One TOML file, parsed into frozen dataclasses and checked once at start.
+
+The shipped default is ``deploy/sensorpipe.toml``; ``--config PATH`` or ``SENSORPIPE_CONFIG`` selects
+another. Environment variables override the data directory (``SENSORPIPE_DATA``) and the listener
+ports (``SENSORPIPE_TEXT_PORT``, ``SENSORPIPE_BINARY_PORT``) and the query endpoint
+(``SENSORPIPE_QUERY``). A bad key or value raises ``ConfigError`` naming it, e.g.
+``sinks.sqlite.batch_size: expected an integer, got 'many'``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "deploy" / "sensorpipe.toml"
+DEFAULT_DATA_DIR = "./data"
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024
+DEFAULT_QUERY_ENDPOINT = "tcp://127.0.0.1:5560"
+
+BINARY_TYPES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "f32": "f"}
+
+
+class ConfigError(ValueError):
+    """The configuration file is wrong; the message names the key."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    bind: str                                     # "host:port"
+    framing: Literal["auto", "lines", "binary"] = "auto"
+    decoder: str = "auto"                         # a name in workers.decoders.REGISTRY
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    idle_timeout_s: float = 600.0
+    max_connections: int = 20000
+    default_device: str = ""                      # device id when a frame names none ("" = peer IP)
+
+    @property
+    def host(self) -> str:
+        return self.bind.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.bind.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Internal ZeroMQ endpoints. Who binds what is documented in docs/architecture.md."""
+    frames: str = "tcp://127.0.0.1:5555"          # edge PUSH (bind) -> parsers PULL (connect)
+    acks: str = "tcp://127.0.0.1:5556"            # sinks PUSH (connect) -> edge PULL (bind)
+    inject: str = "tcp://127.0.0.1:5558"          # replay/MQTT PUSH (connect) -> edge PULL (bind)
+    live: str = "tcp://127.0.0.1:5557"            # parsers/workers PUB (connect) -> query SUB (bind)
+    query: str = DEFAULT_QUERY_ENDPOINT           # clients REQ -> query ROUTER (bind)
+
+
+@dataclass(frozen=True)
+class Edge:
+    batch_max_frames: int = 2000
+    batch_max_delay_ms: float = 5.0
+    journal_segment_bytes: int = 16 * 1024 * 1024
+    journal_max_bytes: int = 1024 * 1024 * 1024   # at the bound the edge stops reading devices
+    fsync: Literal["batch", "interval", "never"] = "interval"
+    fsync_interval_ms: float = 200.0
+    redeliver_after_s: float = 15.0               # unacknowledged batches are sent again after this
+    max_inflight_batches: int = 2000              # more than this unacknowledged: stop reading devices
+
+
+@dataclass(frozen=True)
+class JsonDecoder:
+    device_keys: tuple[str, ...] = ("device", "device_id", "id", "Name", "name")
+    time_keys: tuple[str, ...] = ("ts", "time", "timestamp")
+    fields_keys: tuple[str, ...] = ("Value", "value", "fields", "data")  # nested objects holding fields
+    event_keys: tuple[str, ...] = ("cmd", "event")  # objects with one of these are events, not readings
+
+
+@dataclass(frozen=True)
+class InfluxDecoder:
+    device_tags: tuple[str, ...] = ("device", "device_id", "host", "id")
+
+
+@dataclass(frozen=True)
+class BinaryField:
+    name: str
+    type: Literal["u8", "i8", "u16", "i16", "u32", "i32", "f32"]
+    endian: Literal["little", "big"] = "little"
+    scale: float = 1.0
+    offset: float = 0.0
+    missing: int | None = None                    # raw value meaning "sensor read failed"
+
+
+@dataclass(frozen=True)
+class BinaryDevice:
+    device: str
+    fields: tuple[BinaryField, ...]
+
+
+@dataclass(frozen=True)
+class Device:
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decoders:
+    json: JsonDecoder = JsonDecoder()
+    influx: InfluxDecoder = InfluxDecoder()
+
+
+@dataclass(frozen=True)
+class SinkCommon:
+    enabled: bool = False
+    endpoint: str = ""                            # PULL endpoint the sink binds
+    batch_size: int = 5000
+    flush_interval_ms: float = 200.0
+    spool_max_bytes: int = 512 * 1024 * 1024
+    spool_full: Literal["block", "drop-oldest"] = "block"
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    fsync: bool = True                            # fsync spool files before acknowledging
+
+
+@dataclass(frozen=True)
+class SqliteSink(SinkCommon):
+    enabled: bool = True
+    endpoint: str = "tcp://127.0.0.1:5571"
+    path: str = "sensorpipe.db"                   # relative to the data directory
+
+
+@dataclass(frozen=True)
+class InfluxSink(SinkCommon):
+    endpoint: str = "tcp://127.0.0.1:5572"
+    url: str = "http://127.0.0.1:8086"
+    token: str = ""
+    org: str = "sensorpipe"
+    bucket: str = "sensors"
+    measurement: str = "sensors"                  # measurement name; the device is always a tag
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class MongoSink(SinkCommon):
+    endpoint: str = "tcp://127.0.0.1:5573"
+    url: str = "mongodb://127.0.0.1:27017"
+    database: str = "sensorpipe"
+    store_readings: bool = False                  # readings history; time series belong in InfluxDB
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Sinks:
+    sqlite: SqliteSink = SqliteSink()
+    influx: InfluxSink = InfluxSink()
+    mongo: MongoSink = MongoSink()
+
+    def enabled(self) -> dict[str, SinkCommon]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name).enabled}
+
+
+@dataclass(frozen=True)
+class Query:
+    restore_from: Literal["auto", "sqlite", "mongo", "none"] = "auto"
+    resync_after_s: float = 5.0                   # a second restore after start closes the restart gap
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = DEFAULT_DATA_DIR
+    log_level: str = "INFO"
+    listeners: tuple[Listener, ...] = (
+        Listener(name="text", bind="0.0.0.0:7000"),
+        Listener(name="binary", bind="0.0.0.0:7002", framing="binary", decoder="binary"),
+    )
+    endpoints: Endpoints = Endpoints()
+    edge: Edge = Edge()
+    decoders: Decoders = Decoders()
+    binary: dict[int, BinaryDevice] = field(default_factory=dict)   # device_number -> layout
+    devices: dict[str, Device] = field(default_factory=dict)        # device id -> extra tags
+    sinks: Sinks = Sinks()
+    query: Query = Query()
+    source: str = ""                              # the file this came from, for messages
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def listener(self, name: str) -> Listener:
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | os.PathLike[str] | None = None, env: typing.Mapping[str, str] | None = None) -> Config:
+    """Read, check and return the configuration; raise ConfigError naming the bad key."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("SENSORPIPE_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return from_dict(table, env=env, source=str(path))
+
+
+def from_dict(table: dict[str, Any], env: typing.Mapping[str, str] | None = None, source: str = "") -> Config:
+    env = {} if env is None else env
+    table = dict(table)
+    if "listeners" in table and isinstance(table["listeners"], dict):
+        # [listeners.text] form as well as [[listeners]]
+        table["listeners"] = [{"name": k, **v} for k, v in table["listeners"].items()]
+    cfg = _build(Config, table, "")
+    cfg = _apply_env(cfg, env)
+    cfg = dataclasses.replace(cfg, source=source)
+    _check(cfg)
+    return cfg
+
+
+def _apply_env(cfg: Config, env: typing.Mapping[str, str]) -> Config:
+    if env.get("SENSORPIPE_DATA"):
+        cfg = dataclasses.replace(cfg, data_dir=env["SENSORPIPE_DATA"])
+    ports = {"text": env.get("SENSORPIPE_TEXT_PORT"), "binary": env.get("SENSORPIPE_BINARY_PORT")}
+    listeners = []
+    for listener in cfg.listeners:
+        port = ports.get(listener.name)
+        if port:
+            listener = dataclasses.replace(listener, bind=f"{listener.host}:{port}")
+        listeners.append(listener)
+    cfg = dataclasses.replace(cfg, listeners=tuple(listeners))
+    if env.get("SENSORPIPE_QUERY"):
+        cfg = dataclasses.replace(cfg, endpoints=dataclasses.replace(cfg.endpoints, query=env["SENSORPIPE_QUERY"]))
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    from workers.decoders import REGISTRY  # late: decoders import this module
+
+    names = [listener.name for listener in cfg.listeners]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"listeners: names must be unique, got {names}")
+    for i, listener in enumerate(cfg.listeners):
+        key = f"listeners[{i}] ({listener.name})"
+        host, _, port = listener.bind.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"{key}.bind: expected 'host:port', got {listener.bind!r}")
+        if listener.decoder not in REGISTRY:
+            raise ConfigError(f"{key}.decoder: unknown decoder {listener.decoder!r}; known: {sorted(REGISTRY)}")
+        if listener.max_frame_bytes < 16:
+            raise ConfigError(f"{key}.max_frame_bytes: must be at least 16")
+    for number, layout in cfg.binary.items():
+        if not 0 <= number <= 255:
+            raise ConfigError(f"binary.devices.{number}: device numbers are 0..255")
+        if not layout.fields:
+            raise ConfigError(f"binary.devices.{number}.fields: at least one field is needed")
+    if cfg.edge.fsync not in ("batch", "interval", "never"):
+        raise ConfigError(f"edge.fsync: expected batch|interval|never, got {cfg.edge.fsync!r}")
+    for name, sink in cfg.sinks.enabled().items():
+        if sink.batch_size < 1:
+            raise ConfigError(f"sinks.{name}.batch_size: must be at least 1")
+        if not sink.endpoint:
+            raise ConfigError(f"sinks.{name}.endpoint: required")
+    if not cfg.sinks.enabled():
+        raise ConfigError("sinks: no sink is enabled; readings would have nowhere to go")
+
+
+def _build(cls: Any, value: Any, key: str) -> Any:
+    """Build ``cls`` (a dataclass or a typing form) from TOML ``value``, naming ``key`` on error."""
+    origin = typing.get_origin(cls)
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key or 'top level'}: expected a table, got {value!r}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+        kwargs = {}
+        for name, item in value.items():
+            sub = f"{key}.{name}" if key else name
+            if cls is Config and name == "binary":
+                item = item.get("devices", item) if isinstance(item, dict) else item
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                extra = f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {sorted(known)}"
+                raise ConfigError(f"{sub}: unknown key{extra}")
+            kwargs[name] = _build(hints[name], item, sub)
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{key or 'top level'}: {exc}") from None
+    if origin is Literal:
+        if value not in typing.get_args(cls):
+            raise ConfigError(f"{key}: expected one of {list(typing.get_args(cls))}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(cls)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _build(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_type = typing.get_args(cls)[0]
+        return tuple(_build(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        key_type, item_type = typing.get_args(cls)
+        out = {}
+        for k, item in value.items():
+            if key_type is int:
+                try:
+                    k = int(k)
+                except ValueError:
+                    raise ConfigError(f"{key}.{k}: expected a number as key") from None
+            out[k] = _build(item_type, item, f"{key}.{k}")
+        return out
+    if cls is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if cls is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if cls is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if cls is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {cls!r}")

@@ -1,0 +1,98 @@
+"""Length-prefixed binary packets from battery boards; the record layout comes from the config.
+
+A packet is a 9-byte little-endian header ``u16 data_length, u16 wake_interval_s,
+u16 measure_interval_s, u8 bytes_per_record, u8 device_number, u8 record_count`` and then
+``data_length`` bytes of records, oldest first. With the shipped layout for device number 1::
+
+    0c00 5802 3c00 06 01 02 | 2c01 6e75 e264 | 2d01 fd75 e864
+        -> Reading("balcony", arrival - 60 s, {"light": 300, "humidity": 51.44..., "temperature": 22.3...})
+           Reading("balcony", arrival,        {"light": 301, "humidity": 51.71..., "temperature": 22.32...})
+
+Each field is ``raw * scale + offset``; a raw value equal to the field's ``missing`` is a failed read
+(a ``failed_read`` event, never a number). The newest record is stamped with the arrival time, each
+older one ``measure_interval_s`` earlier.
+"""
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from workers.config import BINARY_TYPES, BinaryDevice
+from workers.envelope import Event, FieldValue, Reading
+
+if TYPE_CHECKING:
+    from workers.decoders import Context
+
+HEADER = struct.Struct("<HHHBBB")
+
+
+
+
+def parse_header(packet: bytes) -> tuple[int, int, int, int, int, int]:
+    """(data_length, wake_interval_s, measure_interval_s, bytes_per_record, device_number, record_count)."""
+    return HEADER.unpack_from(packet, 0)
+
+
+def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
+    from workers.decoders import DecodeError
+
+    if len(frame) < HEADER.size:
+        raise DecodeError(f"packet shorter than its {HEADER.size}-byte header", frame)
+    length, wake_s, measure_s, per_record, number, count = parse_header(frame)
+    if length != len(frame) - HEADER.size:
+        raise DecodeError(f"header says {length} data bytes, packet has {len(frame) - HEADER.size}", frame)
+    if per_record * count != length:
+        raise DecodeError(f"{count} records of {per_record} bytes do not make {length} bytes", frame)
+    layout = ctx.config.binary.get(number)
+    if layout is None:
+        raise DecodeError(f"no record layout for device number {number} (add [binary.devices.{number}])", frame)
+    record = _record_struct(layout)
+    if record.size != per_record:
+        raise DecodeError(f"device number {number}: config layout is {record.size} bytes, packet says {per_record}",
+                          frame)
+    out: list[Reading | Event] = []
+    step = measure_s * 1_000_000_000
+    fields_cfg = layout.fields
+    for i in range(count):
+        raw = record.unpack_from(frame, HEADER.size + i * per_record)
+        ts = ctx.recv_ts - (count - 1 - i) * step
+        fields: dict[str, FieldValue] = {}
+        failed = []
+        for spec, value in zip(fields_cfg, raw):
+            if spec.missing is not None and value == spec.missing:
+                failed.append(spec.name)
+            elif spec.scale == 1.0 and spec.offset == 0.0:
+                fields[spec.name] = value
+            else:
+                fields[spec.name] = value * spec.scale + spec.offset
+        if fields:
+            out.append(Reading(layout.device, ts, fields, {}))
+        if failed:
+            out.append(Event(layout.device, ts, "failed_read", {"fields": failed}))
+    return out
+
+
+@lru_cache(maxsize=256)
+def _record_struct(layout: BinaryDevice) -> struct.Struct:
+    # One struct for the whole record; fields of mixed endianness are packed as padding-free bytes.
+    if len({f.endian for f in layout.fields}) == 1:
+        prefix = "<" if layout.fields[0].endian == "little" else ">"
+        return struct.Struct(prefix + "".join(BINARY_TYPES[f.type] for f in layout.fields))
+    return _MixedStruct(layout)
+
+
+class _MixedStruct:
+    """A record whose fields differ in endianness: unpack field by field."""
+
+    def __init__(self, layout: BinaryDevice) -> None:
+        self.parts = [struct.Struct(("<" if f.endian == "little" else ">") + BINARY_TYPES[f.type])
+                      for f in layout.fields]
+        self.size = sum(p.size for p in self.parts)
+
+    def unpack_from(self, buffer: bytes, offset: int) -> tuple:
+        values = []
+        for part in self.parts:
+            values.append(part.unpack_from(buffer, offset)[0])
+            offset += part.size
+        return tuple(values)

@@ -1,0 +1,105 @@
+"""JSON objects, flat or nested, one per frame.
+
+    {"device":"d1","temp":22.6,"humi":52}
+        -> Reading("d1", <arrival>, {"temp": 22.6, "humi": 52}, {})
+    {"Name":"HumiTure_Sensor_No1","Value":{"temp":22.6,"humi":52},"ts":1732260000}
+        -> Reading("HumiTure_Sensor_No1", 1732260000000000000, {"temp": 22.6, "humi": 52}, {})
+    {"cmd":"verifiedRecordU","data":[...]}
+        -> Event(<device>, <arrival>, "verifiedRecordU", {...the whole object...})
+
+The device id comes from the first of ``decoders.json.device_keys`` present, else the connection. A
+timestamp key (epoch s/ms/us/ns or ISO 8601) is optional. Nested objects are flattened with ``_``
+(``{"bme":{"t":1}}`` -> ``bme_t``), lists by index (``v_0``). A ``null`` value is a failed sensor read:
+it becomes a ``failed_read`` event naming the fields, never a zero. A top-level list holds several
+objects.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import orjson
+
+from workers.decoders.timestamps import to_ns
+from workers.envelope import Event, FieldValue, Reading
+
+if TYPE_CHECKING:
+    from workers.decoders import Context
+
+MAX_DEPTH = 8
+
+
+def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
+    from workers.decoders import DecodeError
+
+    try:
+        doc = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"invalid JSON: {exc}", frame) from None
+    objects = doc if isinstance(doc, list) else [doc]
+    out: list[Reading | Event] = []
+    for obj in objects:
+        if not isinstance(obj, dict):
+            raise DecodeError(f"expected a JSON object, got {type(obj).__name__}", frame)
+        out.extend(_decode_object(obj, ctx, frame))
+    if not out:
+        raise DecodeError("no objects in frame", frame)
+    return out
+
+
+def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Event]:
+    from workers.decoders import DecodeError
+
+    opts = ctx.config.decoders.json
+    device = ctx.device
+    used: set[str] = set()
+    for key in opts.device_keys:
+        value = obj.get(key)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+            device, _ = str(value), used.add(key)
+            break
+    ts = ctx.recv_ts
+    for key in opts.time_keys:
+        if key in obj:
+            try:
+                ts = to_ns(obj[key])
+            except ValueError as exc:
+                raise DecodeError(f"{key}: {exc}", frame) from None
+            used.add(key)
+            break
+    for key in opts.event_keys:
+        if key in obj:
+            return [Event(device, ts, str(obj[key]), obj)]
+
+    source = obj
+    for key in opts.fields_keys:
+        if isinstance(obj.get(key), dict):
+            source, used = obj[key], set()
+            break
+    fields: dict[str, FieldValue] = {}
+    failed: list[str] = []
+    for key, value in source.items():
+        if key not in used:
+            _flatten(key, value, fields, failed, 0)
+    out: list[Reading | Event] = []
+    if fields:
+        out.append(Reading(device, ts, fields, {}))
+    if failed:
+        out.append(Event(device, ts, "failed_read", {"fields": failed}))
+    if not out:
+        raise DecodeError("object has no fields", frame)
+    return out
+
+
+def _flatten(name: str, value: object, fields: dict[str, FieldValue], failed: list[str], depth: int) -> None:
+    if value is None:
+        failed.append(name)
+    elif isinstance(value, (bool, int, float, str)):
+        fields[name] = value
+    elif depth >= MAX_DEPTH:
+        fields[name] = orjson.dumps(value).decode()
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{name}_{key}", item, fields, failed, depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _flatten(f"{name}_{i}", item, fields, failed, depth + 1)

@@ -1,0 +1,265 @@
+"""Batching, spooling and retries for every sink: the one place they live.
+
+Readings are gathered into a batch and written when the batch is full (``batch_size``) or old enough
+(``flush_interval_ms``). What happens to a batch:
+
+- written: the batch's seqs are acknowledged to the edge;
+- the server is away (``TransientError``): the batch goes to this sink's spool on disk and is
+  acknowledged (the spool is durable); the spool is written back in order, oldest first, with
+  exponential backoff and jitter, honouring the server's Retry-After. While the spool holds anything,
+  new batches queue behind it so order is kept;
+- refused as invalid (``PermanentError``): split in halves until the bad readings are isolated; those
+  go to the dead-letter store (``source = sink:<name>``), the rest is written;
+- too large (``BatchTooLarge``): split in halves and written.
+
+The spool is bounded (``spool_max_bytes``). At the bound, ``spool_full = "block"`` (the default) stops
+acknowledging and stops taking input, so the edge holds the data in its journal and, at its own bound,
+stops reading devices; ``"drop-oldest"`` deletes the oldest spooled batch, logs it and counts it in
+``spool_dropped``. Either way nothing is lost without a log line and a counter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import orjson
+
+from workers.config import SinkCommon
+from workers.deadletters import DeadLetter, DeadLetterStore
+from workers.envelope import Event, Reading
+from workers.runtime import Counters
+from workers.sinks import Batch, BatchTooLarge, PermanentError, Sink, TransientError
+
+log = logging.getLogger(__name__)
+
+SPOOL_SUFFIX = ".batch"
+DRAIN_BUDGET_S = 0.5         # time a tick may spend writing spooled batches back
+
+
+def encode_batch(batch: Batch) -> bytes:
+    return orjson.dumps([[tuple(r) for r in batch.readings], [tuple(e) for e in batch.events]])
+
+
+def decode_batch(data: bytes) -> Batch:
+    readings, events = orjson.loads(data)
+    return Batch([Reading(*r) for r in readings], [Event(*e) for e in events])
+
+
+class Spool:
+    """Batches a sink could not write yet, one file each, in order; survives restarts."""
+
+    def __init__(self, directory: Path, fsync: bool = True) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        for stale in self.directory.glob("*.tmp"):        # a write cut short by a kill
+            stale.unlink()
+        self.files = sorted(self.directory.glob("*" + SPOOL_SUFFIX))
+        self.bytes = sum(f.stat().st_size for f in self.files)
+        self.readings = 0                                 # readings spooled since start (a counter)
+        self._next = int(self.files[-1].stem) + 1 if self.files else 1
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def append(self, batch: Batch) -> None:
+        data = encode_batch(batch)
+        path = self.directory / f"{self._next:016d}{SPOOL_SUFFIX}"
+        self._next += 1
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if self.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        self.files.append(path)
+        self.bytes += len(data)
+        self.readings += len(batch.readings)
+
+    def oldest(self) -> tuple[Path, Batch]:
+        path = self.files[0]
+        return path, decode_batch(path.read_bytes())
+
+    def remove(self, path: Path) -> None:
+        self.bytes -= path.stat().st_size
+        path.unlink()
+        self.files.remove(path)
+
+
+class Outbox:
+    def __init__(self, sink: Sink, opts: SinkCommon, spool_dir: Path, deadletters: DeadLetterStore,
+                 ack: Callable[[list[int]], None], counters: Counters) -> None:
+        self.sink = sink
+        self.opts = opts
+        self.spool = Spool(spool_dir, opts.fsync)
+        self.deadletters = deadletters
+        self.ack = ack
+        self.counters = counters
+        self.readings: list[Reading] = []
+        self.events: list[Event] = []
+        self.seqs: list[int] = []
+        self.first_added = 0.0
+        self.retry_at = 0.0
+        self.backoff = opts.retry_initial_s
+        self.blocked = False                  # spool full with spool_full = "block"
+        if len(self.spool):
+            log.info("%s: %d spooled batches (%d bytes) from the last run will be written first",
+                     sink.name, len(self.spool), self.spool.bytes)
+
+    # ------------------------------------------------------------------ input
+
+    @property
+    def accepting(self) -> bool:
+        return not self.blocked
+
+    @property
+    def pending(self) -> int:
+        return len(self.readings) + len(self.events)
+
+    def add(self, seqs: list[int], readings: list[Reading], events: list[Event]) -> None:
+        if not self.seqs and not self.readings and not self.events:
+            self.first_added = time.monotonic()
+        self.seqs.extend(seqs)
+        self.readings.extend(readings)
+        self.events.extend(events)
+
+    def due(self, now: float) -> bool:
+        if self.pending >= self.opts.batch_size:
+            return True
+        return bool(self.seqs or self.pending) and now - self.first_added >= self.opts.flush_interval_ms / 1000
+
+    def next_due_in(self, now: float) -> float:
+        """Seconds until the current batch is due (for the poll timeout)."""
+        if not (self.seqs or self.pending):
+            return 1.0
+        return max(0.0, self.first_added + self.opts.flush_interval_ms / 1000 - now)
+
+    # ------------------------------------------------------------------ writing
+
+    def flush(self) -> None:
+        """Write (or spool) the current batch, then acknowledge its seqs."""
+        if not (self.seqs or self.pending):
+            return
+        batch = Batch(self.readings, self.events)
+        seqs = self.seqs
+        if self.blocked:
+            return
+        if len(batch):
+            if len(self.spool):
+                if not self._spool(batch):
+                    return
+            else:
+                try:
+                    self._write(batch)
+                except TransientError as exc:
+                    self._failed(exc)
+                    if not self._spool(batch):
+                        return
+        self.readings, self.events, self.seqs = [], [], []
+        if seqs:
+            self.ack(seqs)
+
+    def tick(self, now: float) -> None:
+        """Write spooled batches back once the backoff has passed."""
+        if not len(self.spool) or now < self.retry_at:
+            return
+        deadline = now + DRAIN_BUDGET_S
+        while len(self.spool) and time.monotonic() < deadline:
+            path, batch = self.spool.oldest()
+            try:
+                self._write(batch)
+            except TransientError as exc:
+                self._failed(exc)
+                return
+            self.spool.remove(path)
+            self.counters.add("unspooled_readings", len(batch.readings))
+        if not len(self.spool):
+            log.info("%s: spool written back; the server is keeping up again", self.sink.name)
+            self.backoff = self.opts.retry_initial_s
+        if self.blocked and self.spool.bytes < self.opts.spool_max_bytes:
+            self.blocked = False
+            self.flush()
+
+    def close(self) -> None:
+        """Final flush on stop: write or spool what is pending."""
+        self.blocked = False
+        if len(self.spool):
+            self.tick(float("inf"))
+        self.flush()
+
+    # ------------------------------------------------------------------ internals
+
+    def _write(self, batch: Batch) -> None:
+        """Write, splitting what the server refuses as invalid or too large. Raises TransientError."""
+        try:
+            self.sink.write(batch)
+        except (PermanentError, BatchTooLarge) as exc:
+            if len(batch) <= 1:
+                if isinstance(exc, BatchTooLarge):
+                    self._set_aside(batch, f"too large for the server: {exc}")
+                else:
+                    self._set_aside(batch, str(exc))
+                return
+            self.counters.add("split_batches")
+            for half in _halves(batch):
+                self._write(half)
+            return
+        self.counters.add("written_readings", len(batch.readings))
+        self.counters.add("written_events", len(batch.events))
+        self.backoff = self.opts.retry_initial_s
+
+    def _failed(self, exc: TransientError) -> None:
+        delay = exc.retry_after if exc.retry_after is not None else self.backoff * random.uniform(0.5, 1.5)
+        self.retry_at = time.monotonic() + delay
+        if self.backoff == self.opts.retry_initial_s:
+            log.warning("%s: write failed (%s); spooling and retrying with backoff", self.sink.name, exc)
+        else:
+            log.info("%s: still failing (%s); next try in %.1f s", self.sink.name, exc, delay)
+        self.backoff = min(self.backoff * 2, self.opts.retry_max_s)
+        self.counters.add("write_failures")
+
+    def _spool(self, batch: Batch) -> bool:
+        """Put the batch in the spool; False if the spool is full and the policy is to block."""
+        while self.spool.bytes >= self.opts.spool_max_bytes and len(self.spool):
+            if self.opts.spool_full == "block":
+                if not self.blocked:
+                    log.warning("%s: spool full (%d bytes): no longer taking readings until it drains;"
+                                " the edge keeps them in its journal", self.sink.name, self.spool.bytes)
+                    self.counters.add("spool_full")
+                self.blocked = True
+                return False
+            path, dropped = self.spool.oldest()
+            self.spool.remove(path)
+            self.counters.add("spool_dropped_readings", len(dropped.readings))
+            log.error("%s: spool full: DROPPED the oldest spooled batch (%d readings) as spool_full ="
+                      " 'drop-oldest' says", self.sink.name, len(dropped.readings))
+        self.spool.append(batch)
+        self.counters.add("spooled_readings", len(batch.readings))
+        return True
+
+    def _set_aside(self, batch: Batch, reason: str) -> None:
+        letters = []
+        for r in batch.readings:
+            raw = orjson.dumps({"device": r.device, "ts": r.ts, **r.fields})
+            letters.append(DeadLetter(r.ts, f"sink:{self.sink.name}", "replay", "", r.device, reason[:500], raw))
+        for e in batch.events:
+            raw = orjson.dumps({"device": e.device, "ts": e.ts, **e.body})
+            letters.append(DeadLetter(e.ts, f"sink:{self.sink.name}", "replay", "", e.device, reason[:500], raw))
+        self.deadletters.add(letters)
+        self.counters.add("dead_letters", len(letters))
+        log.warning("%s: the server refused %d item(s) as invalid (%s): set aside as dead letters",
+                    self.sink.name, len(letters), reason[:200])
+
+
+def _halves(batch: Batch) -> list[Batch]:
+    items: list = [*batch.readings, *batch.events]
+    middle = len(items) // 2
+    out = []
+    for part in (items[:middle], items[middle:]):
+        out.append(Batch([i for i in part if isinstance(i, Reading)], [i for i in part if isinstance(i, Event)]))
+    return out

@@ -1,0 +1,251 @@
+"""The query worker: latest values per device, served from memory (the zguide's lvcache).
+
+Sockets:
+    query  ROUTER  bind  <- clients REQ          JSON requests, one JSON reply each
+    live   SUB     bind  <- parsers/workers PUB  ``readings`` (kept newest-first per field), ``stats``
+
+Requests (docs/query-protocol.md)::
+
+    {"op":"latest","device":"ID"}  -> {"ok":true,"device":"ID","fields":{"temp":{"value":22.6,"ts":1732260000123}}}
+    {"op":"devices"}               -> {"ok":true,"devices":[{"device":"ID","last_seen":1732260000123}]}
+    {"op":"status"}                -> {"ok":true,"workers":{"edge":{...counters...},"sink:sqlite":{...}}}
+    anything else                  -> {"ok":false,"error":"..."}
+
+Timestamps in replies are Unix epoch milliseconds. On start the values are restored from the store
+(SQLite, or MongoDB when that sink is on), and restored once more ``resync_after_s`` later to cover
+readings that were on their way while the worker was down. A newer timestamp always wins, so the
+order in which parsers deliver does not matter.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import orjson
+import zmq
+
+from workers import envelope, runtime
+from workers.config import Config
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024
+DEFAULT_TIMEOUT_S = 2.5
+STATS_STALE_S = 30.0
+
+Latest = dict[str, dict[str, tuple[Any, int]]]      # device -> field -> (value, ts ns)
+
+
+class QueryError(Exception):
+    """The pipeline did not answer, or answered with an error. The message says what to do."""
+
+
+class LatestValues:
+    def __init__(self) -> None:
+        self.devices: Latest = {}
+        self.last_seen: dict[str, int] = {}
+
+    def update(self, device: str, field: str, value: Any, ts: int) -> None:
+        fields = self.devices.get(device)
+        if fields is None:
+            fields = self.devices[device] = {}
+        seen = fields.get(field)
+        if seen is None or ts >= seen[1]:
+            fields[field] = (value, ts)
+        if ts > self.last_seen.get(device, 0):
+            self.last_seen[device] = ts
+
+    def apply_readings(self, readings: list) -> None:
+        update = self.update
+        for device, ts, fields, _tags in readings:
+            for field, value in fields.items():
+                update(device, field, value, ts)
+
+
+def restore_from_sqlite(cfg: Config, latest: LatestValues) -> int:
+    from workers.sinks.sqlite import db_path, open_db
+
+    path = db_path(cfg)
+    if not path.exists():
+        return 0
+    db = open_db(path, readonly=True)
+    try:
+        rows = db.execute("SELECT device, field, ts, value FROM latest").fetchall()
+    finally:
+        db.close()
+    for device, field, ts, value in rows:
+        latest.update(device, field, value, ts)
+    return len(rows)
+
+
+RESTORERS: dict[str, Callable[[Config, LatestValues], int]] = {"sqlite": restore_from_sqlite}
+
+
+def restore_source(cfg: Config) -> str:
+    choice = cfg.query.restore_from
+    if choice == "auto":
+        enabled = cfg.sinks.enabled()
+        return "mongo" if "mongo" in enabled and "mongo" in RESTORERS else ("sqlite" if "sqlite" in enabled else "none")
+    return choice
+
+
+class QueryWorker:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.latest = LatestValues()
+        self.stats: dict[str, tuple[float, dict]] = {}
+        self.counters = runtime.Counters("query")
+        self.ops: dict[str, Callable[[dict], dict]] = {
+            "latest": self.op_latest,
+            "devices": self.op_devices,
+            "status": self.op_status,
+            "ping": lambda req: {"ok": True},
+        }
+
+    # ------------------------------------------------------------------ requests
+
+    def answer(self, raw: bytes) -> bytes:
+        """Never raises: a bad request gets ``{"ok": false, "error": ...}``."""
+        self.counters.add("requests")
+        try:
+            if len(raw) > MAX_REQUEST_BYTES:
+                raise QueryError(f"request larger than {MAX_REQUEST_BYTES} bytes")
+            try:
+                request = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise QueryError(f"request is not JSON: {exc}") from None
+            if not isinstance(request, dict):
+                raise QueryError("request must be a JSON object")
+            op = request.get("op")
+            handler = self.ops.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise QueryError(f"unknown op {op!r}; known: {sorted(self.ops)}")
+            reply = handler(request)
+        except QueryError as exc:
+            self.counters.add("bad_requests")
+            reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug answering one request must not take the worker down
+            log.exception("query failed: %r", raw[:200])
+            reply = {"ok": False, "error": f"internal error: {exc!r}"}
+        return orjson.dumps(reply)
+
+    def op_latest(self, request: dict) -> dict:
+        device = request.get("device")
+        if not isinstance(device, str) or not device:
+            raise QueryError('"device" must be a non-empty string')
+        fields = self.latest.devices.get(device)
+        if fields is None:
+            raise QueryError(f"unknown device {device!r}")
+        return {"ok": True, "device": device,
+                "fields": {name: {"value": value, "ts": ts // 1_000_000} for name, (value, ts) in fields.items()}}
+
+    def op_devices(self, request: dict) -> dict:
+        return {"ok": True, "devices": [{"device": d, "last_seen": ts // 1_000_000}
+                                        for d, ts in sorted(self.latest.last_seen.items())]}
+
+    def op_status(self, request: dict) -> dict:
+        now = time.monotonic()
+        self.stats["query"] = (now, dict(self.counters))
+        return {"ok": True, "workers": {name: {**counters, "stale": now - at > STATS_STALE_S}
+                                        for name, (at, counters) in sorted(self.stats.items())}}
+
+    # ------------------------------------------------------------------ live feed
+
+    def on_live(self, message: list[bytes]) -> None:
+        try:
+            kind = message[0]
+            if kind == envelope.READINGS:
+                _, readings, _ = envelope.parse_readings(message[1], message[2])
+                self.latest.apply_readings(readings)
+                self.counters.add("live_readings", len(readings))
+            elif kind == envelope.STATS:
+                worker, counters = envelope.parse_stats(message)
+                self.stats[worker] = (time.monotonic(), counters)
+        except (envelope.EnvelopeError, IndexError, ValueError) as exc:
+            self.counters.add("bad_messages")
+            log.warning("ignoring a bad live message: %s", exc)
+
+    def restore(self) -> None:
+        source = restore_source(self.cfg)
+        restorer = RESTORERS.get(source)
+        if restorer is None:
+            return
+        try:
+            count = restorer(self.cfg, self.latest)
+            log.info("restored %d latest values from %s", count, source)
+        except Exception as exc:
+            log.warning("could not restore latest values from %s: %s", source, exc)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
+        cfg = self.cfg
+        front = runtime.socket(ctx, zmq.ROUTER, bind=cfg.endpoints.query)
+        live = runtime.socket(ctx, zmq.SUB, bind=cfg.endpoints.live, hwm=10000)
+        live.setsockopt(zmq.SUBSCRIBE, envelope.READINGS)
+        live.setsockopt(zmq.SUBSCRIBE, envelope.STATS)
+        self.restore()          # after subscribing, so nothing falls between the two
+        resync_at = time.monotonic() + cfg.query.resync_after_s
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(live, zmq.POLLIN)
+        log.info("query: answering on %s", cfg.endpoints.query)
+        try:
+            while not stop:
+                events = dict(poller.poll(runtime.POLL_MS))
+                if live in events:
+                    for _ in range(256):
+                        try:
+                            self.on_live(live.recv_multipart(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                if front in events:
+                    for _ in range(256):
+                        try:
+                            message = front.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if len(message) < 3 or message[-2] != b"":
+                            self.counters.add("bad_messages")     # not from a REQ socket: nowhere to answer
+                            continue
+                        front.send_multipart([*message[:-1], self.answer(message[-1])])
+                if resync_at and time.monotonic() >= resync_at:
+                    resync_at = 0.0
+                    self.restore()
+        finally:
+            front.close(linger=0)
+            live.close(linger=0)
+            log.info("query: stopped")
+
+
+# --------------------------------------------------------------------------- client
+
+
+def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = 1) -> dict:
+    """Ask the query worker (Lazy Pirate: a REQ socket that timed out is closed, never reused)."""
+    ctx = zmq.Context()
+    try:
+        payload = orjson.dumps(message)
+        for _ in range(retries + 1):
+            sock = runtime.socket(ctx, zmq.REQ, connect=endpoint)
+            try:
+                sock.send(payload)
+                if sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+                    return orjson.loads(sock.recv())
+            finally:
+                sock.close(linger=0)
+        raise QueryError(f"no answer from the query worker at {endpoint} after {retries + 1} tries of "
+                         f"{timeout_s:g} s: is the pipeline running? (start it with `make run`)")
+    finally:
+        ctx.term()
+
+
+def main(cfg: Config) -> int:
+    stop = runtime.StopFlag().install()
+    ctx = zmq.Context()
+    try:
+        QueryWorker(cfg).run(ctx, stop)
+    finally:
+        ctx.term()
+    return runtime.EXIT_OK

@@ -1,0 +1,97 @@
+"""What every worker shares: logging setup, the stop flag, counters, socket options.
+
+The shape of every worker (zguide): build sockets, one poll loop with a timeout of at most a second
+that checks ``stop``, close sockets with ``linger=0`` in ``finally``. The caller owns the context.
+SIGTERM/SIGINT set the flag; a second signal exits at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+import zmq
+
+from workers import envelope
+
+POLL_MS = 200                      # every poll loop wakes at least this often
+STATS_INTERVAL_S = 2.0
+
+EXIT_OK = 0
+EXIT_CONFIG = 2                    # the configuration is wrong: supervisord should not retry forever
+EXIT_FAILURE = 1
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT. The handler only sets a flag; a second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+    def install(self) -> "StopFlag":
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def set(self) -> None:
+        self.is_set = True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.is_set:
+            os._exit(128 + signum)
+        self.is_set = True
+
+    def __bool__(self) -> bool:
+        return self.is_set
+
+
+def socket(ctx: zmq.Context, kind: int, *, bind: str | None = None, connect: str | None = None,
+           hwm: int | None = None) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    if hwm is not None:
+        sock.sndhwm = hwm
+        sock.rcvhwm = hwm
+    if bind:
+        sock.bind(bind)
+    if connect:
+        sock.connect(connect)
+    return sock
+
+
+class Counters(dict):
+    """Named counters a worker publishes to the query worker every few seconds (``stats``)."""
+
+    def __init__(self, worker: str) -> None:
+        super().__init__()
+        self.worker = worker
+        self._next = 0.0
+
+    def add(self, name: str, n: int = 1) -> None:
+        self[name] = self.get(name, 0) + n
+
+    def publish_due(self, live: zmq.Socket, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if now >= self._next:
+            self._next = now + STATS_INTERVAL_S
+            try:
+                live.send_multipart(envelope.stats_message(self.worker, dict(self)), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+
+def worker_name(role: str) -> str:
+    """``parser`` -> ``parser:2`` under supervisord's numprocs (process_num), else ``parser:<pid>``."""
+    num = os.environ.get("SUPERVISOR_PROCESS_NAME", "")
+    return f"{role}:{num.rsplit('_', 1)[-1]}" if num else f"{role}:{os.getpid()}"

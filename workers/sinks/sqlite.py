@@ -1,0 +1,101 @@
+"""The embedded SQLite store: the default when no database server is configured.
+
+Tables (one file, ``<data>/sensorpipe.db``, WAL so the query worker and the CLI can read while it
+writes): ``readings`` (history, one row per device, field and timestamp), ``latest`` (the newest value
+of each device's fields), ``events``. A batch is one transaction. Device input only ever reaches SQL as
+parameters. Writing the same reading twice stores it once; an older reading never replaces a newer
+latest value.
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import orjson
+
+from workers.config import Config
+from workers.sinks import Batch, TransientError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings (
+    device TEXT NOT NULL, field TEXT NOT NULL, ts INTEGER NOT NULL, value, tags TEXT,
+    PRIMARY KEY (device, field, ts)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS latest (
+    device TEXT NOT NULL, field TEXT NOT NULL, ts INTEGER NOT NULL, value,
+    PRIMARY KEY (device, field)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    device TEXT NOT NULL, ts INTEGER NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (device, ts, kind)
+) WITHOUT ROWID;
+"""
+
+UPSERT_LATEST = (
+    "INSERT INTO latest (device, field, ts, value) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (device, field) DO UPDATE SET ts = excluded.ts, value = excluded.value"
+    " WHERE excluded.ts >= latest.ts"
+)
+
+
+def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+    return db
+
+
+def db_path(cfg: Config) -> Path:
+    return Path(cfg.data_dir) / cfg.sinks.sqlite.path
+
+
+class SqliteSink:
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db: sqlite3.Connection | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "SqliteSink":
+        return cls(db_path(cfg))
+
+    def connect(self) -> None:
+        self.db = open_db(self.path)
+
+    def write(self, batch: Batch) -> None:
+        assert self.db is not None
+        rows = []
+        latest: dict[tuple[str, str], tuple[int, object]] = {}
+        for device, ts, fields, tags in batch.readings:
+            tag_text = orjson.dumps(tags).decode() if tags else None
+            for field, value in fields.items():
+                rows.append((device, field, ts, value, tag_text))
+                key = (device, field)
+                seen = latest.get(key)
+                if seen is None or ts >= seen[0]:
+                    latest[key] = (ts, value)
+        events = [(e.device, e.ts, e.kind, orjson.dumps(e.body).decode()) for e in batch.events]
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany("INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?)", rows)
+                self.db.executemany(UPSERT_LATEST, [(d, f, ts, v) for (d, f), (ts, v) in latest.items()])
+                if events:
+                    self.db.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)", events)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:   # locked, disk full, I/O error: try again later
+            raise TransientError(f"sqlite: {exc}") from None
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
