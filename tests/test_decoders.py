@@ -1,0 +1,74 @@
+"""Golden cases: tests/golden/<decoder>/<case>/input is decoded into expected.json (Telegraf's testcases).
+
+Every case is decoded with tests/golden/config.toml, the fallback device "peer" and the arrival time
+1732260000123 ms. A case whose input must be rejected has ``{"error": "<part of the reason>"}``.
+Regenerate expected files after a deliberate change with ``SENSORPIPE_GOLDEN_UPDATE=1``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from pathlib import Path
+
+import orjson
+import pytest
+
+from workers.config import from_dict
+from workers.decoders import REGISTRY, Context, DecodeError
+
+GOLDEN = Path(__file__).parent / "golden"
+CONFIG = from_dict({**tomllib.loads((GOLDEN / "config.toml").read_text()), "sinks": {"sqlite": {"enabled": True}}})
+RECV_TS = 1732260000123 * 1_000_000
+CASES = sorted(p for p in GOLDEN.glob("*/*") if (p / "input").exists())
+
+
+def run(case: Path) -> object:
+    decoder = REGISTRY[case.parent.name]
+    try:
+        items = decoder((case / "input").read_bytes(), Context("peer", RECV_TS, CONFIG))
+    except DecodeError as exc:
+        return {"error": exc.reason}
+    return [{"reading" if type(i).__name__ == "Reading" else "event": list(i)} for i in items]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.parent.name}/{c.name}" for c in CASES])
+def test_golden(case: Path) -> None:
+    got = run(case)
+    expected_path = case / "expected.json"
+    if os.environ.get("SENSORPIPE_GOLDEN_UPDATE") or not expected_path.exists():
+        expected_path.write_bytes(orjson.dumps(got, option=orjson.OPT_INDENT_2) + b"\n")
+    expected = orjson.loads(expected_path.read_bytes())
+    if isinstance(expected, dict) and "error" in expected:
+        assert isinstance(got, dict), f"expected a rejection, got {got}"
+        assert expected["error"] in got["error"]
+    else:
+        assert _close(got, expected), f"{got} != {expected}"
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_every_decoder_has_golden_cases() -> None:
+    assert {c.parent.name for c in CASES} == set(REGISTRY)
+
+
+def test_decoders_never_raise_anything_but_decode_error() -> None:
+    import random
+    rng = random.Random(7)
+    for name, decoder in REGISTRY.items():
+        for _ in range(2000):
+            frame = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
+            if rng.random() < 0.3:
+                frame = b"{" + frame
+            try:
+                decoder(frame, Context("peer", RECV_TS, CONFIG))
+            except DecodeError:
+                pass
