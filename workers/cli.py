@@ -38,15 +38,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     data = Path(cfg.data_dir).resolve()
     (data / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["SENSORPIPE_CONFIG"] = str(Path(cfg.source).resolve())
-    env["SENSORPIPE_DATA"] = str(data)
+    env = _supervisor_env(cfg)
     conf = Path(args.supervisord_conf).resolve()
     print(f"sensorpipe: starting the pipeline ({conf.name}); data and logs in {data}; Ctrl-C stops it")
     print(f"sensorpipe: devices: {', '.join(f'{lst.name} {lst.bind}' for lst in cfg.listeners)};"
           f" query: {cfg.endpoints.query}")
     supervisord = Path(sys.executable).with_name("supervisord")
     os.execve(str(supervisord), [str(supervisord), "-n", "-c", str(conf)], env)
+    return 0  # not reached
+
+
+def _supervisor_env(cfg: config_mod.Config) -> dict[str, str]:
+    env = dict(os.environ)
+    env["SENSORPIPE_CONFIG"] = str(Path(cfg.source).resolve())
+    env["SENSORPIPE_DATA"] = str(Path(cfg.data_dir).resolve())
+    return env
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    """supervisorctl for the running pipeline: status, restart edge, stop all, tail -f parser:parser_0..."""
+    cfg = _load(args)
+    conf = Path(args.supervisord_conf).resolve()
+    ctl = Path(sys.executable).with_name("supervisorctl")
+    os.execve(str(ctl), [str(ctl), "-c", str(conf), *(args.ctl_args or ["status"])], _supervisor_env(cfg))
     return 0  # not reached
 
 
@@ -262,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run)
     p.add_argument("--supervisord-conf", default=str(REPO / "supervisord.conf"))
+    p = add("ctl", cmd_ctl)
+    p.add_argument("--supervisord-conf", default=str(REPO / "supervisord.conf"))
+    p.add_argument("ctl_args", nargs=argparse.REMAINDER, help="supervisorctl arguments (default: status)")
     p = add("worker", cmd_worker)
     p.add_argument("role", help="edge | parser | query | sink-sqlite | sink-influx | sink-mongo | ...")
     p = add("latest", cmd_latest)
