@@ -137,3 +137,47 @@ def test_stop_start_loses_nothing(pipeline: Pipeline) -> None:
             sock.sendall(b'{"device":"restart","i":%d}\n' % i)
     wait_for(lambda: pipeline.count_rows("readings", "WHERE device = 'restart'") == 1000, message="1000 rows")
     wait_for(lambda: pipeline.latest("restart") == {"i": 999}, message="latest after restart")
+
+
+def test_replay_after_config_fix(pipeline: Pipeline) -> None:
+    # A board with device number 7 has no layout yet: its packet is acknowledged and set aside.
+    packet = struct.pack("<HHHBBB", 4, 600, 60, 4, 7, 1) + struct.pack("<hH", -125, 4000)
+    assert pipeline.send(packet, port=pipeline.binary_port, read_reply=1) == b"A"
+    wait_for(lambda: "device number 7" in pipeline.cli("deadletters").stdout, message="dead letter")
+
+    # The user adds the layout, restarts the parsers, and replays.
+    with open(pipeline.config_path, "a") as fh:
+        fh.write('\n[binary.devices.7]\ndevice = "cellar"\nfields = [\n'
+                 '  { name = "temperature", type = "i16", scale = 0.1 },\n'
+                 '  { name = "soil", type = "u16" },\n]\n')
+    for name in [n for n in pipeline.procs if n.startswith("parser")]:
+        pipeline.stop(name)
+        pipeline.start("parser")
+    result = pipeline.cli("replay", "--all")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: pipeline.latest("cellar") == {"temperature": -12.5, "soil": 4000}, message="replayed reading")
+    assert "waiting for replay" in pipeline.cli("deadletters").stdout or \
+        "device number 7" not in pipeline.cli("deadletters").stdout
+
+
+def test_an_older_reading_never_wins(pipeline: Pipeline) -> None:
+    pipeline.send(b'{"device":"late","temp":30,"ts":1732260060000}\n')
+    wait_for(lambda: pipeline.latest("late") == {"temp": 30}, message="newer reading")
+    pipeline.send(b'{"device":"late","temp":10,"ts":1732260000000}\n')     # a minute older, arriving later
+    wait_for(lambda: pipeline.count_rows("readings", "WHERE device = 'late'") == 2, message="both stored")
+    assert pipeline.latest("late") == {"temp": 30}
+    db = pipeline.db()
+    assert db.execute("SELECT value FROM latest WHERE device = 'late'").fetchone() == (30,)
+    db.close()
+
+
+def test_config_error_names_the_key(tmp_path) -> None:
+    import subprocess
+    import sys
+    from tests.pipeline import REPO
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sinks.sqlite]\nbatch_sise = 10\n')
+    result = subprocess.run([sys.executable, "-m", "workers", "--config", str(bad), "worker", "edge"],
+                            cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "sinks.sqlite.batch_sise: unknown key (did you mean 'batch_size'?)" in result.stderr

@@ -355,7 +355,7 @@ class Edge:
                 log.warning("ignoring a bad inject message: %s", exc)
 
     async def _housekeeping(self, live: zmq.asyncio.Socket) -> None:
-        next_redeliver = next_sweep = 0.0
+        next_redeliver = next_sweep = next_stats = 0.0
         while True:
             await asyncio.sleep(runtime.POLL_MS / 1000)
             now = time.monotonic()
@@ -367,6 +367,9 @@ class Edge:
                 next_sweep = now + SWEEP_INTERVAL_S
                 self.sweep_idle(now)
             self._check_pressure()
+            if now < next_stats:
+                continue
+            next_stats = now + runtime.STATS_INTERVAL_S
             self.counters["connections"] = len(self.connections)
             self.counters["inflight_batches"] = len(self.inflight)
             self.counters["journal_bytes"] = self.journal.size
