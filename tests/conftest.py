@@ -1,6 +1,6 @@
 import pytest
 
-pytest_plugins = ["tests.pipeline"]  # tests.servers added once it lands
+pytest_plugins = ["tests.pipeline", "tests.servers"]
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

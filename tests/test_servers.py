@@ -15,7 +15,6 @@ from pymongo import UpdateOne
 from tests.servers import MicroPython, Mongo, Mosquitto, Victoria, port_accepts, require, unique_name
 
 # Until tests/conftest.py lists it, this module loads the fixtures itself (pytest loads a plugin once).
-pytest_plugins = ["tests.servers"]
 
 T0_NS = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123456789Z
 
