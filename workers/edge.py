@@ -9,9 +9,11 @@ Plus one TCP listener per configured listener (asyncio, one process for thousand
 
 A batch is journaled before any device is acknowledged (the binary ``A``) and before it is pushed.
 It stays in flight until every enabled sink has acknowledged it; one that is not acknowledged in time
-(a parser or sink died holding it) is sent again to the sinks that miss it. On start, whatever is
-still in the journal is replayed. When parsers cannot keep up, or the journal reaches its bound, the
-edge stops reading device sockets: devices wait, nothing is dropped and memory stays bounded.
+(a parser or sink died holding it) is sent again to the sinks that miss it, less often the longer
+they stay silent, and at once when they come back. On start, what the journal holds that some sink
+has not acknowledged is replayed to those sinks. When parsers cannot keep up, the journal reaches its
+bound or cannot be written, the edge stops reading device sockets and injected frames: devices wait,
+nothing is dropped and memory stays bounded. The full design is in docs/durability.md.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from workers import envelope, runtime
 from workers.config import Config, Listener
 from workers.envelope import Conn
 from workers.framing import make_framer
-from workers.journal import Journal, Location
+from workers.journal import Journal, JournalError, Location
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ OUTQ_HIGH = 64            # batches waiting for a parser before the edge stops r
 OUTQ_LOW = 16
 SWEEP_INTERVAL_S = 5.0
 REDELIVER_PER_TICK = 256
+REDELIVER_MAX_BACKOFF = 4          # a silent sink is sent a batch again at most every 2**4 * redeliver_after_s
+CHECKPOINT_INTERVAL_S = 1.0        # how often acknowledgements are checkpointed (less replay after a restart)
+LOG_EVERY_S = 10.0
 BINARY_ACK = b"A"
 
 
@@ -116,6 +121,13 @@ class Edge:
         self.inflight: OrderedDict[int, InFlight] = OrderedDict()
         self.outq: asyncio.Queue[list[bytes]] = asyncio.Queue()
         self.paused = False
+        self.reading = asyncio.Event()          # set while not paused: the inject loop waits on it
+        self.reading.set()
+        self.journal_failing = False            # the last append failed (disk full, I/O error)
+        self.failed = False                     # a task died: exit non-zero so supervisord restarts us
+        self.last_ack: dict[str, float] = {}    # sink -> monotonic time of its last ack
+        self._acks_changed = False
+        self._last_redeliver_log = 0.0
         self.stop = asyncio.Event()
         self._conn_ids = 0
         self._pending: list[tuple[bytes, int, int]] = []
@@ -197,7 +209,21 @@ class Edge:
         if not self._pending:
             return
         conns, body = self._batch_conn_list, envelope.pack_frames(self._pending)
-        seq, location = self.journal.append(envelope.journal_record(conns, body))
+        try:
+            seq, location = self.journal.append(envelope.journal_record(conns, body))
+        except OSError as exc:
+            # Nothing is acknowledged and nothing pushed; the frames stay pending and device reads stop
+            # until a retry (every housekeeping tick) succeeds.
+            self.counters.add("journal_errors")
+            if not self.journal_failing:
+                log.error("journal write failed (%s): holding %d frames, acknowledging nothing, device reads"
+                          " paused until it works again", exc, len(self._pending))
+            self.journal_failing = True
+            self._check_pressure()
+            return
+        if self.journal_failing:
+            log.info("journal writable again")
+            self.journal_failing = False
         for conn in self._binary_acks:            # journaled: now the board may clear its buffer
             if not conn.closed and conn.transport is not None:
                 conn.transport.write(BINARY_ACK)
@@ -213,12 +239,15 @@ class Edge:
     def _check_pressure(self) -> None:
         full = (self.outq.qsize() >= OUTQ_HIGH
                 or len(self.inflight) >= self.cfg.edge.max_inflight_batches
-                or self.journal.size >= self.cfg.edge.journal_max_bytes)
+                or self.journal.size >= self.cfg.edge.journal_max_bytes
+                or self.journal_failing)
         if full and not self.paused:
             self.paused = True
+            self.reading.clear()
             self.counters.add("paused")
-            log.warning("pausing device reads: %d batches queued for parsers, %d in flight, journal %d bytes",
-                        self.outq.qsize(), len(self.inflight), self.journal.size)
+            log.warning("pausing device reads: %d batches queued for parsers, %d in flight, journal %d bytes%s",
+                        self.outq.qsize(), len(self.inflight), self.journal.size,
+                        ", journal not writable" if self.journal_failing else "")
             for conn in self.connections:
                 if conn.transport is not None:
                     conn.transport.pause_reading()
@@ -226,6 +255,7 @@ class Edge:
                 and len(self.inflight) < self.cfg.edge.max_inflight_batches * 0.8 \
                 and self.journal.size < self.cfg.edge.journal_max_bytes * 0.8:
             self.paused = False
+            self.reading.set()
             log.info("resuming device reads")
             for conn in self.connections:
                 if conn.transport is not None and not conn.transport.is_closing():
@@ -234,6 +264,12 @@ class Edge:
     # ------------------------------------------------------------------ acknowledgements
 
     def acknowledged(self, sink: str, seqs: list[int]) -> None:
+        now = time.monotonic()
+        last = self.last_ack.get(sink)
+        self.last_ack[sink] = now
+        if last is not None and now - last > self.cfg.edge.redeliver_after_s:
+            self._sink_back(sink)
+        self._acks_changed = True
         for seq in seqs:
             entry = self.inflight.get(seq)
             if entry is None:
@@ -245,29 +281,72 @@ class Edge:
                 self.counters.add("batches_done")
         self._check_pressure()
 
+    def _sink_back(self, sink: str) -> None:
+        """A sink acknowledges again after a silence: what it misses goes to it now, not after backoff."""
+        count = 0
+        for entry in self.inflight.values():
+            if entry.attempts and sink in entry.pending:
+                entry.attempts = 0
+                count += 1
+        if count:
+            log.info("sink %s acknowledges again: sending it its %d missing batches now", sink, count)
+
     def redeliver(self, now: float) -> None:
-        """Send again what a sink has not acknowledged in time, to the sinks that miss it."""
+        """Send again what a sink has not acknowledged in time, to the sinks that miss it.
+
+        Replayed batches (``sent_at == 0``) go at once. The rest wait ``redeliver_after_s``, doubled
+        with each attempt up to 16 times that, so a sink that is down for long is not flooded; the
+        queue to the parsers is bounded, so a long backlog goes out as fast as parsers take it."""
         budget = REDELIVER_PER_TICK
         timeout = self.cfg.edge.redeliver_after_s
+        sent: dict[tuple[str, ...], int] = {}
+        lost: list[int] = []
         for seq, entry in self.inflight.items():
             if budget <= 0 or self.outq.qsize() >= OUTQ_HIGH:
                 break
-            if entry.sent_at and now - entry.sent_at < timeout * (2 ** min(entry.attempts, 4)):
+            if entry.sent_at and now - entry.sent_at < timeout * (2 ** min(entry.attempts, REDELIVER_MAX_BACKOFF)):
                 continue
-            _, record = self.journal.read(entry.location)
-            conns, body = envelope.parse_journal_record(record)
-            targets = None if entry.sent_at == 0 else sorted(entry.pending)
-            self.outq.put_nowait(envelope.frames_message(seq, conns, body, targets))
+            try:
+                _, record = self.journal.read(entry.location)
+                conns, body = envelope.parse_journal_record(record)
+            except (JournalError, OSError, ValueError) as exc:
+                # The disk gave back something else than what was written: nobody can have this batch.
+                log.error("batch %d cannot be read back from the journal (%s): it is LOST for sinks %s",
+                          seq, exc, sorted(entry.pending))
+                self.counters.add("journal_unreadable_batches")
+                lost.append(seq)
+                continue
+            everyone = entry.pending == self.sinks
+            self.outq.put_nowait(envelope.frames_message(seq, conns, body, None if everyone else sorted(entry.pending)))
             if entry.sent_at:
                 entry.attempts += 1
                 self.counters.add("redelivered")
-                if entry.attempts == 1:
-                    log.warning("batch %d not acknowledged by %s after %.0f s: sending it again",
-                                seq, sorted(entry.pending), timeout)
+                key = tuple(sorted(entry.pending))
+                sent[key] = sent.get(key, 0) + 1
             else:
                 self.counters.add("replayed")
             entry.sent_at = now
             budget -= 1
+        for seq in lost:
+            entry = self.inflight.pop(seq)
+            self.journal.done(entry.location, seq)
+            self._acks_changed = True
+        if sent and now - self._last_redeliver_log >= LOG_EVERY_S:
+            self._last_redeliver_log = now
+            log.warning("sending batches again that were not acknowledged in time: %s",
+                        ", ".join(f"{n} to {'+'.join(k)}" for k, n in sorted(sent.items())))
+
+    def checkpoint(self) -> None:
+        """Write down which batches still miss which sinks, so a restart replays only those."""
+        if not self._acks_changed:
+            return
+        try:
+            self.journal.checkpoint((seq, entry.pending) for seq, entry in self.inflight.items())
+        except OSError as exc:
+            log.warning("could not checkpoint acknowledgements (%s); a restart replays more", exc)
+            return
+        self._acks_changed = False
+        self.counters.add("checkpoints")
 
     def sweep_idle(self, now: float) -> None:
         for conn in list(self.connections):
@@ -285,12 +364,16 @@ class Edge:
         live = runtime.socket(ctx, zmq.PUB, connect=self.cfg.endpoints.live)
         tasks: list[asyncio.Task] = []
         try:
-            replayed = 0
-            for seq, _, location in self.journal.recover():
-                self.inflight[seq] = InFlight(location, set(self.sinks), 0.0)
-                replayed += 1
-            if replayed:
-                log.info("journal: %d batches to replay from the last run", replayed)
+            replay = self.journal.recover(self.sinks)
+            for seq, location, missing in replay:
+                self.inflight[seq] = InFlight(location, set(missing), 0.0)
+            if replay or self.journal.skipped_on_recovery:
+                log.info("journal: %d batches to replay from the last run (%d to every sink); %d already"
+                         " acknowledged by every sink skipped; next seq %d", len(replay),
+                         sum(1 for r in replay if r.missing == self.sinks), self.journal.skipped_on_recovery,
+                         self.journal.next_seq)
+            self.counters["replay_batches"] = len(replay)
+            self.counters["journal_torn_bytes"] = self.journal.torn_bytes
             loop = asyncio.get_running_loop()
             for listener in self.cfg.listeners:
                 server = await loop.create_server(lambda lst=listener: DeviceConnection(self, lst),
@@ -303,15 +386,18 @@ class Edge:
                      asyncio.create_task(self._ack_loop(acks)),
                      asyncio.create_task(self._inject_loop(inject)),
                      asyncio.create_task(self._housekeeping(live))]
+            for task in tasks:
+                task.add_done_callback(self._task_done)
             await self.stop.wait()
             log.info("stopping: closing listeners and flushing")
             for server in self.servers:
                 server.close()
+            # Journal what is complete first, so binary boards get their A before the socket closes.
+            # A partial frame is not finished: the device did not hang up, the edge cut it off.
+            self.flush()
             for conn in list(self.connections):
-                conn._finish()
                 conn.closed = True
                 conn.close()
-            self.flush()
             deadline = time.monotonic() + 5
             while not self.outq.empty() and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
@@ -319,10 +405,19 @@ class Edge:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.checkpoint()
             self.journal.close()
             for sock in (frames, acks, inject, live):
                 sock.close(linger=0)
             log.info("stopped: %d batches still in flight stay in the journal", len(self.inflight))
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self.stop.is_set():
+            return
+        log.error("edge task %s died: %r; stopping so that supervisord restarts the edge (the journal"
+                  " keeps everything)", task.get_coro().__name__, task.exception())
+        self.failed = True
+        self.stop.set()
 
     async def _send_loop(self, frames: zmq.asyncio.Socket) -> None:
         while True:
@@ -344,6 +439,7 @@ class Edge:
 
     async def _inject_loop(self, inject: zmq.asyncio.Socket) -> None:
         while True:
+            await self.reading.wait()         # paused: injectors wait in their queues like devices do
             message = await inject.recv_multipart()
             try:
                 if len(message) != 3 or message[0] != envelope.INJECT:
@@ -355,14 +451,19 @@ class Edge:
                 log.warning("ignoring a bad inject message: %s", exc)
 
     async def _housekeeping(self, live: zmq.asyncio.Socket) -> None:
-        next_redeliver = next_sweep = next_stats = 0.0
+        next_redeliver = next_sweep = next_stats = next_checkpoint = 0.0
         while True:
             await asyncio.sleep(runtime.POLL_MS / 1000)
             now = time.monotonic()
             self.journal.tick()
+            if self.journal_failing:
+                self.flush()
             if now >= next_redeliver:
                 next_redeliver = now + 1.0
                 self.redeliver(now)
+            if now >= next_checkpoint:
+                next_checkpoint = now + CHECKPOINT_INTERVAL_S
+                self.checkpoint()
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL_S
                 self.sweep_idle(now)
@@ -407,4 +508,4 @@ async def _main(cfg: Config, ctx: zmq.asyncio.Context) -> int:
     loop.add_signal_handler(signal.SIGTERM, on_signal)
     loop.add_signal_handler(signal.SIGINT, on_signal)
     await edge.run()
-    return runtime.EXIT_OK
+    return runtime.EXIT_FAILURE if edge.failed else runtime.EXIT_OK

@@ -1,12 +1,17 @@
 """The edge's journal: every batch of frames is written here before any device is acknowledged.
 
 Segments are append-only files ``<first seq>.jnl`` in ``<data>/journal``. A record is
-``<IQI`` (payload length, seq, CRC-32 of the payload) and the payload. ``write()`` reaches the kernel
+``<IQI`` (payload length, seq, CRC-32 of the payload) and the payload. ``append()`` reaches the kernel
 before it returns, so a SIGKILL of any process loses nothing that was acknowledged; ``fsync`` (per batch,
-per interval, or never) is what protects against power loss, at a measured cost (docs/operations.md).
+per interval, or never) is what protects against power loss, at a measured cost (docs/durability.md).
 
-A segment is deleted once every batch in it has been acknowledged by every sink. On start, every record
-still in the journal is replayed; a torn record at the end (a crash mid-write) is cut off.
+A segment is deleted once every batch in it has been acknowledged by every sink. Which batches are
+still waiting for which sinks is checkpointed to ``acked.json`` (``checkpoint()``, about once a
+second), so that a restart replays only what some sink is still missing, and only to those sinks.
+The checkpoint may be older than the truth, never newer: an old one only means more replay, and
+sinks write idempotently. On start, a torn record at the end of a segment (a crash mid-write) is cut
+off, and seqs continue after the highest one ever written or checkpointed, so a seq always names the
+same batch (late acks from before a restart stay right).
 """
 from __future__ import annotations
 
@@ -17,12 +22,15 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterable, NamedTuple
+
+import orjson
 
 log = logging.getLogger(__name__)
 
 RECORD = struct.Struct("<IQI")
 SUFFIX = ".jnl"
+CHECKPOINT = "acked.json"
 
 
 @dataclass
@@ -38,6 +46,13 @@ class Location:
     segment: int        # first_seq of the segment
     offset: int
     length: int
+
+
+class Replay(NamedTuple):
+    """A batch found in the journal on start that some sinks have not acknowledged."""
+    seq: int
+    location: Location
+    missing: frozenset[str]     # the sinks that still need it
 
 
 class JournalError(RuntimeError):
@@ -59,13 +74,17 @@ class Journal:
         self._last_fsync = time.monotonic()
         self.next_seq = 1
         self.fsyncs = 0
+        self.torn_bytes = 0              # cut off on recovery (a record a crash left half-written)
+        self.skipped_on_recovery = 0     # records the checkpoint showed acknowledged by every sink
 
     # ------------------------------------------------------------------ start
 
-    def recover(self) -> Iterator[tuple[int, bytes, Location]]:
-        """Open the journal; yield (seq, payload, location) of every record left to replay."""
-        paths = sorted(self.directory.glob("*" + SUFFIX))
-        for path in paths:
+    def recover(self, sinks: Collection[str]) -> list[Replay]:
+        """Open the journal; return the batches some of ``sinks`` still miss, in seq order."""
+        everyone = frozenset(sinks)
+        saved_next, saved_pending = self._load_checkpoint()
+        replay: list[Replay] = []
+        for path in sorted(self.directory.glob("*" + SUFFIX)):
             try:
                 first = int(path.stem)
             except ValueError:
@@ -83,32 +102,73 @@ class Journal:
                 payload = data[start:start + length]
                 if len(payload) < length or zlib.crc32(payload) != crc:
                     break
-                seg.open_seqs.add(seq)
                 self.next_seq = max(self.next_seq, seq + 1)
-                yield seq, payload, Location(first, good, RECORD.size + length)
+                if seq < saved_next:
+                    missing = saved_pending.get(seq, frozenset()) & everyone
+                else:
+                    missing = everyone          # written after the checkpoint: nobody has acknowledged it
+                if missing:
+                    seg.open_seqs.add(seq)
+                    replay.append(Replay(seq, Location(first, good, RECORD.size + length), missing))
+                else:
+                    self.skipped_on_recovery += 1
                 good = start + length
             if good < len(data):
-                log.warning("journal: %s: cutting %d bytes of a torn record at offset %d",
-                            path.name, len(data) - good, good)
+                log.warning("journal: %s: cutting %d bytes of a torn record at offset %d (a write cut short"
+                            " by a crash; it was never acknowledged to anyone)", path.name, len(data) - good, good)
                 os.truncate(path, good)
+                self.torn_bytes += len(data) - good
             seg.size = good
+        self.next_seq = max(self.next_seq, saved_next)
         self._roll()
+        for seg in list(self.segments.values()):       # nothing left to replay in it: it can go
+            if not seg.open_seqs:
+                self._delete(seg)
+        replay.sort()
+        return replay
+
+    def _load_checkpoint(self) -> tuple[int, dict[int, frozenset[str]]]:
+        """(next seq when it was written, seq -> sinks missing it); (0, {}) when there is none."""
+        path = self.directory / CHECKPOINT
+        try:
+            state = orjson.loads(path.read_bytes())
+            pending: dict[int, frozenset[str]] = {}
+            for first, last, sinks in state["pending"]:
+                names = frozenset(str(s) for s in sinks)
+                for seq in range(int(first), int(last) + 1):
+                    pending[seq] = names
+            return int(state["next_seq"]), pending
+        except FileNotFoundError:
+            return 0, {}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("journal: ignoring an unreadable %s (%s): replaying every batch to every sink", path, exc)
+            return 0, {}
 
     # ------------------------------------------------------------------ writing
 
     def append(self, payload: bytes) -> tuple[int, Location]:
-        """Write one record; return its seq and where it is. Reaches the kernel before returning."""
+        """Write one record; return its seq and where it is. Reaches the kernel before returning.
+
+        On a failed write (disk full, I/O error) the segment is cut back to where it was and the error
+        raised: the journal never keeps half a record in front of good ones."""
         assert self.current is not None, "call recover() first"
         if self.current.size >= self.segment_bytes:
             self._roll()
         seg = self.current
         seq = self.next_seq
-        self.next_seq += 1
         record = RECORD.pack(len(payload), seq, zlib.crc32(payload)) + payload
         offset = seg.size
-        written = os.write(self._fd, record)
-        while written < len(record):                      # os.write may be partial on some filesystems
-            written += os.write(self._fd, record[written:])
+        try:
+            written = os.write(self._fd, record)
+            while written < len(record):                  # os.write may be partial on some filesystems
+                written += os.write(self._fd, record[written:])
+        except OSError:
+            try:
+                os.ftruncate(self._fd, offset)
+            except OSError:
+                log.exception("journal: could not cut %s back to %d bytes", seg.path.name, offset)
+            raise
+        self.next_seq += 1
         seg.size += len(record)
         seg.open_seqs.add(seq)
         self._dirty = True
@@ -130,17 +190,21 @@ class Journal:
             self.sync()
 
     def read(self, location: Location) -> tuple[int, bytes]:
-        seg = self.segments[location.segment]
+        seg = self.segments.get(location.segment)
+        if seg is None:
+            raise JournalError(f"journal segment {location.segment} is gone")
         with open(seg.path, "rb") as fh:
             fh.seek(location.offset)
             data = fh.read(location.length)
+        if len(data) < RECORD.size:
+            raise JournalError(f"journal record at {seg.path.name}:{location.offset} is cut short")
         length, seq, crc = RECORD.unpack_from(data, 0)
         payload = data[RECORD.size:RECORD.size + length]
-        if zlib.crc32(payload) != crc:
+        if len(payload) != length or zlib.crc32(payload) != crc:
             raise JournalError(f"journal record {seq} in {seg.path.name} is corrupt")
         return seq, payload
 
-    # ------------------------------------------------------------------ trimming
+    # ------------------------------------------------------------------ acknowledgements and trimming
 
     def done(self, location: Location, seq: int) -> None:
         """Every sink has this batch: its segment may go once nothing in it is open."""
@@ -155,6 +219,25 @@ class Journal:
                 else:
                     return
             self._delete(seg)
+
+    def checkpoint(self, pending: Iterable[tuple[int, Collection[str]]]) -> None:
+        """Record which batches are unacknowledged, and by which sinks: every (seq, sinks missing it).
+
+        Every seq below ``next_seq`` that is not listed counts as acknowledged by every sink, so pass
+        all of them. Consecutive seqs missing the same sinks are stored as one run."""
+        runs: list[list] = []
+        for seq, sinks in pending:
+            if runs and runs[-1][1] == seq - 1 and runs[-1][2] == sinks:
+                runs[-1][1] = seq
+            else:
+                runs.append([seq, seq, sinks])
+        data = orjson.dumps({"next_seq": self.next_seq,
+                             "pending": [[first, last, sorted(sinks)] for first, last, sinks in runs]})
+        path = self.directory / CHECKPOINT
+        tmp = path.with_name(CHECKPOINT + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)      # a reader sees the old file or the new one, never half of one
 
     @property
     def size(self) -> int:
@@ -171,6 +254,7 @@ class Journal:
         if self._fd >= 0:
             self.sync()
             os.close(self._fd)
+            self._fd = -1
         first = self.next_seq
         path = self.directory / f"{first:016d}{SUFFIX}"
         if first in self.segments:            # reopening the (empty or partial) last segment

@@ -61,6 +61,7 @@ class Spool:
         self.files = sorted(self.directory.glob("*" + SPOOL_SUFFIX))
         self.bytes = sum(f.stat().st_size for f in self.files)
         self.readings = 0                                 # readings spooled since start (a counter)
+        self.corrupt = 0                                  # spool files that could not be read back
         self._next = int(self.files[-1].stem) + 1 if self.files else 1
 
     def __len__(self) -> int:
@@ -76,14 +77,32 @@ class Spool:
             if self.fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)          # a kill before this leaves a .tmp, removed on start, never acked
+        if self.fsync:                 # the rename itself must survive a power loss before the ack
+            fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self.files.append(path)
         self.bytes += len(data)
         self.readings += len(batch.readings)
 
-    def oldest(self) -> tuple[Path, Batch]:
-        path = self.files[0]
-        return path, decode_batch(path.read_bytes())
+    def oldest(self) -> tuple[Path, Batch] | None:
+        """The oldest spooled batch. One that cannot be read back (a disk fault, or a power loss with
+        ``fsync = false``) is renamed ``*.corrupt``, logged and counted, and the next one returned."""
+        while self.files:
+            path = self.files[0]
+            try:
+                return path, decode_batch(path.read_bytes())
+            except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+                self.corrupt += 1
+                log.error("spool: %s cannot be read back (%s): moved aside as %s; its readings are NOT"
+                          " written", path, exc, path.with_suffix(".corrupt").name)
+                self.bytes -= path.stat().st_size
+                path.rename(path.with_suffix(".corrupt"))
+                self.files.pop(0)
+        return None
 
     def remove(self, path: Path) -> None:
         self.bytes -= path.stat().st_size
@@ -170,7 +189,10 @@ class Outbox:
             return
         deadline = now + DRAIN_BUDGET_S
         while len(self.spool) and time.monotonic() < deadline:
-            path, batch = self.spool.oldest()
+            oldest = self.spool.oldest()
+            if oldest is None:
+                break
+            path, batch = oldest
             try:
                 self._write(batch)
             except TransientError as exc:
@@ -233,7 +255,10 @@ class Outbox:
                     self.counters.add("spool_full")
                 self.blocked = True
                 return False
-            path, dropped = self.spool.oldest()
+            oldest = self.spool.oldest()
+            if oldest is None:
+                break
+            path, dropped = oldest
             self.spool.remove(path)
             self.counters.add("spool_dropped_readings", len(dropped.readings))
             log.error("%s: spool full: DROPPED the oldest spooled batch (%d readings) as spool_full ="

@@ -129,6 +129,13 @@ class Parser:
         self.counters.add("events", len(events))
         out = envelope.readings_message([seq] if seq is not None else [],
                                         envelope.readings_body(readings, events))
+        # Live first: a batch sent again to some sinks only (``targets``) is not published again, so
+        # the query worker must have seen it before any sink could acknowledge it.
+        if targets is None and (readings or events):
+            try:
+                live.send_multipart(out, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
         for name in targets if targets is not None else sinks:
             sock = sinks.get(name)
             if sock is None:
@@ -137,11 +144,6 @@ class Parser:
                 sock.send_multipart(out, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self.counters.add(f"skipped_busy_sink:{name}")
-        if targets is None and (readings or events):
-            try:
-                live.send_multipart(out, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                pass
 
 
 def main(cfg: Config) -> int:

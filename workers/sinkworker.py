@@ -82,6 +82,7 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
             counters["pending_readings"] = outbox.pending
             counters["spooled_batches"] = len(outbox.spool)
             counters["spool_bytes"] = outbox.spool.bytes
+            counters["spool_corrupt_files"] = outbox.spool.corrupt
             counters.publish_due(live)
     finally:
         try:
