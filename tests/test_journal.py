@@ -266,7 +266,7 @@ def push_batch(edge: Edge, text: bytes) -> int:
     edge._batch_conn_list = [conn]
     edge._pending = [(text, time.time_ns(), 0)]
     edge.flush()
-    message = edge.outq.get_nowait()
+    _, message = edge.outq.get_nowait()
     seq, targets, _ = envelope.parse_frames_header(message[1])
     assert targets is None
     return seq
@@ -275,7 +275,7 @@ def push_batch(edge: Edge, text: bytes) -> int:
 def drain(edge: Edge) -> list[tuple[int, list[str] | None]]:
     out = []
     while not edge.outq.empty():
-        seq, targets, _ = envelope.parse_frames_header(edge.outq.get_nowait()[1])
+        seq, targets, _ = envelope.parse_frames_header(edge.outq.get_nowait()[1][1])
         out.append((seq, targets))
     return out
 

@@ -199,3 +199,31 @@ def test_sqlite_stores_a_batch_delivered_twice_once(tmp_path: Path) -> None:
     assert db.execute("SELECT count(*) FROM events").fetchone() == (1,)
     assert db.execute("SELECT value, ts FROM latest WHERE field = 't'").fetchone() == (21.5, 2_000)
     sink.close()
+
+
+# --------------------------------------------------------------------------- shared SQLite files
+
+
+def _open_at_once(path: str, barrier: "multiprocessing.synchronize.Barrier", results: "multiprocessing.Queue") -> None:
+    barrier.wait()
+    try:
+        DeadLetterStore(Path(path)).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the test
+        results.put(repr(exc))
+
+
+def test_processes_starting_together_can_all_open_the_dead_letter_store(tmp_path: Path) -> None:
+    """Parsers and sinks start at the same moment under supervisord; setting up the shared SQLite file
+    in WAL mode must not fail one of them with "database is locked"."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        barrier, results = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(str(tmp_path / f"dl{attempt}.db"), barrier, results))
+                 for _ in range(8)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert sorted(results.get(timeout=5) for _ in procs) == ["ok"] * 8

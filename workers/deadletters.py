@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
+from workers.runtime import open_wal_db
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deadletters (
     id          INTEGER PRIMARY KEY,
@@ -62,11 +64,7 @@ def _digest(raw: bytes) -> int:
 
 class DeadLetterStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        self.db = open_wal_db(path, SCHEMA)
 
     def add(self, letters: Iterable[DeadLetter]) -> int:
         """Store dead letters in one transaction. The same frame again (a redelivered batch, or a

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 OUTQ_HIGH = 64            # batches waiting for a parser before the edge stops reading devices
 OUTQ_LOW = 16
+FRAMES_HWM = 8            # batches ZeroMQ may queue per parser: the backlog waits in outq, where it is
+                          # counted, bounded and not yet on the redelivery clock
 SWEEP_INTERVAL_S = 5.0
 REDELIVER_PER_TICK = 256
 REDELIVER_MAX_BACKOFF = 4          # a silent sink is sent a batch again at most every 2**4 * redeliver_after_s
@@ -119,7 +121,7 @@ class Edge:
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)
         self.connections: set[DeviceConnection] = set()
         self.inflight: OrderedDict[int, InFlight] = OrderedDict()
-        self.outq: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        self.outq: asyncio.Queue[tuple[int, list[bytes]]] = asyncio.Queue()   # (seq, frames message)
         self.paused = False
         self.reading = asyncio.Event()          # set while not paused: the inject loop waits on it
         self.reading.set()
@@ -229,7 +231,7 @@ class Edge:
                 conn.transport.write(BINARY_ACK)
                 self.counters.add("binary_acks")
         self.inflight[seq] = InFlight(location, set(self.sinks), time.monotonic())
-        self.outq.put_nowait(envelope.frames_message(seq, conns, body))
+        self.outq.put_nowait((seq, envelope.frames_message(seq, conns, body)))
         self.counters.add("batches")
         self._pending, self._batch_conns, self._batch_conn_list, self._binary_acks = [], {}, [], []
         self._check_pressure()
@@ -317,7 +319,8 @@ class Edge:
                 lost.append(seq)
                 continue
             everyone = entry.pending == self.sinks
-            self.outq.put_nowait(envelope.frames_message(seq, conns, body, None if everyone else sorted(entry.pending)))
+            self.outq.put_nowait((seq, envelope.frames_message(seq, conns, body,
+                                                               None if everyone else sorted(entry.pending))))
             if entry.sent_at:
                 entry.attempts += 1
                 self.counters.add("redelivered")
@@ -358,7 +361,7 @@ class Edge:
 
     async def run(self) -> None:
         ctx = self.ctx
-        frames = runtime.socket(ctx, zmq.PUSH, bind=self.cfg.endpoints.frames, hwm=1000)
+        frames = runtime.socket(ctx, zmq.PUSH, bind=self.cfg.endpoints.frames, hwm=FRAMES_HWM)
         acks = runtime.socket(ctx, zmq.PULL, bind=self.cfg.endpoints.acks)
         inject = runtime.socket(ctx, zmq.PULL, bind=self.cfg.endpoints.inject, hwm=1000)
         live = runtime.socket(ctx, zmq.PUB, connect=self.cfg.endpoints.live)
@@ -421,8 +424,11 @@ class Edge:
 
     async def _send_loop(self, frames: zmq.asyncio.Socket) -> None:
         while True:
-            message = await self.outq.get()
+            seq, message = await self.outq.get()
             await frames.send_multipart(message, copy=False)
+            entry = self.inflight.get(seq)
+            if entry is not None:      # the redelivery clock starts when a parser can have it, not when queued
+                entry.sent_at = time.monotonic()
             if self.paused:
                 self._check_pressure()
 

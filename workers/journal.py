@@ -245,14 +245,16 @@ class Journal:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self.sync()
+            if self.fsync_policy != "never":
+                self.sync()
             os.close(self._fd)
             self._fd = -1
 
     def _roll(self) -> None:
         old = self.current
         if self._fd >= 0:
-            self.sync()
+            if self.fsync_policy != "never":
+                self.sync()
             os.close(self._fd)
             self._fd = -1
         first = self.next_seq
@@ -264,7 +266,8 @@ class Journal:
             self.segments[first] = seg
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.current = seg
-        self._fsync_dir()
+        if self.fsync_policy != "never":
+            self._fsync_dir()
         if old is not None and old is not seg and not old.open_seqs:
             self._delete(old)
 

@@ -99,7 +99,10 @@ class Parser:
         try:
             while not stop:
                 if poller.poll(runtime.POLL_MS):
+                    busy_until = time.monotonic() + runtime.POLL_MS / 1000
                     for _ in range(64):
+                        if time.monotonic() > busy_until:   # stats and the stop flag wait no longer
+                            break
                         try:
                             message = frames.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:

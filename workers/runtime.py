@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 import zmq
@@ -89,6 +91,28 @@ class Counters(dict):
                 live.send_multipart(envelope.stats_message(self.worker, dict(self)), zmq.NOBLOCK)
             except zmq.Again:
                 pass
+
+
+def open_wal_db(path: Path, schema: str, timeout_s: float = 30.0) -> sqlite3.Connection:
+    """Open (creating if needed) a SQLite file shared by several processes, in WAL mode, with ``schema``.
+
+    Switching to WAL takes an exclusive lock, and SQLite answers "database is locked" at once, without
+    waiting out the busy timeout, when another process is setting up the same file (a parser and a
+    sink starting together): so the setup is retried until ``timeout_s``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(schema)
+            return db
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def worker_name(role: str) -> str:

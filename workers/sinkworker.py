@@ -56,7 +56,10 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
             now = time.monotonic()
             timeout = min(runtime.POLL_MS, int(outbox.next_due_in(now) * 1000) + 1)
             if outbox.accepting and poller.poll(timeout):
+                busy_until = time.monotonic() + runtime.POLL_MS / 1000
                 for _ in range(MAX_MESSAGES_PER_POLL):
+                    if time.monotonic() > busy_until:    # stats, spool and the stop flag wait no longer
+                        break
                     try:
                         message = inbox.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:

@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 
 from workers.config import Config
+from workers.runtime import open_wal_db
 from workers.sinks import Batch, TransientError
 
 SCHEMA = """
@@ -42,11 +43,7 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
+        db = open_wal_db(path, SCHEMA)
     return db
 
 
