@@ -72,7 +72,7 @@ class Edge:
     fsync: Literal["batch", "interval", "never"] = "interval"
     fsync_interval_ms: float = 200.0
     redeliver_after_s: float = 15.0               # unacknowledged batches are sent again after this
-    max_inflight_batches: int = 2000              # more than this unacknowledged: stop reading devices
+    max_inflight_batches: int = 100_000           # more than this unacknowledged: stop reading devices
 
 
 @dataclass(frozen=True)
