@@ -47,7 +47,8 @@ class App:
         self.clock_synced = False
         self.read_now = False
         self.reboot = False
-        self.next_at = hw.ticks_ms()
+        self.outputs_restored = False
+        self.started_at = self.next_at = hw.ticks_ms()
 
     # ------------------------------------------------------------ readings
 
@@ -117,19 +118,20 @@ class App:
     # ------------------------------------------------------------ always on
 
     def run(self, cycles=None):
-        # Forever, or `cycles` readings (tests).
-        self.restore_outputs()
+        # Forever, or `cycles` readings (tests: the connection stays open for the next call).
+        if not self.outputs_restored:
+            self.restore_outputs()
         done = 0
-        try:
-            while cycles is None or done < cycles:
-                self.idle(self.next_at)
-                self.read_now = False
-                self.next_at = self.hw.ticks_add(self.hw.ticks_ms(), int(self.conf.MEASURE_S * 1000))
-                self.queue(self.measure())
-                self.flush()
-                done += 1
-        finally:
-            self.text.close()
+        while cycles is None or done < cycles:
+            self.idle(self.next_at)
+            self.read_now = False
+            self.next_at = self.hw.ticks_add(self.hw.ticks_ms(), int(self.conf.MEASURE_S * 1000))
+            self.queue(self.measure())
+            self.flush()
+            done += 1
+
+    def close(self):
+        self.text.close()
 
     def idle(self, until):
         hw = self.hw
@@ -259,6 +261,7 @@ class App:
             log("settings: %r" % (e,))
 
     def restore_outputs(self):
+        self.outputs_restored = True
         c = self.conf
         pins = self.settings.get("pins") or {}
         for pin in pins:
@@ -295,7 +298,7 @@ class App:
             self.battery_send(buf)
             hw.rtc_save(buf.to_bytes())
         self.maybe_reboot()
-        spent = hw.ticks_diff(hw.ticks_ms(), self.next_at)
+        spent = hw.ticks_diff(hw.ticks_ms(), self.started_at)
         hw.deepsleep(max(int(self.conf.MEASURE_S * 1000) - spent, MIN_SLEEP_MS))
 
     def battery_send(self, buf):
