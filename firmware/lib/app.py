@@ -162,14 +162,10 @@ class App:
         try:
             if c.TRANSPORT == "binary":
                 self.send_buffer(self.buffer)
-                self.text.open()
+                self.open_text()
                 self.text.send(self.status_line(self.buffer.dropped))
             else:
-                self.text.open()
-                try:
-                    self.take_commands(0)
-                except OSError:  # the server closed it while we were idle
-                    self.text.open()
+                self.open_text()
                 while len(self.backlog):
                     self.text.send(self.backlog.peek())
                     self.backlog.pop()
@@ -180,6 +176,13 @@ class App:
             log("server: %r; %d waiting, next try in %d ms" % (
                 e, len(self.buffer or self.backlog), self.server_backoff.delay_ms))
         self.maybe_reboot()
+
+    def open_text(self):
+        self.text.open()
+        try:
+            self.take_commands(0)
+        except OSError:  # the server closed it while we were idle: one fresh connection
+            self.text.open()
 
     def send_buffer(self, buf):
         # Raises OSError unless the server acknowledged; clears buf only then.

@@ -209,3 +209,22 @@ def test_unchanged_on_the_unix_port(server: Pipeline, micropython_unix, tmp_path
     wait_for(lambda: len(rows(server, "plot-7", "temp")) == 5, message="five battery readings")
     assert sorted(v for _, v in rows(server, "plot-7", "temp")) == pytest.approx([10.0, 10.1, 10.2, 10.3, 10.4])
     assert server.latest("plot-7")["dropped"] == 0
+
+
+def test_boot_and_main_on_the_unix_port(server: Pipeline, micropython_unix, tmp_path) -> None:
+    """boot.py and main.py as a board runs them after power-on, with a config.py as deploy writes it."""
+    (tmp_path / "config.py").write_text(
+        f'DEVICE_ID = "plot-7"\nSERVER_HOST = "127.0.0.1"\nTEXT_PORT = {server.text_port}\n'
+        f'BINARY_PORT = {server.binary_port}\nTRANSPORT = "binary"\nBATTERY = True\nDEVICE_NUMBER = 7\n'
+        'WIFI = [("home", "secret")]\nBOOT_GRACE_S = 0\nCMD_WAIT_MS = 100\n')
+    (tmp_path / "power_on.py").write_text(
+        f'exec(open("{FIRMWARE}/boot.py").read())\n'
+        "try:\n"
+        f'    exec(open("{FIRMWARE}/main.py").read())\n'
+        "except BaseException as e:\n"
+        '    print("ended with", type(e).__name__, e.args[0])\n')
+    output = micropython_unix.run(tmp_path / "power_on.py", cwd=tmp_path,
+                                  path=(FIRMWARE / "lib", HERE / "fakes", tmp_path)).splitlines()
+    assert output[-1].startswith("ended with DeepSleep 5") and "wifi: connected to home" in output, output
+    wait_for(lambda: server.latest("plot-7").get("dropped") == 0, message="the first reading and status line")
+    assert server.latest("plot-7")["temp"] == 21.5
