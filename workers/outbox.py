@@ -19,6 +19,7 @@ stops reading devices; ``"drop-oldest"`` deletes the oldest spooled batch, logs 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -284,15 +285,23 @@ class Outbox:
     def _set_aside(self, batch: Batch, reason: str) -> None:
         letters = []
         for r in batch.readings:
-            raw = orjson.dumps({"device": r.device, "ts": r.ts, **r.fields})
+            raw = _json({"device": r.device, "ts": r.ts, **r.fields})
             letters.append(DeadLetter(r.ts, f"sink:{self.sink.name}", "replay", "", r.device, reason[:500], raw))
         for e in batch.events:
-            raw = orjson.dumps({"device": e.device, "ts": e.ts, **e.body})
+            raw = _json({"device": e.device, "ts": e.ts, **e.body})
             letters.append(DeadLetter(e.ts, f"sink:{self.sink.name}", "replay", "", e.device, reason[:500], raw))
         self.deadletters.add(letters)
         self.counters.add("dead_letters", len(letters))
         log.warning("%s: the server refused %d item(s) as invalid (%s): set aside as dead letters",
                     self.sink.name, len(letters), reason[:200])
+
+
+def _json(document: dict) -> bytes:
+    """A dead letter's raw JSON. What orjson refuses (an integer beyond 64 bits) the slower json takes."""
+    try:
+        return orjson.dumps(document)
+    except TypeError:
+        return json.dumps(document, default=str).encode()
 
 
 def _halves(batch: Batch) -> list[Batch]:

@@ -14,8 +14,9 @@ us, ns) that keeps every timestamp of the batch exact. Events are not time serie
 take them (SQLite and MongoDB keep them).
 
 Escaping: every name and value a device sends is escaped, never trusted, so no input can end a line,
-add a tag or a field: in the measurement ``\\``, ``,`` and space; in tag keys, tag values and field
-keys also ``=``; in string values ``\\`` and ``"``. Newline, carriage return and tab cannot be carried
+add a tag or a field: in the measurement ``\\``, ``,`` and space; in tag keys and values also ``=``;
+in field keys also ``"`` (InfluxDB reads ``\\"`` back as ``"``; VictoriaMetrics keeps the backslash);
+in string values ``\\`` and ``"``. Newline, carriage return and tab cannot be carried
 by line protocol outside string values: they are written as the two characters ``\\n``, ``\\r``,
 ``\\t`` (string values also get ``\\n`` and ``\\r`` written so, because VictoriaMetrics and some proxies
 cut lines at every newline). A tag with an empty value is left out (line protocol has no empty tag).
@@ -50,7 +51,9 @@ log = logging.getLogger(__name__)
 # Escapes per part of a line (str.translate tables).
 MEASUREMENT_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", " ": "\\ ", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 KEY_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n", "\r": "\\r",
-                             "\t": "\\t"})
+                             "\t": "\\t"})                     # tag keys and values
+FIELD_KEY_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n", "\r": "\\r",
+                                   "\t": "\\t", '"': '\\"'})     # a bare " would open a string value
 STRING_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
 
 PRECISIONS = ((1_000_000_000, "s"), (1_000_000, "ms"), (1_000, "us"), (1, "ns"))
@@ -116,7 +119,7 @@ class LineBuilder:
                 if key is None:
                     if not name:
                         raise Unencodable(f"device {device!r}: a field has an empty name")
-                    key = keys[name] = name.translate(KEY_ESCAPES)
+                    key = keys[name] = name.translate(FIELD_KEY_ESCAPES)
                 kind = type(value)
                 if kind is float:
                     if value - value != 0.0:
