@@ -1,28 +1,28 @@
-"""InfluxDB through its v2 write API (InfluxDB 1.8+, 2.x, 3.x; VictoriaMetrics takes it unchanged).
+r"""InfluxDB through its v2 write API (InfluxDB 1.8+, 2.x, 3.x; VictoriaMetrics takes it unchanged).
 
 One reading becomes one line of line protocol; the device id is a tag, the reading's tags (the
 device's configured tags such as ``place=balcony``, and those a line-protocol board sent) are tags,
 its fields are fields::
 
     Reading("balcony", 1732260000000000000, {"temperature": 21.5, "ok": True}, {"place": "balcony"})
-        -> sensors,device=balcony,place=balcony ok=true,temperature=21.5 1732260000
+        -> sensors,device=balcony,place=balcony temperature=21.5,ok=true 1732260000
 
-The measurement is ``measurement`` unless the reading carries a ``measurement_tag`` (the line-protocol
-decoder puts the board's measurement there). The lines of a batch go in one gzip-compressed request
-(``batch_size``, 5,000 by default, the size InfluxDB recommends), with the coarsest precision (s, ms,
-us, ns) that keeps every timestamp of the batch exact. Events are not time series: this sink does not
-take them (SQLite and MongoDB keep them).
+The measurement is ``measurement`` unless the reading has a tag named ``measurement_tag`` (the
+line-protocol decoder keeps the board's measurement there). The lines of a batch go in one
+gzip-compressed request (``batch_size``, 5,000 by default, the size InfluxDB recommends), with the
+coarsest precision (s, ms, us, ns) that keeps every timestamp of the batch exact. Events are not time
+series: this sink does not take them (SQLite and MongoDB keep them).
 
-Escaping: every name and value a device sends is escaped, never trusted, so no input can end a line,
-add a tag or a field: in the measurement ``\\``, ``,`` and space; in tag keys and values also ``=``;
-in field keys also ``"`` (InfluxDB reads ``\\"`` back as ``"``; VictoriaMetrics keeps the backslash);
-in string values ``\\`` and ``"``. Newline, carriage return and tab cannot be carried
-by line protocol outside string values: they are written as the two characters ``\\n``, ``\\r``,
-``\\t`` (string values also get ``\\n`` and ``\\r`` written so, because VictoriaMetrics and some proxies
-cut lines at every newline). A tag with an empty value is left out (line protocol has no empty tag).
-A reading line protocol cannot carry at all (an empty field name, NaN or infinity, an integer outside
-64 bits with ``integers = "integer"``, an empty device id) makes the batch ``PermanentError``: the
-outbox isolates it as a dead letter, the rest is written.
+Escaping: every name and value a device sends is escaped, never trusted, so no input can end a line
+or add a tag, a field or a point: in the measurement ``\``, ``,`` and space; in tag keys and values
+also ``=``; in field keys also ``"`` (InfluxDB reads ``\"`` back as ``"``, VictoriaMetrics keeps the
+backslash); in string values ``\`` and ``"``. Newline, carriage return and tab cannot be carried by
+line protocol outside string values: they are written as the two characters ``\n``, ``\r``, ``\t``
+(string values get ``\n`` and ``\r`` written so too, because VictoriaMetrics and some proxies cut lines
+at every newline, quoted or not). A tag with an empty value is left out (line protocol has no empty
+tag). A reading line protocol cannot carry at all (an empty field name, NaN or infinity, an integer
+outside 64 bits with ``integers = "integer"``, an empty device id) makes the batch ``PermanentError``:
+the outbox isolates it as a dead letter, the rest is written.
 
 Failures: 400 and 422 (the server refused the data as invalid) -> ``PermanentError``; 413 ->
 ``BatchTooLarge``; 429, 5xx, timeouts and refused connections -> ``TransientError`` with the server's

@@ -68,6 +68,13 @@ TRANSIENT_CODES = {
     13, 18,           # unauthorized, authentication failed: the configuration, not the data
     112, 251,         # write conflict, no such transaction
 }
+# Command-level errors that are about the documents sent (a write error naming a document is always so).
+DATA_CODES = {
+    2,                # BadValue
+    14,               # TypeMismatch
+    52, 56, 57,       # DollarPrefixedFieldName, EmptyFieldName, DottedFieldName
+    10334, 17419,     # BSONObjectTooLarge, a document grown past 16 MB
+}
 
 _ESCAPES = str.maketrans({"%": "%25", "$": "%24", ".": "%2E", "\x00": "%00"})
 _ESCAPED = re.compile("%([0-9A-F]{2})")
@@ -279,7 +286,7 @@ def _classify_code(code: int | None, message: str, transient: bool = False) -> E
     is known to be about the data (and even then transient for index creation)."""
     if transient or code is None or code in TRANSIENT_CODES:
         return TransientError(f"mongo: {message}")
-    if code in (2, 14, 52, 55, 56, 57, 10334, 17419, 16837, 40352, 40353, 40354):   # bad value, bad name, too large
+    if code in DATA_CODES:
         return PermanentError(f"mongo: {message}")
     return TransientError(f"mongo: {message}")
 
