@@ -5,7 +5,8 @@ What runs in place of what users run in production (install all with `deploy/tes
 - ``victoria``: VictoriaMetrics for InfluxDB. influxdb-client writes to ``victoria.url`` unchanged (any
   token, org, bucket). Each field becomes the series ``<measurement>_<field>``, tags become labels,
   timestamps are cut to milliseconds, string fields are stored as 0. Flux queries do not work: read
-  back with ``victoria.export('{__name__=~"meas_.*"}')``.
+  back with ``victoria.export('{__name__=~"meas_.*"}')``. Run with ``-dedup.minScrapeInterval=1ms`` so
+  that, like InfluxDB, a point written twice (same series, same timestamp) is kept once.
 - ``mongo``: mongoeco, a MongoDB wire-protocol server on SQLite, for pymongo. Inserts cost O(n) in the
   collection size, so keep test collections to hundreds of documents.
 - ``mosquitto``: the Mosquitto broker, anonymous, with persistence.
@@ -266,6 +267,10 @@ class Victoria(_Server):
             f"-influxListenAddr={HOST}:{self.influx_port}",
             "-retentionPeriod=100y",
             "-search.latencyOffset=0s",
+            # InfluxDB keeps one point per series and timestamp (a second write replaces the first);
+            # VictoriaMetrics keeps both unless told to deduplicate. Writes are at-least-once, so the
+            # tests run it the way docs/databases.md tells VictoriaMetrics users to.
+            "-dedup.minScrapeInterval=1ms",
         ]
         self.process = ServerProcess("victoria-metrics", argv, log_path, self._ready)
 

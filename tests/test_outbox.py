@@ -75,7 +75,8 @@ def test_spool_keeps_batches_in_order_across_restarts(tmp_path: Path) -> None:
     assert [r.fields["v"] for r in first.readings] == [1, 2]
     again.remove(path)
     again.append(batch(4))
-    assert [p.name for p in again.files] == ["0000000000000002.batch", "0000000000000003.batch"]
+    assert [p.name for p in again.files] == ["0000000000000002.1.0.batch", "0000000000000003.1.0.batch"]
+    assert (again.waiting_readings, again.waiting_events) == (2, 0)
 
 
 def test_a_kill_mid_write_leaves_a_tmp_that_is_never_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -158,6 +158,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
         return 0
+    sinks = reply.get("sinks") or {}
+    if sinks:
+        rows = [[name, str(s["written"]), str(s["events"]), str(s["pending"]), str(s["spooled"]),
+                 str(s["dead_lettered"]), str(s["write_failures"]),
+                 "no report for a while: is it running?" if s.get("stale") else s["state"]
+                 + (f"; {s['dropped']} DROPPED from a full spool" if s["dropped"] else "")]
+                for name, s in sinks.items()]
+        print(_table(rows, ["sink", "written", "events", "pending", "spooled", "dead-lettered", "failed writes",
+                            "state"]))
+        print()
     for worker, counters in reply["workers"].items():
         stale = " (no report for a while: is it running?)" if counters.pop("stale", False) else ""
         print(f"{worker}{stale}")

@@ -3,8 +3,10 @@
 The shipped default is ``deploy/sensorpipe.toml``; ``--config PATH`` or ``SENSORPIPE_CONFIG`` selects
 another. Environment variables override the data directory (``SENSORPIPE_DATA``) and the listener
 ports (``SENSORPIPE_TEXT_PORT``, ``SENSORPIPE_BINARY_PORT``) and the query endpoint
-(``SENSORPIPE_QUERY``). A bad key or value raises ``ConfigError`` naming it, e.g.
-``sinks.sqlite.batch_size: expected an integer, got 'many'``.
+(``SENSORPIPE_QUERY``), and the database sinks' addresses and secrets (``SINK_ENV``:
+``SENSORPIPE_INFLUX_URL``, ``SENSORPIPE_INFLUX_TOKEN``, ``SENSORPIPE_INFLUX_ORG``,
+``SENSORPIPE_INFLUX_BUCKET``, ``SENSORPIPE_MONGO_URL``, ``SENSORPIPE_MONGO_DATABASE``). A bad key or
+value raises ``ConfigError`` naming it, e.g. ``sinks.sqlite.batch_size: expected an integer, got 'many'``.
 """
 from __future__ import annotations
 
@@ -137,22 +139,32 @@ class SqliteSink(SinkCommon):
 
 @dataclass(frozen=True)
 class InfluxSink(SinkCommon):
+    """InfluxDB (1.8+, 2.x, 3.x) or VictoriaMetrics through the v2 write API; docs/databases.md."""
     endpoint: str = "tcp://127.0.0.1:5572"
-    url: str = "http://127.0.0.1:8086"
-    token: str = ""
-    org: str = "sensorpipe"
-    bucket: str = "sensors"
-    measurement: str = "sensors"                  # measurement name; the device is always a tag
-    timeout_s: float = 10.0
+    url: str = "http://127.0.0.1:8086"            # env SENSORPIPE_INFLUX_URL
+    token: str = ""                               # env SENSORPIPE_INFLUX_TOKEN; 1.8: "user:password"
+    org: str = "sensorpipe"                       # env SENSORPIPE_INFLUX_ORG; 1.8: ignored
+    bucket: str = "sensors"                       # env SENSORPIPE_INFLUX_BUCKET; 1.8: "db/retention"
+    measurement: str = "sensors"                  # for readings that name no measurement
+    measurement_tag: str = "measurement"          # a reading tag naming its measurement ("" = never)
+    device_tag: str = "device"                    # the tag that carries the device id
+    integers: Literal["float", "integer"] = "float"   # float: a field keeps one type when a device
+                                                      # sends 22 one time and 22.5 the next
+    gzip: bool = True
+    timeout_s: float = 10.0                       # a whole write request
+    connect_timeout_s: float = 2.0
+    verify_ssl: bool = True
 
 
 @dataclass(frozen=True)
 class MongoSink(SinkCommon):
+    """MongoDB through pymongo: collections latest, events, readings (optional); docs/databases.md."""
     endpoint: str = "tcp://127.0.0.1:5573"
-    url: str = "mongodb://127.0.0.1:27017"
-    database: str = "sensorpipe"
+    url: str = "mongodb://127.0.0.1:27017"        # env SENSORPIPE_MONGO_URL (credentials go here)
+    database: str = "sensorpipe"                  # env SENSORPIPE_MONGO_DATABASE
     store_readings: bool = False                  # readings history; time series belong in InfluxDB
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0                       # one write
+    connect_timeout_s: float = 2.0                # finding the server: how long a write waits when it is away
 
 
 @dataclass(frozen=True)
@@ -230,6 +242,15 @@ def from_dict(table: dict[str, Any], env: typing.Mapping[str, str] | None = None
     return cfg
 
 
+# Database addresses and secrets are often set by the environment (containers, systemd credentials)
+# rather than written in the file: these variables win over [sinks.influx] and [sinks.mongo].
+SINK_ENV: dict[str, dict[str, str]] = {
+    "influx": {"SENSORPIPE_INFLUX_URL": "url", "SENSORPIPE_INFLUX_TOKEN": "token",
+               "SENSORPIPE_INFLUX_ORG": "org", "SENSORPIPE_INFLUX_BUCKET": "bucket"},
+    "mongo": {"SENSORPIPE_MONGO_URL": "url", "SENSORPIPE_MONGO_DATABASE": "database"},
+}
+
+
 def _apply_env(cfg: Config, env: typing.Mapping[str, str]) -> Config:
     if env.get("SENSORPIPE_DATA"):
         cfg = dataclasses.replace(cfg, data_dir=env["SENSORPIPE_DATA"])
@@ -243,7 +264,12 @@ def _apply_env(cfg: Config, env: typing.Mapping[str, str]) -> Config:
     cfg = dataclasses.replace(cfg, listeners=tuple(listeners))
     if env.get("SENSORPIPE_QUERY"):
         cfg = dataclasses.replace(cfg, endpoints=dataclasses.replace(cfg.endpoints, query=env["SENSORPIPE_QUERY"]))
-    return cfg
+    sinks = cfg.sinks
+    for sink_name, overrides in SINK_ENV.items():
+        changes = {key: env[var] for var, key in overrides.items() if env.get(var)}
+        if changes:
+            sinks = dataclasses.replace(sinks, **{sink_name: dataclasses.replace(getattr(sinks, sink_name), **changes)})
+    return dataclasses.replace(cfg, sinks=sinks)
 
 
 def _check(cfg: Config) -> None:
@@ -275,6 +301,38 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"sinks.{name}.endpoint: required")
     if not cfg.sinks.enabled():
         raise ConfigError("sinks: no sink is enabled; readings would have nowhere to go")
+    influx = cfg.sinks.influx
+    if influx.enabled:
+        if not influx.url.startswith(("http://", "https://")):
+            raise ConfigError(f"sinks.influx.url: expected http://host:port or https://..., got {influx.url!r}")
+        if not influx.measurement:
+            raise ConfigError("sinks.influx.measurement: must not be empty")
+        if not influx.device_tag:
+            raise ConfigError("sinks.influx.device_tag: must not be empty")
+        if not influx.bucket:
+            raise ConfigError("sinks.influx.bucket: must not be empty")
+    mongo = cfg.sinks.mongo
+    if mongo.enabled:
+        if not mongo.url.startswith(("mongodb://", "mongodb+srv://")):
+            raise ConfigError(f"sinks.mongo.url: expected mongodb://host:port/..., got {redact_url(mongo.url)!r}")
+        if not mongo.database or any(c in mongo.database for c in '/\\. "$\0'):
+            raise ConfigError(f"sinks.mongo.database: {mongo.database!r} is not a MongoDB database name")
+        if mongo.url.startswith("mongodb://"):      # (+srv needs DNS to check: left to the sink)
+            from pymongo.errors import ConfigurationError, InvalidURI
+            from pymongo.uri_parser import parse_uri
+            try:
+                parse_uri(mongo.url)
+            except (ConfigurationError, InvalidURI, ValueError) as exc:
+                raise ConfigError(f"sinks.mongo.url: {exc}") from None
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        credentials, _, host = rest.partition("@")
+        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    return url
 
 
 def _build(cls: Any, value: Any, key: str) -> Any:

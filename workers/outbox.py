@@ -19,6 +19,7 @@ stops reading devices; ``"drop-oldest"`` deletes the oldest spooled batch, logs 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -50,7 +51,11 @@ def decode_batch(data: bytes) -> Batch:
 
 
 class Spool:
-    """Batches a sink could not write yet, one file each, in order; survives restarts."""
+    """Batches a sink could not write yet, one file each, in order; survives restarts.
+
+    A file is named ``<number>.<readings>.<events>.batch``: the number keeps the order, the counts let
+    ``status`` say how much waits here without reading the files back.
+    """
 
     def __init__(self, directory: Path, fsync: bool = True) -> None:
         self.directory = directory
@@ -62,14 +67,18 @@ class Spool:
         self.bytes = sum(f.stat().st_size for f in self.files)
         self.readings = 0                                 # readings spooled since start (a counter)
         self.corrupt = 0                                  # spool files that could not be read back
-        self._next = int(self.files[-1].stem) + 1 if self.files else 1
+        self.waiting = {f: _counted(f) for f in self.files}   # file -> (readings, events) in it
+        self.waiting_readings = sum(r for r, _ in self.waiting.values())
+        self.waiting_events = sum(e for _, e in self.waiting.values())
+        self._next = _number(self.files[-1]) + 1 if self.files else 1
 
     def __len__(self) -> int:
         return len(self.files)
 
     def append(self, batch: Batch) -> None:
         data = encode_batch(batch)
-        path = self.directory / f"{self._next:016d}{SPOOL_SUFFIX}"
+        counts = (len(batch.readings), len(batch.events))
+        path = self.directory / f"{self._next:016d}.{counts[0]}.{counts[1]}{SPOOL_SUFFIX}"
         self._next += 1
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as fh:
@@ -85,6 +94,9 @@ class Spool:
             finally:
                 os.close(fd)
         self.files.append(path)
+        self.waiting[path] = counts
+        self.waiting_readings += counts[0]
+        self.waiting_events += counts[1]
         self.bytes += len(data)
         self.readings += len(batch.readings)
 
@@ -102,12 +114,34 @@ class Spool:
                 self.bytes -= path.stat().st_size
                 path.rename(path.with_suffix(".corrupt"))
                 self.files.pop(0)
+                readings, events = self.waiting.pop(path, (0, 0))
+                self.waiting_readings -= readings
+                self.waiting_events -= events
         return None
 
     def remove(self, path: Path) -> None:
         self.bytes -= path.stat().st_size
         path.unlink()
         self.files.remove(path)
+        readings, events = self.waiting.pop(path, (0, 0))
+        self.waiting_readings -= readings
+        self.waiting_events -= events
+
+
+def _number(path: Path) -> int:
+    return int(path.name.split(".", 1)[0])
+
+
+def _counted(path: Path) -> tuple[int, int]:
+    """(readings, events) in a spool file, from its name (read back for files named without them)."""
+    parts = path.name.split(".")
+    if len(parts) == 4:
+        return int(parts[1]), int(parts[2])
+    try:
+        batch = decode_batch(path.read_bytes())
+    except (OSError, ValueError, TypeError):
+        return 0, 0
+    return len(batch.readings), len(batch.events)
 
 
 class Outbox:
@@ -157,6 +191,16 @@ class Outbox:
         if not (self.seqs or self.pending):
             return 1.0
         return max(0.0, self.first_added + self.opts.flush_interval_ms / 1000 - now)
+
+    def report(self, counters: Counters) -> None:
+        """The outbox's state as counters (``sink_summary`` turns them into what ``status`` shows)."""
+        counters["pending_readings"] = self.pending
+        counters["spooled_batches"] = len(self.spool)
+        counters["spool_readings"] = self.spool.waiting_readings
+        counters["spool_events"] = self.spool.waiting_events
+        counters["spool_bytes"] = self.spool.bytes
+        counters["spool_corrupt_files"] = self.spool.corrupt
+        counters["spool_full_now"] = int(self.blocked)
 
     # ------------------------------------------------------------------ writing
 
@@ -270,15 +314,23 @@ class Outbox:
     def _set_aside(self, batch: Batch, reason: str) -> None:
         letters = []
         for r in batch.readings:
-            raw = orjson.dumps({"device": r.device, "ts": r.ts, **r.fields})
+            raw = _json({"device": r.device, "ts": r.ts, **r.fields})
             letters.append(DeadLetter(r.ts, f"sink:{self.sink.name}", "replay", "", r.device, reason[:500], raw))
         for e in batch.events:
-            raw = orjson.dumps({"device": e.device, "ts": e.ts, **e.body})
+            raw = _json({"device": e.device, "ts": e.ts, **e.body})
             letters.append(DeadLetter(e.ts, f"sink:{self.sink.name}", "replay", "", e.device, reason[:500], raw))
         self.deadletters.add(letters)
         self.counters.add("dead_letters", len(letters))
         log.warning("%s: the server refused %d item(s) as invalid (%s): set aside as dead letters",
                     self.sink.name, len(letters), reason[:200])
+
+
+def _json(document: dict) -> bytes:
+    """A dead letter's raw JSON. What orjson refuses (an integer beyond 64 bits) the slower json takes."""
+    try:
+        return orjson.dumps(document)
+    except TypeError:
+        return json.dumps(document, default=str).encode()
 
 
 def _halves(batch: Batch) -> list[Batch]:
@@ -288,3 +340,32 @@ def _halves(batch: Batch) -> list[Batch]:
     for part in (items[:middle], items[middle:]):
         out.append(Batch([i for i in part if isinstance(i, Reading)], [i for i in part if isinstance(i, Event)]))
     return out
+
+
+def sink_summary(counters: dict) -> dict:
+    """Per sink, what ``sensorpipe status`` shows, from the counters its worker publishes:
+
+    - ``written``: readings (and ``events``) the server confirmed, since the worker started;
+    - ``pending``: taken in, waiting in memory for the next flush (at most ``flush_interval_ms``);
+    - ``spooled``: readings and events waiting in the spool on disk for the server (now);
+    - ``dead_lettered``: refused by the server as invalid, set aside (``sensorpipe deadletters``);
+    - ``dropped``: deleted from a full spool (``spool_full = "drop-oldest"``), never written;
+    - ``state``: ok | spooling (the server is away or behind) | blocked (spool full, input stopped).
+    """
+    spooled = counters.get("spool_readings", 0) + counters.get("spool_events", 0)
+    if counters.get("spool_full_now"):
+        state = "blocked: spool full"
+    elif spooled or counters.get("spooled_batches"):
+        state = "spooling: server away or behind"
+    else:
+        state = "ok"
+    return {
+        "written": counters.get("written_readings", 0),
+        "events": counters.get("written_events", 0),
+        "pending": counters.get("pending_readings", 0),
+        "spooled": spooled,
+        "dead_lettered": counters.get("dead_letters", 0),
+        "dropped": counters.get("spool_dropped_readings", 0),
+        "write_failures": counters.get("write_failures", 0),
+        "state": state,
+    }

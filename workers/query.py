@@ -8,7 +8,9 @@ Requests (docs/query-protocol.md)::
 
     {"op":"latest","device":"ID"}  -> {"ok":true,"device":"ID","fields":{"temp":{"value":22.6,"ts":1732260000123}}}
     {"op":"devices"}               -> {"ok":true,"devices":[{"device":"ID","last_seen":1732260000123}]}
-    {"op":"status"}                -> {"ok":true,"workers":{"edge":{...counters...},"sink:sqlite":{...}}}
+    {"op":"status"}                -> {"ok":true,"sinks":{"sqlite":{"written":..,"pending":..,"spooled":..,
+                                        "dead_lettered":..,"state":"ok",...}},
+                                       "workers":{"edge":{...counters...},"sink:sqlite":{...}}}
     anything else                  -> {"ok":false,"error":"..."}
 
 Timestamps in replies are Unix epoch milliseconds. On start the values are restored from the store
@@ -79,7 +81,18 @@ def restore_from_sqlite(cfg: Config, latest: LatestValues) -> int:
     return len(rows)
 
 
-RESTORERS: dict[str, Callable[[Config, LatestValues], int]] = {"sqlite": restore_from_sqlite}
+def restore_from_mongo(cfg: Config, latest: LatestValues) -> int:
+    from workers.sinks.mongo import latest_values
+
+    count = 0
+    for device, field, value, ts in latest_values(cfg.sinks.mongo):
+        latest.update(device, field, value, ts)
+        count += 1
+    return count
+
+
+RESTORERS: dict[str, Callable[[Config, LatestValues], int]] = {"sqlite": restore_from_sqlite,
+                                                               "mongo": restore_from_mongo}
 
 
 def restore_source(cfg: Config) -> str:
@@ -145,10 +158,15 @@ class QueryWorker:
                                         for d, ts in sorted(self.latest.last_seen.items())]}
 
     def op_status(self, request: dict) -> dict:
+        from workers.outbox import sink_summary
+
         now = time.monotonic()
         self.stats["query"] = (now, dict(self.counters))
-        return {"ok": True, "workers": {name: {**counters, "stale": now - at > STATS_STALE_S}
-                                        for name, (at, counters) in sorted(self.stats.items())}}
+        sinks = {name.split(":", 1)[1]: {**sink_summary(counters), "stale": now - at > STATS_STALE_S}
+                 for name, (at, counters) in sorted(self.stats.items()) if name.startswith("sink:")}
+        return {"ok": True, "sinks": sinks,
+                "workers": {name: {**counters, "stale": now - at > STATS_STALE_S}
+                            for name, (at, counters) in sorted(self.stats.items())}}
 
     # ------------------------------------------------------------------ live feed
 

@@ -34,6 +34,7 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
         log.info("sink %s is not enabled in %s; nothing to do", name, cfg.source)
         return runtime.EXIT_OK
     sink = make_sink(name, cfg)
+    takes_events = getattr(sink, "takes_events", True)     # InfluxDB keeps time series only
     counters = runtime.Counters(f"sink:{name}")
     inbox = runtime.socket(ctx, zmq.PULL, bind=opts.endpoint, hwm=INBOX_HWM)
     acks = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.acks, hwm=10000)
@@ -72,6 +73,9 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
                         counters.add("bad_messages")
                         log.warning("sink %s: ignoring a bad message: %s", name, exc)
                         continue
+                    if events and not takes_events:
+                        counters.add("events_not_for_this_sink", len(events))
+                        events = []
                     outbox.add(seqs, readings, events)
                     counters.add("received_readings", len(readings))
                     if outbox.pending >= opts.batch_size:
@@ -82,17 +86,14 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
             if outbox.due(now):
                 outbox.flush()
             outbox.tick(now)
-            counters["pending_readings"] = outbox.pending
-            counters["spooled_batches"] = len(outbox.spool)
-            counters["spool_bytes"] = outbox.spool.bytes
-            counters["spool_corrupt_files"] = outbox.spool.corrupt
+            outbox.report(counters)
             counters.publish_due(live)
     finally:
         try:
             outbox.close()
             log.info("sink %s: final flush done", name)
         finally:
-            counters["pending_readings"] = outbox.pending
+            outbox.report(counters)
             counters.publish_due(live, now=float("inf"))
             for sock in (inbox, acks, live):
                 sock.close(linger=500 if sock is acks else 0)   # let the last acks leave

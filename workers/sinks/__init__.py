@@ -12,6 +12,9 @@ the outbox what kind of failure it met by the exception it raises:
 
 Writes must be idempotent, keyed by (device, field, timestamp): a batch may arrive twice after a
 worker is killed, and must not be stored twice.
+
+A sink that keeps only time series says ``takes_events = False`` (InfluxDB): its worker then hands it
+no events, counts them as ``events_not_for_this_sink``, and its spool holds only readings.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ class BatchTooLarge(SinkError):
 
 class Sink(Protocol):
     name: str
+    takes_events: bool            # optional (default True)
 
     def connect(self) -> None: ...
 

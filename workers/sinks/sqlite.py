@@ -15,7 +15,7 @@ import orjson
 
 from workers.config import Config
 from workers.runtime import open_wal_db
-from workers.sinks import Batch, TransientError
+from workers.sinks import Batch, PermanentError, TransientError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -91,6 +91,8 @@ class SqliteSink:
                 raise
         except sqlite3.OperationalError as exc:   # locked, disk full, I/O error: try again later
             raise TransientError(f"sqlite: {exc}") from None
+        except OverflowError as exc:              # an integer beyond 64 bits (JSON allows up to 2**64 - 1)
+            raise PermanentError(f"sqlite: {exc}") from None
 
     def close(self) -> None:
         if self.db is not None:
