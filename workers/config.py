@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -22,6 +23,11 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "deploy" / "senso
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 DEFAULT_QUERY_ENDPOINT = "tcp://127.0.0.1:5560"
+DEFAULT_HISTORY_MAX_POINTS = 10_000
+DEFAULT_ROLLUP_GRACE_S = 30.0                 # longer than the edge's redelivery, so a crash is no correction
+DEFAULT_ROLLUP_CORRECT_FOR_S = 6 * 3600.0
+ROLLUP = "rollup"                             # the rollup worker's name in acks, like a sink's name
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 BINARY_TYPES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "f32": "f"}
 
@@ -167,9 +173,26 @@ class Sinks:
 
 
 @dataclass(frozen=True)
+class Rollups:
+    """Per-device window aggregates (docs/rollups.md). Fed by the parsers like a sink."""
+    enabled: bool = True
+    endpoint: str = "tcp://127.0.0.1:5574"        # PULL endpoint the rollup worker binds
+    path: str = "rollups.db"                      # its state, relative to the data directory
+    windows: tuple[str, ...] = ("1m",)            # "30s", "1m", "15m", "1h", "1d": multiples of the smallest
+    grace_s: float = DEFAULT_ROLLUP_GRACE_S       # a window closes this long after its end
+    correct_for_s: float = DEFAULT_ROLLUP_CORRECT_FOR_S   # late readings still correct a closed window
+
+    @property
+    def window_seconds(self) -> tuple[int, ...]:
+        """The window sizes in seconds, smallest first."""
+        return tuple(sorted(parse_window(w) for w in self.windows))
+
+
+@dataclass(frozen=True)
 class Query:
     restore_from: Literal["auto", "sqlite", "mongo", "none"] = "auto"
     resync_after_s: float = 5.0                   # a second restore after start closes the restart gap
+    history_max_points: int = DEFAULT_HISTORY_MAX_POINTS   # a history request over this is refused
 
 
 @dataclass(frozen=True)
@@ -186,12 +209,21 @@ class Config:
     binary: dict[int, BinaryDevice] = field(default_factory=dict)   # device_number -> layout
     devices: dict[str, Device] = field(default_factory=dict)        # device id -> extra tags
     sinks: Sinks = Sinks()
+    rollups: Rollups = Rollups()
     query: Query = Query()
     source: str = ""                              # the file this came from, for messages
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    def consumers(self) -> dict[str, str]:
+        """Who must acknowledge every batch, name -> PULL endpoint: the enabled sinks and the rollup
+        worker. Parsers push readings to each; the edge keeps a batch until each has acknowledged it."""
+        out = {name: sink.endpoint for name, sink in self.sinks.enabled().items()}
+        if self.rollups.enabled:
+            out[ROLLUP] = self.rollups.endpoint
+        return out
 
     def listener(self, name: str) -> Listener:
         for listener in self.listeners:
@@ -275,6 +307,49 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"sinks.{name}.endpoint: required")
     if not cfg.sinks.enabled():
         raise ConfigError("sinks: no sink is enabled; readings would have nowhere to go")
+    _check_rollups(cfg.rollups)
+    if cfg.query.history_max_points < 1:
+        raise ConfigError("query.history_max_points: must be at least 1")
+
+
+def parse_window(text: str) -> int:
+    """``"90s"``, ``"1m"``, ``"1h"``, ``"1d"`` -> seconds; ValueError for anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text) if isinstance(text, str) else None
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"expected a duration like 30s, 1m, 1h or 1d, got {text!r}")
+    return int(match[1]) * WINDOW_UNITS[match[2]]
+
+
+def window_label(seconds: int) -> str:
+    """60 -> ``"1m"``, 90 -> ``"90s"``: the largest unit that divides, so one size has one name."""
+    for unit, size in sorted(WINDOW_UNITS.items(), key=lambda item: -item[1]):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    raise ValueError(seconds)
+
+
+def _check_rollups(rollups: Rollups) -> None:
+    if not rollups.windows:
+        raise ConfigError("rollups.windows: list at least one window, e.g. [\"1m\"] (or enabled = false)")
+    sizes = []
+    for i, text in enumerate(rollups.windows):
+        try:
+            sizes.append(parse_window(text))
+        except ValueError as exc:
+            raise ConfigError(f"rollups.windows[{i}]: {exc}") from None
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"rollups.windows: the same size twice in {list(rollups.windows)}")
+    base = min(sizes)
+    for text, size in zip(rollups.windows, sizes):
+        if size % base:
+            raise ConfigError(f"rollups.windows: {text} is not a multiple of the smallest window "
+                              f"{window_label(base)}; larger windows are built from whole smaller ones")
+    if rollups.grace_s < 0:
+        raise ConfigError("rollups.grace_s: must not be negative")
+    if rollups.correct_for_s < 0:
+        raise ConfigError("rollups.correct_for_s: must not be negative")
+    if rollups.enabled and not rollups.endpoint:
+        raise ConfigError("rollups.endpoint: required")
 
 
 def _build(cls: Any, value: Any, key: str) -> Any:

@@ -8,7 +8,7 @@ Sockets:
 Plus one TCP listener per configured listener (asyncio, one process for thousands of connections).
 
 A batch is journaled before any device is acknowledged (the binary ``A``) and before it is pushed.
-It stays in flight until every enabled sink has acknowledged it; one that is not acknowledged in time
+It stays in flight until every enabled sink (and the rollup worker) has acknowledged it; one that is not acknowledged in time
 (a parser or sink died holding it) is sent again to the sinks that miss it. On start, whatever is
 still in the journal is replayed. When parsers cannot keep up, or the journal reaches its bound, the
 edge stops reading device sockets: devices wait, nothing is dropped and memory stays bounded.
@@ -108,7 +108,7 @@ class Edge:
     def __init__(self, cfg: Config, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
         self.ctx = ctx
-        self.sinks = set(cfg.sinks.enabled())
+        self.sinks = set(cfg.consumers())          # the enabled sinks and the rollup worker
         self.counters = runtime.Counters("edge")
         self.journal = Journal(Path(cfg.data_dir) / "journal", cfg.edge.journal_segment_bytes,
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)
