@@ -229,11 +229,22 @@ def cmd_history(args: argparse.Namespace) -> int:
     series = "mean" if reply["window"] else "value"
     column = reply["columns"].index(series)
     values = [(p[0], p[column]) for p in points if isinstance(p[column], (int, float))]
-    width = max(10, min(120, shutil.get_terminal_size((80, 24)).columns - 24))
     if values:
+        # the chart spans the data, one column per window when it fits, so gaps show as blanks
+        most = max(10, min(120, shutil.get_terminal_size((80, 24)).columns - 30))
+        first, last = values[0][0], values[-1][0]
+        if reply["window"]:
+            step = config_mod.parse_window(reply["window"]) * 1000
+            end = last + step
+            width = min(most, (end - first) // step)
+        else:
+            end = last + 1
+            width = min(most, len(values))
         low, high = min(v for _, v in values), max(v for _, v in values)
-        line = sparkline(values, reply["from"], reply["to"], width)
-        print(f"\n{series} {_number(low):>9} {line} {_number(high)}")
+        clock = "%H:%M:%S" if end - first < 86_400_000 else "%Y-%m-%d %H:%M"
+        print(f"\n{series} {_number(low):>9} {sparkline(values, first, end, width)} {_number(high)}")
+        print(f"{'':>{len(series) + 10}} {datetime.fromtimestamp(first / 1000).strftime(clock)} .. "
+              f"{datetime.fromtimestamp(end / 1000).strftime(clock)}")
     return 0
 
 

@@ -56,6 +56,7 @@ CLOSE_LIMIT = 5000                 # windows computed per size and tick; the res
 EMIT_LIMIT = 2000                  # window versions handed to the outboxes per tick
 PRUNE_EVERY_S = 60.0
 LOG_EVERY_S = 60.0
+CACHE_KIB = 64 * 1024              # SQLite page cache for the state: points arrive spread over many series
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
@@ -120,7 +121,9 @@ class RollupStore:
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self.db.executescript(SCHEMA)
+        self._open: set[tuple[str, str, int]] = set()   # smallest windows known to be marked dirty
 
     def close(self) -> None:
         self.db.close()
@@ -172,12 +175,13 @@ class RollupStore:
                 if db.execute("INSERT OR IGNORE INTO points VALUES (?, ?, ?, ?)", point).rowcount:
                     late_new += 1
                     touched.add((point[0], point[1], point[2] - point[2] % base_ns))
-            db.executemany(TOUCH_WINDOW, [(d, f, self.base, s, s + base_ns + grace_ns, 1)
-                                          for d, f, s in touched])
+            fresh = touched - self._open      # a window already marked dirty needs no second mark
+            db.executemany(TOUCH_WINDOW, [(d, f, self.base, s, s + base_ns + grace_ns, 1) for d, f, s in fresh])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self._open |= fresh
         taken = len(on_time) + len(late)
         self.counters.add("points", taken)
         if late_new:
@@ -207,6 +211,8 @@ class RollupStore:
                     "SELECT device, field, start, count, min, max, total, last, last_ts, version FROM windows"
                     " WHERE dirty = 1 AND due <= ? AND size = ? LIMIT ?", (now, size, CLOSE_LIMIT)).fetchall()
                 for device, field, start, *old, version in rows:
+                    if size == self.base:
+                        self._open.discard((device, field, start))
                     new = self._compute(device, field, size, start)
                     if tuple(old) == new and version:
                         db.execute("UPDATE windows SET dirty = 0 WHERE device = ? AND field = ? AND size = ?"
