@@ -195,13 +195,28 @@ def test_prune_keeps_the_minutes_of_an_hour_that_can_change(tmp_path: Path) -> N
     assert hour == Stats(3, 1.0, 5.0, 3.0, 5.0)
 
 
+def test_each_size_is_built_from_the_next_smaller_and_kept_only_while_that_can_change(tmp_path: Path) -> None:
+    s = store(tmp_path, sizes=(60, 3600, 86400), grace_s=30, correct_for_s=600)
+    s.add([reading(at(12, 3), temp=1.0)], now=at(12, 4))
+    s.add([reading(at(13, 3), temp=2.0)], now=at(13, 4))
+    s.close_due(at(14, 0, 30))
+    s.mark_emitted([(w.key, w.version) for w in s.unemitted()])
+    # the 12:00 hour is final since 13:10:30, the 13:00 hour since 14:10:30: their minutes can go,
+    # the hours stay for the day, which can still change
+    assert s.prune(at(14, 11)) == (2, 2)         # both points, both minutes
+    assert s.db.execute("SELECT size, count(*) FROM windows GROUP BY size").fetchall() == [(3600, 2), (86400, 1)]
+    s.close_due(at(0, 0, 30, day=23))
+    assert windows(s)[("g1", "temp", 86400, at(0, 0))] == (Stats(2, 1.0, 2.0, 1.5, 2.0), 1)
+
+
 def test_window_configuration_is_checked() -> None:
     ok = config_mod.from_dict({"rollups": {"windows": ["1h", "60s", "1d"], "grace_s": 5}})
     assert ok.rollups.window_seconds == (60, 3600, 86400)
     assert [config_mod.window_label(s) for s in ok.rollups.window_seconds] == ["1m", "1h", "1d"]
     assert "rollup" in ok.consumers() and "sqlite" in ok.consumers()
     assert "rollup" not in config_mod.from_dict({"rollups": {"enabled": False}}).consumers()
-    for windows_, message in ((["1m", "90s"], "not a multiple of the smallest window 1m"),
+    for windows_, message in ((["1m", "90s"], "rollups.windows: 90s is not a multiple of 1m"),
+                              (["1m", "45m", "1h"], "1h is not a multiple of 45m"),
                               (["1m", "60s"], "the same size twice"),
                               (["1 minute"], "rollups.windows[0]: expected a duration like"),
                               (["0m"], "rollups.windows[0]"),

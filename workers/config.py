@@ -178,7 +178,7 @@ class Rollups:
     enabled: bool = True
     endpoint: str = "tcp://127.0.0.1:5574"        # PULL endpoint the rollup worker binds
     path: str = "rollups.db"                      # its state, relative to the data directory
-    windows: tuple[str, ...] = ("1m",)            # "30s", "1m", "15m", "1h", "1d": multiples of the smallest
+    windows: tuple[str, ...] = ("1m",)            # "30s", "1m", "15m", "1h", "1d": each a multiple of the next smaller
     grace_s: float = DEFAULT_ROLLUP_GRACE_S       # a window closes this long after its end
     correct_for_s: float = DEFAULT_ROLLUP_CORRECT_FOR_S   # late readings still correct a closed window
 
@@ -339,11 +339,12 @@ def _check_rollups(rollups: Rollups) -> None:
             raise ConfigError(f"rollups.windows[{i}]: {exc}") from None
     if len(set(sizes)) != len(sizes):
         raise ConfigError(f"rollups.windows: the same size twice in {list(rollups.windows)}")
-    base = min(sizes)
-    for text, size in zip(rollups.windows, sizes):
-        if size % base:
-            raise ConfigError(f"rollups.windows: {text} is not a multiple of the smallest window "
-                              f"{window_label(base)}; larger windows are built from whole smaller ones")
+    ordered = sorted(sizes)
+    for smaller, larger in zip(ordered, ordered[1:]):
+        if larger % smaller:
+            raise ConfigError(f"rollups.windows: {window_label(larger)} is not a multiple of "
+                              f"{window_label(smaller)}; each window is built from whole windows of the next "
+                              "smaller size")
     if rollups.grace_s < 0:
         raise ConfigError("rollups.grace_s: must not be negative")
     if rollups.correct_for_s < 0:

@@ -19,8 +19,9 @@ same key (sinks upsert) and counted in ``corrected_windows``. Later than that, o
 ahead of this clock, a reading is not rolled up: it is counted (``too_late_readings``,
 ``future_readings``) and logged; the reading itself is stored by the sinks as usual.
 
-Windows larger than the smallest are built from the smallest ones (count, min, max and sum combine;
-``last`` is the last of the newest), so points are kept for the smallest window only.
+Each window size is built from the next smaller one (count, min, max and sum combine; ``last`` is the
+last of the newest), so points are kept for the smallest windows only, and a window only while the
+next larger window holding it can still change.
 
 Rollups go to the sinks through the shared outbox (``workers/outbox.py``), one per enabled sink, in
 this process: the outbox acknowledges a batch once written or spooled to disk, and only then is the
@@ -110,8 +111,10 @@ class RollupStore:
 
     def __init__(self, path: Path, sizes: Iterable[int], grace_s: float, correct_for_s: float,
                  counters: runtime.Counters | None = None) -> None:
-        self.sizes = sorted(sizes)                  # seconds, smallest first
+        self.sizes = sorted(sizes)                  # seconds, smallest first, each a multiple of the one before
         self.base = self.sizes[0]
+        self.larger = dict(zip(self.sizes, self.sizes[1:]))        # size -> the next size up
+        self.smaller = dict(zip(self.sizes[1:], self.sizes))       # size -> the next size down
         self.base_ns = self.base * NS
         self.grace_ns = int(grace_s * NS)
         self.correct_ns = int(correct_for_s * NS)
@@ -223,11 +226,11 @@ class RollupStore:
                                " AND start = ?", (*new, device, field, size, start))
                     changed += 1
                     self.counters.add("corrected_windows" if version else "closed_windows")
-                    if size == self.base:
-                        for larger in self.sizes[1:]:
-                            outer = floor(start, larger * NS)
-                            db.execute(TOUCH_WINDOW, (device, field, larger, outer,
-                                                      outer + larger * NS + self.grace_ns, 0))
+                    larger = self.larger.get(size)
+                    if larger is not None:
+                        outer = floor(start, larger * NS)
+                        db.execute(TOUCH_WINDOW, (device, field, larger, outer,
+                                                  outer + larger * NS + self.grace_ns, 0))
                 if len(rows) == CLOSE_LIMIT:
                     break      # larger windows wait until every smaller one due is computed
             db.execute("COMMIT")
@@ -237,7 +240,7 @@ class RollupStore:
         return changed
 
     def _compute(self, device: str, field: str, size: int, start: int) -> tuple:
-        """(count, min, max, total, last, last_ts) of one window, from its points or its smaller windows."""
+        """(count, min, max, total, last, last_ts) of one window, from its points or the next smaller windows."""
         end = start + size * NS
         if size == self.base:
             count, low, high, total = self.db.execute(
@@ -250,11 +253,11 @@ class RollupStore:
             count, low, high, total = self.db.execute(
                 "SELECT coalesce(sum(count), 0), min(min), max(max), total(total) FROM windows"
                 " WHERE device = ? AND field = ? AND size = ? AND start >= ? AND start < ? AND count > 0",
-                (device, field, self.base, start, end)).fetchone()
+                (device, field, self.smaller[size], start, end)).fetchone()
             last = self.db.execute(
                 "SELECT last, last_ts FROM windows WHERE device = ? AND field = ? AND size = ? AND start >= ?"
                 " AND start < ? AND count > 0 ORDER BY start DESC LIMIT 1",
-                (device, field, self.base, start, end)).fetchone()
+                (device, field, self.smaller[size], start, end)).fetchone()
         last_value, last_ts = last if last is not None else (None, None)
         return count, low, high, total, last_value, last_ts
 
@@ -287,8 +290,6 @@ class RollupStore:
         """Drop the points of windows past the correction horizon, and the windows no larger window
         needs any more (once delivered). Returns (points, windows) deleted."""
         final_before = self.final_before(now)
-        # a smallest window is kept while a larger window holding it can still change
-        keep_base_from = min(floor(final_before, size * NS) for size in self.sizes)
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -303,7 +304,9 @@ class RollupStore:
                            " AND start = ?", [(d, f, self.base, s) for d, f, s in rows])
             before = db.total_changes
             for size in self.sizes:
-                cutoff = keep_base_from if size == self.base else floor(final_before, size * NS)
+                # a window of size k+1 can change until all of its windows of size k are final; a window
+                # of size k is kept while the window of size k+1 holding it can change
+                cutoff = floor(final_before, self.larger.get(size, size) * NS)
                 db.execute("DELETE FROM windows WHERE start < ? AND size = ? AND dirty = 0 AND version = emitted"
                            " AND has_points = 0", (cutoff, size))
             windows = db.total_changes - before
