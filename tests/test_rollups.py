@@ -299,6 +299,15 @@ def test_worker_delivers_rollups_and_remembers_it(tmp_path: Path) -> None:
                     ("1m", at(12, 4), 1, 30.0, 30.0, 30.0, 30.0)]
 
 
+def test_with_no_sink_that_stores_rollups_nothing_waits(tmp_path: Path) -> None:
+    worker = RollupWorker(sqlite_cfg(tmp_path))         # outboxes not opened: as if no sink took rollups
+    worker.store.add(example_readings(), now=at(12, 4, 5))
+    worker.store.close_due(at(12, 5, 30))
+    assert worker.emit() == 0
+    assert worker.store.unemitted() == []               # so they can be pruned in time
+    worker.store.close()
+
+
 def test_history_op(tmp_path: Path) -> None:
     from workers.query import QueryWorker
     from workers.sinks import Batch

@@ -12,6 +12,10 @@ the outbox what kind of failure it met by the exception it raises:
 
 Writes must be idempotent, keyed by (device, field, timestamp): a batch may arrive twice after a
 worker is killed, and must not be stored twice.
+
+A sink that stores rollups (window aggregates, ``envelope.rollup_window()``; docs/rollups.md) says so
+with ``takes_rollups = True``; the rollup worker writes rollups only to those. A rollup is upserted on
+(device, field, window, start): a corrected window is sent again and replaces the first one.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ class BatchTooLarge(SinkError):
 
 class Sink(Protocol):
     name: str
+    takes_rollups: bool           # optional (default False): it stores rollup readings apart
 
     def connect(self) -> None: ...
 

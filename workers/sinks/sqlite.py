@@ -70,6 +70,7 @@ def db_path(cfg: Config) -> Path:
 
 class SqliteSink:
     name = "sqlite"
+    takes_rollups = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
