@@ -143,6 +143,20 @@ def test_restart_in_the_middle_of_a_window(tmp_path: Path) -> None:
     second.close()
 
 
+def test_changing_the_windows_keeps_the_points(tmp_path: Path) -> None:
+    first = store(tmp_path, sizes=(60, 3600))
+    first.add(example_readings(), now=at(12, 4, 5))
+    first.close_due(at(12, 5, 30))
+    first.close()
+    second = store(tmp_path, sizes=(30, 300))             # the smallest window is now 30 s
+    second.close_due(at(12, 10))
+    got = {key: stats for key, (stats, _) in windows(second).items() if key[2] == 30}
+    assert got[("g1", "temp", 30, at(12, 3))] == Stats(1, 20.0, 20.0, 20.0, 20.0)
+    assert got[("g1", "temp", 30, at(12, 3, 30))] == Stats(3, 20.5, 22.5, 64 / 3, 20.5)
+    assert windows(second)[("g1", "temp", 300, at(12, 0))][0] == Stats(6, 18.0, 30.0, 22.0, 30.0)
+    assert second.db.execute("SELECT count(*) FROM windows WHERE size IN (60, 3600)").fetchone() == (0,)
+
+
 def test_too_late_and_future_readings_are_counted_not_rolled_up(tmp_path: Path) -> None:
     s = store(tmp_path, correct_for_s=3600)
     now = at(14, 0)

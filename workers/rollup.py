@@ -127,9 +127,33 @@ class RollupStore:
         self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self.db.executescript(SCHEMA)
         self._open: set[tuple[str, str, int]] = set()   # smallest windows known to be marked dirty
+        self._adopt_sizes()
 
     def close(self) -> None:
         self.db.close()
+
+    def _adopt_sizes(self) -> None:
+        """After ``windows`` changed in the configuration: forget the sizes no longer wanted, and give
+        the points kept a window of the new smallest size (so they are rolled up and pruned)."""
+        stored = [size for (size,) in self.db.execute("SELECT DISTINCT size FROM windows ORDER BY size")]
+        gone = [size for size in stored if size not in self.sizes]
+        if not gone:
+            return
+        log.warning("rollup: windows changed (%s s no longer configured): dropping their state",
+                    ", ".join(map(str, gone)))
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("DELETE FROM windows WHERE size = ?", [(size,) for size in gone])
+            b = self.base_ns
+            self.db.execute(
+                "INSERT INTO windows (device, field, size, start, due, dirty, has_points)"
+                " SELECT device, field, ?, ts - ts % ?, ts - ts % ? + ?, 1, 1 FROM points WHERE true"
+                " GROUP BY device, field, ts - ts % ? ON CONFLICT DO NOTHING",
+                (self.base, b, b, b + self.grace_ns, b))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def final_before(self, now: int) -> int:
         """Smallest windows starting before this can no longer change: their points are gone."""
