@@ -305,7 +305,8 @@ def test_worker_delivers_rollups_and_remembers_it(tmp_path: Path) -> None:
         outbox.sink.close()
     worker.store.close()
     db = open_db(db_path(cfg), readonly=True)
-    rows = db.execute("SELECT window, start, count, min, max, mean, last FROM rollups ORDER BY window, start").fetchall()
+    rows = db.execute("SELECT window, start, count, min, max, mean, last FROM rollups"
+                      " ORDER BY window, start").fetchall()
     db.close()
     assert rows == [("1h", at(12, 0), 6, 18.0, 30.0, 22.0, 30.0),
                     ("1m", at(12, 2), 1, 18.0, 18.0, 18.0, 18.0),

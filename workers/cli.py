@@ -331,7 +331,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Read and check the configuration file."""
     cfg = _load(args)
-    rollups = ", ".join(config_mod.window_label(s) for s in cfg.rollups.window_seconds) if cfg.rollups.enabled else "off"
+    rollups = (", ".join(config_mod.window_label(s) for s in cfg.rollups.window_seconds)
+               if cfg.rollups.enabled else "off")
     print(f"{cfg.source}: ok; sinks: {', '.join(cfg.sinks.enabled())}; rollups: {rollups}; "
           f"binary layouts: {', '.join(f'{n}={b.device}' for n, b in sorted(cfg.binary.items())) or 'none'}")
     return 0

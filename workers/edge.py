@@ -8,9 +8,9 @@ Sockets:
 Plus one TCP listener per configured listener (asyncio, one process for thousands of connections).
 
 A batch is journaled before any device is acknowledged (the binary ``A``) and before it is pushed.
-It stays in flight until every enabled sink (and the rollup worker) has acknowledged it; one that is not acknowledged in time
-(a parser or sink died holding it) is sent again to the sinks that miss it. On start, whatever is
-still in the journal is replayed. When parsers cannot keep up, or the journal reaches its bound, the
+It stays in flight until every enabled sink (and the rollup worker) has acknowledged it; one that is
+not acknowledged in time (a parser or sink died holding it) is sent again to the sinks that miss it.
+On start, whatever is still in the journal is replayed. When parsers cannot keep up, or the journal reaches its bound, the
 edge stops reading device sockets: devices wait, nothing is dropped and memory stays bounded.
 """
 from __future__ import annotations

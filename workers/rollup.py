@@ -35,7 +35,7 @@ import math
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import zmq
 
@@ -342,8 +342,12 @@ class RollupStore:
         self.counters.add("pruned_windows", windows)
         return points, windows
 
+    def file_bytes(self) -> int:
+        """The state file's size without its WAL (pages in use and free ones)."""
+        return self.db.execute("PRAGMA page_count").fetchone()[0] * self.db.execute("PRAGMA page_size").fetchone()[0]
+
     def sizes_on_disk(self) -> tuple[int, int]:
-        """(points, windows) held now, for the counters."""
+        """(points, windows) held now: counts every row, so for tests and tools, not for every tick."""
         return (self.db.execute("SELECT count(*) FROM points").fetchone()[0],
                 self.db.execute("SELECT count(*) FROM windows").fetchone()[0])
 
@@ -377,7 +381,7 @@ class RollupWorker:
                                          self.deadletters, self._acker(name), counters)
             sink.connect()
 
-    def _acker(self, name: str):
+    def _acker(self, name: str) -> Callable[[list[int]], None]:
         def ack(seqs: list[int]) -> None:
             for seq in seqs:
                 entry = self.pending.get(seq)
@@ -420,14 +424,18 @@ class RollupWorker:
             except zmq.Again:      # the edge is away: it sends the batches again; points are a set
                 self.counters.add("acks_not_sent")
 
-    def emit(self) -> int:
-        """Hand window versions not yet delivered to every outbox; returns how many."""
+    def record_delivered(self) -> None:
+        """Note in the state the window versions every outbox has acknowledged."""
         if self.delivered:
             self.store.mark_emitted(self.delivered)
             for key, version in self.delivered:
                 if self.inflight.get(key) == version:
                     del self.inflight[key]
             self.delivered = []
+
+    def emit(self) -> int:
+        """Hand window versions not yet delivered to every outbox; returns how many."""
+        self.record_delivered()
         if not all(outbox.accepting for outbox in self.outboxes.values()):
             return 0
         fresh = [w for w in self.store.unemitted() if self.inflight.get(w.key) != w.version]
@@ -470,7 +478,8 @@ class RollupWorker:
                      cfg.rollups.correct_for_s, cfg.rollups.endpoint, sorted(self.outboxes))
             while not stop:
                 now = time.monotonic()
-                timeout = min([runtime.POLL_MS, *(int(o.next_due_in(now) * 1000) + 1 for o in self.outboxes.values())])
+                timeout = min([runtime.POLL_MS,
+                               *(int(outbox.next_due_in(now) * 1000) + 1 for outbox in self.outboxes.values())])
                 if poller.poll(timeout):
                     messages = []
                     for _ in range(MAX_MESSAGES_PER_POLL):
@@ -491,7 +500,7 @@ class RollupWorker:
                 if now >= next_prune:
                     next_prune = now + PRUNE_EVERY_S
                     self.store.prune(time.time_ns())
-                    self.counters["points_kept"], self.counters["windows_kept"] = self.store.sizes_on_disk()
+                    self.counters["state_bytes"] = self.store.file_bytes()
                 self.counters["pending_emissions"] = len(self.pending)
                 self.counters.publish_due(live)
                 for name, counters in self.outbox_counters.items():
@@ -501,7 +510,7 @@ class RollupWorker:
             try:
                 for outbox in self.outboxes.values():
                     outbox.close()
-                self.emit_delivered()
+                self.record_delivered()
             finally:
                 self.counters.publish_due(live, now=float("inf"))
                 for sock in (inbox, acks, live):
@@ -511,11 +520,6 @@ class RollupWorker:
                 self.store.close()
                 self.deadletters.close()
                 log.info("rollup: stopped")
-
-    def emit_delivered(self) -> None:
-        if self.delivered:
-            self.store.mark_emitted(self.delivered)
-            self.delivered = []
 
 
 def main(cfg: Config) -> int:

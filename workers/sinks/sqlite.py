@@ -2,10 +2,10 @@
 
 Tables (one file, ``<data>/sensorpipe.db``, WAL so the query worker and the CLI can read while it
 writes): ``readings`` (history, one row per device, field and timestamp), ``latest`` (the newest value
-of each device's fields), ``events``, ``rollups`` (window aggregates from the rollup worker, one row per
-device, field, window and start; a corrected window replaces its row). A batch is one transaction. Device input only ever reaches SQL as
-parameters. Writing the same reading twice stores it once; an older reading never replaces a newer
-latest value.
+of each device's fields), ``events``, ``rollups`` (window aggregates from the rollup worker, one row
+per device, field, window and start; a corrected window replaces its row). A batch is one
+transaction. Device input only ever reaches SQL as parameters. Writing the same reading twice stores
+it once; an older reading never replaces a newer latest value.
 """
 from __future__ import annotations
 
