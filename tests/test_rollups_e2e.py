@@ -65,7 +65,7 @@ def test_windows_from_two_parsers_then_a_late_correction_and_history(
         pipeline_factory: Callable[..., Pipeline]) -> None:
     pipeline = pipeline_factory(rollups='windows = ["5s", "10s"]\ngrace_s = 1')
     pipeline.start_all()
-    start = next_window_ms(10, 1.5)
+    start = next_window_ms(10, 5)
     # 40 readings, 250 ms apart, value i/2: sent as 20 batches so that both parsers get some
     readings = [(start + i * 250, i * 0.5) for i in range(40)]
     for n in range(0, 40, 2):

@@ -470,7 +470,10 @@ class RollupWorker:
         live = runtime.socket(ctx, zmq.PUB, connect=cfg.endpoints.live)
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
-        next_close = next_prune = 0.0
+        # After a start, what the edge replays from its journal (or sends again) arrives first: windows
+        # that came due while this worker was down wait one grace period more.
+        next_close = time.monotonic() + cfg.rollups.grace_s
+        next_prune = 0.0
         try:
             self.open_outboxes()
             log.info("rollup: windows %s, grace %g s, corrections for %g s; taking readings on %s; to %s",
