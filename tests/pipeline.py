@@ -1,7 +1,7 @@
 """Real sensorpipe worker processes on free ports, for end-to-end tests.
 
-``pipeline`` starts edge, two parsers, the SQLite sink and the query worker from a TOML file written
-for the test (every port free, data in a temp dir). Tests wait with ``wait_for`` (poll with a
+``pipeline`` starts edge, two parsers, the SQLite sink, the rollup worker and the query worker from a
+TOML file written for the test (every port free, data in a temp dir). Tests wait with ``wait_for`` (poll with a
 deadline), never with fixed sleeps.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from workers import query as query_mod
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_ROLES = ("query", "sink-sqlite", "parser", "parser", "edge")
+DEFAULT_ROLES = ("query", "sink-sqlite", "rollup", "parser", "parser", "edge")
 
 
 def free_port() -> int:
@@ -90,6 +90,10 @@ enabled = true
 endpoint = "tcp://127.0.0.1:{p_sqlite}"
 flush_interval_ms = 50
 
+[rollups]
+endpoint = "tcp://127.0.0.1:{p_rollup}"
+{rollups}
+
 [query]
 resync_after_s = 1
 """
@@ -97,17 +101,17 @@ resync_after_s = 1
 
 class Pipeline:
     def __init__(self, tmp: Path, extra_toml: str = "", max_frame: int = 65536, idle_timeout: float = 600,
-                 redeliver: float = 3.0) -> None:
+                 redeliver: float = 3.0, rollups: str = "") -> None:
         self.tmp = tmp
         self.data = tmp / "data"
         self.text_port = free_port()
         self.binary_port = free_port()
-        ports = {f"p_{n}": free_port() for n in ("frames", "acks", "live", "inject", "query", "sqlite")}
+        ports = {f"p_{n}": free_port() for n in ("frames", "acks", "live", "inject", "query", "sqlite", "rollup")}
         self.query_endpoint = f"tcp://127.0.0.1:{ports['p_query']}"
         self.config_path = tmp / "sensorpipe.toml"
         self.config_path.write_text(BASE_TOML.format(
             data=self.data, text_port=self.text_port, binary_port=self.binary_port, max_frame=max_frame,
-            idle_timeout=idle_timeout, redeliver=redeliver, **ports) + extra_toml)
+            idle_timeout=idle_timeout, redeliver=redeliver, rollups=rollups, **ports) + extra_toml)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = tmp / "logs"
         self.logs.mkdir(exist_ok=True)
@@ -153,9 +157,10 @@ class Pipeline:
         self.stop(name, signal.SIGKILL)
 
     def stop_all(self) -> None:
-        # Edge first (stops taking frames), then parsers, then sinks flush, then query.
-        order = sorted(self.procs, key=lambda n: ["edge", "parser", "sink", "query"].index(
-            next(p for p in ["edge", "parser", "sink", "query"] if n.startswith(p))))
+        # Edge first (stops taking frames), then parsers, then sinks and rollups flush, then query.
+        roles = ["edge", "parser", "sink", "rollup", "query"]
+        order = sorted(self.procs, key=lambda n: next((i for i, p in enumerate(roles) if n.startswith(p)),
+                                                      len(roles)))
         for name in order:
             if self.procs[name].poll() is None:
                 try:

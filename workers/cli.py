@@ -78,6 +78,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if role == "query":
         from workers import query
         return query.main(cfg)
+    if role == "rollup":
+        from workers import rollup
+        return rollup.main(cfg)
     if role.startswith("sink-"):
         from workers import sinkworker
         name = role[len("sink-"):]
@@ -86,7 +89,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return sinkworker.main(cfg, name)
     extra = WORKERS.get(role)
     if extra is None:
-        raise CommandError(f"unknown worker {role!r}; known: edge, parser, query, sink-<name>, {', '.join(WORKERS)}")
+        raise CommandError(f"unknown worker {role!r}; known: edge, parser, query, rollup, sink-<name>"
+                           f"{''.join(', ' + w for w in WORKERS)}")
     return extra(cfg)
 
 
@@ -176,6 +180,84 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(points: list[tuple[int, float]], start: int, end: int, width: int) -> str:
+    """(ts, value) pairs drawn in ``width`` columns spanning [start, end): each column is the mean
+    of its points, a blank where there are none, so gaps in time show as gaps."""
+    if not points or end <= start or width < 1:
+        return ""
+    sums = [0.0] * width
+    counts = [0] * width
+    for ts, value in points:
+        column = min(width - 1, max(0, (ts - start) * width // (end - start)))
+        sums[column] += value
+        counts[column] += 1
+    means = [s / c if c else None for s, c in zip(sums, counts)]
+    present = [m for m in means if m is not None]
+    low, high = min(present), max(present)
+    steps = len(SPARKS) - 1
+    return "".join(" " if m is None else SPARKS[round((m - low) / (high - low) * steps) if high > low else steps // 2]
+                   for m in means)
+
+
+def _number(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) < 1e6 else f"{value:.6e}"
+    return str(value)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """A field's history: rollups of a window (--window 1m) or raw readings, as a table and a sparkline."""
+    import shutil
+
+    import orjson
+
+    try:
+        since_s = config_mod.parse_window(args.since)
+    except ValueError as exc:
+        raise CommandError(f"--since: {exc}") from None
+    to_ms = time.time_ns() // 1_000_000
+    request = {"op": "history", "device": args.device, "field": args.field, "from": to_ms - since_s * 1000,
+               "to": to_ms}
+    if args.window:
+        request["window"] = args.window
+    reply = _query(args, request)
+    if args.json:
+        print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    points = reply["points"]
+    what = f"{reply['window']} rollups" if reply["window"] else "readings"
+    print(f"{args.device} {args.field}: {len(points)} {what} in the last {args.since}")
+    if not points:
+        return 0
+    if not args.chart_only:
+        stamp = "%Y-%m-%d %H:%M:%S" if not reply["window"] or reply["window"].endswith("s") else "%Y-%m-%d %H:%M"
+        rows = [[datetime.fromtimestamp(p[0] / 1000).strftime(stamp), *(_number(v) for v in p[1:])] for p in points]
+        print(_table(rows, ["time" if not reply["window"] else "window start", *reply["columns"][1:]]))
+    series = "mean" if reply["window"] else "value"
+    column = reply["columns"].index(series)
+    values = [(p[0], p[column]) for p in points if isinstance(p[column], (int, float))]
+    if values:
+        # the chart spans the data, one column per window when it fits, so gaps show as blanks
+        most = max(10, min(120, shutil.get_terminal_size((80, 24)).columns - 30))
+        first, last = values[0][0], values[-1][0]
+        if reply["window"]:
+            step = config_mod.parse_window(reply["window"]) * 1000
+            end = last + step
+            width = min(most, (end - first) // step)
+        else:
+            end = last + 1
+            width = min(most, len(values))
+        low, high = min(v for _, v in values), max(v for _, v in values)
+        clock = "%H:%M:%S" if end - first < 86_400_000 else "%Y-%m-%d %H:%M"
+        print(f"\n{series} {_number(low):>9} {sparkline(values, first, end, width)} {_number(high)}")
+        print(f"{'':>{len(series) + 10}} {datetime.fromtimestamp(first / 1000).strftime(clock)} .. "
+              f"{datetime.fromtimestamp(end / 1000).strftime(clock)}")
+    return 0
+
+
 def cmd_deadletters(args: argparse.Namespace) -> int:
     """List frames and readings set aside: raw bytes, where from, why."""
     from workers.deadletters import DeadLetterStore
@@ -259,7 +341,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Read and check the configuration file."""
     cfg = _load(args)
-    print(f"{cfg.source}: ok; sinks: {', '.join(cfg.sinks.enabled())}; "
+    rollups = (", ".join(config_mod.window_label(s) for s in cfg.rollups.window_seconds)
+               if cfg.rollups.enabled else "off")
+    print(f"{cfg.source}: ok; sinks: {', '.join(cfg.sinks.enabled())}; rollups: {rollups}; "
           f"binary layouts: {', '.join(f'{n}={b.device}' for n, b in sorted(cfg.binary.items())) or 'none'}")
     return 0
 
@@ -290,12 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervisord-conf", default=str(REPO / "supervisord.conf"))
     p.add_argument("ctl_args", nargs=argparse.REMAINDER, help="supervisorctl arguments (default: status)")
     p = add("worker", cmd_worker)
-    p.add_argument("role", help="edge | parser | query | sink-sqlite | sink-influx | sink-mongo | ...")
+    p.add_argument("role", help="edge | parser | query | rollup | sink-sqlite | sink-influx | sink-mongo | ...")
     p = add("latest", cmd_latest)
     p.add_argument("device")
     query_opts(p)
     query_opts(add("devices", cmd_devices))
     query_opts(add("status", cmd_status))
+    p = add("history", cmd_history)
+    p.add_argument("device")
+    p.add_argument("field")
+    p.add_argument("--window", help="rollups of this window (1m, 1h... as configured); without it, the raw readings")
+    p.add_argument("--since", default="1h", help="how far back: 90s, 30m, 6h, 7d (default 1h)")
+    p.add_argument("--chart-only", action="store_true", help="only the sparkline, no table")
+    query_opts(p)
     p = add("deadletters", cmd_deadletters)
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--all", action="store_true", help="include the ones already replayed")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -24,6 +25,11 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "deploy" / "senso
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 DEFAULT_QUERY_ENDPOINT = "tcp://127.0.0.1:5560"
+DEFAULT_HISTORY_MAX_POINTS = 10_000
+DEFAULT_ROLLUP_GRACE_S = 30.0                 # longer than the edge's redelivery, so a crash is no correction
+DEFAULT_ROLLUP_CORRECT_FOR_S = 6 * 3600.0
+ROLLUP = "rollup"                             # the rollup worker's name in acks, like a sink's name
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 BINARY_TYPES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "f32": "f"}
 
@@ -179,9 +185,26 @@ class Sinks:
 
 
 @dataclass(frozen=True)
+class Rollups:
+    """Per-device window aggregates (docs/rollups.md). Fed by the parsers like a sink."""
+    enabled: bool = True
+    endpoint: str = "tcp://127.0.0.1:5574"        # PULL endpoint the rollup worker binds
+    path: str = "rollups.db"                      # its state, relative to the data directory
+    windows: tuple[str, ...] = ("1m",)            # "30s", "1m", "15m", "1h", "1d": each a multiple of the next smaller
+    grace_s: float = DEFAULT_ROLLUP_GRACE_S       # a window closes this long after its end
+    correct_for_s: float = DEFAULT_ROLLUP_CORRECT_FOR_S   # late readings still correct a closed window
+
+    @property
+    def window_seconds(self) -> tuple[int, ...]:
+        """The window sizes in seconds, smallest first."""
+        return tuple(sorted(parse_window(w) for w in self.windows))
+
+
+@dataclass(frozen=True)
 class Query:
     restore_from: Literal["auto", "sqlite", "mongo", "none"] = "auto"
     resync_after_s: float = 5.0                   # a second restore after start closes the restart gap
+    history_max_points: int = DEFAULT_HISTORY_MAX_POINTS   # a history request over this is refused
 
 
 @dataclass(frozen=True)
@@ -198,12 +221,21 @@ class Config:
     binary: dict[int, BinaryDevice] = field(default_factory=dict)   # device_number -> layout
     devices: dict[str, Device] = field(default_factory=dict)        # device id -> extra tags
     sinks: Sinks = Sinks()
+    rollups: Rollups = Rollups()
     query: Query = Query()
     source: str = ""                              # the file this came from, for messages
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    def consumers(self) -> dict[str, str]:
+        """Who must acknowledge every batch, name -> PULL endpoint: the enabled sinks and the rollup
+        worker. Parsers push readings to each; the edge keeps a batch until each has acknowledged it."""
+        out = {name: sink.endpoint for name, sink in self.sinks.enabled().items()}
+        if self.rollups.enabled:
+            out[ROLLUP] = self.rollups.endpoint
+        return out
 
     def listener(self, name: str) -> Listener:
         for listener in self.listeners:
@@ -324,6 +356,9 @@ def _check(cfg: Config) -> None:
                 parse_uri(mongo.url)
             except (ConfigurationError, InvalidURI, ValueError) as exc:
                 raise ConfigError(f"sinks.mongo.url: {exc}") from None
+    _check_rollups(cfg.rollups)
+    if cfg.query.history_max_points < 1:
+        raise ConfigError("query.history_max_points: must be at least 1")
 
 
 def redact_url(url: str) -> str:
@@ -333,6 +368,47 @@ def redact_url(url: str) -> str:
         credentials, _, host = rest.partition("@")
         return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
     return url
+
+
+def parse_window(text: str) -> int:
+    """``"90s"``, ``"1m"``, ``"1h"``, ``"1d"`` -> seconds; ValueError for anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text) if isinstance(text, str) else None
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"expected a duration like 30s, 1m, 1h or 1d, got {text!r}")
+    return int(match[1]) * WINDOW_UNITS[match[2]]
+
+
+def window_label(seconds: int) -> str:
+    """60 -> ``"1m"``, 90 -> ``"90s"``: the largest unit that divides, so one size has one name."""
+    for unit, size in sorted(WINDOW_UNITS.items(), key=lambda item: -item[1]):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    raise ValueError(seconds)
+
+
+def _check_rollups(rollups: Rollups) -> None:
+    if not rollups.windows:
+        raise ConfigError("rollups.windows: list at least one window, e.g. [\"1m\"] (or enabled = false)")
+    sizes = []
+    for i, text in enumerate(rollups.windows):
+        try:
+            sizes.append(parse_window(text))
+        except ValueError as exc:
+            raise ConfigError(f"rollups.windows[{i}]: {exc}") from None
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"rollups.windows: the same size twice in {list(rollups.windows)}")
+    ordered = sorted(sizes)
+    for smaller, larger in zip(ordered, ordered[1:]):
+        if larger % smaller:
+            raise ConfigError(f"rollups.windows: {window_label(larger)} is not a multiple of "
+                              f"{window_label(smaller)}; each window is built from whole windows of the next "
+                              "smaller size")
+    if rollups.grace_s < 0:
+        raise ConfigError("rollups.grace_s: must not be negative")
+    if rollups.correct_for_s < 0:
+        raise ConfigError("rollups.correct_for_s: must not be negative")
+    if rollups.enabled and not rollups.endpoint:
+        raise ConfigError("rollups.endpoint: required")
 
 
 def _build(cls: Any, value: Any, key: str) -> Any:

@@ -8,7 +8,7 @@ Sockets:
 Plus one TCP listener per configured listener (asyncio, one process for thousands of connections).
 
 A batch is journaled before any device is acknowledged (the binary ``A``) and before it is pushed.
-It stays in flight until every enabled sink has acknowledged it; one that is not acknowledged in time
+It stays in flight until every enabled sink (and the rollup worker) has acknowledged it; one that is not acknowledged in time
 (a parser or sink died holding it) is sent again to the sinks that miss it, less often the longer
 they stay silent, and at once when they come back. On start, what the journal holds that some sink
 has not acknowledged is replayed to those sinks. When parsers cannot keep up, the journal reaches its
@@ -115,7 +115,7 @@ class Edge:
     def __init__(self, cfg: Config, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
         self.ctx = ctx
-        self.sinks = set(cfg.sinks.enabled())
+        self.sinks = set(cfg.consumers())          # the enabled sinks and the rollup worker
         self.counters = runtime.Counters("edge")
         self.journal = Journal(Path(cfg.data_dir) / "journal", cfg.edge.journal_segment_bytes,
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)

@@ -21,6 +21,19 @@ followed by the frame's bytes. The index's top bit marks a frame the edge could 
 garbage between JSON objects): its bytes are ``reason\n`` and the raw excerpt, bound for the
 dead-letter store. A reading is ``[device, ts_ns, {field: value}, {tag: value}]``; an
 event is ``[device, ts_ns, kind, {body}]``.
+
+A **rollup** (a window aggregate made by the rollup worker, docs/rollups.md) travels to the sinks as
+a reading marked with the tag ``rollup`` = the window (``"1m"``, ``"1h"``...). Its timestamp is the
+window's start, and each aggregated field ``F`` gives five fields, named as Telegraf's basicstats
+names them: ``F_count`` (int), ``F_min``, ``F_max``, ``F_mean``, ``F_last``::
+
+    ["greenhouse-1", 1732277580000000000,
+     {"temp_count": 30, "temp_min": 21.5, "temp_max": 22.75, "temp_mean": 22.1, "temp_last": 22.5},
+     {"rollup": "1m", "place": "north"}]
+
+A corrected window is sent again with the same device, window and start: sinks upsert. Parsers drop a
+``rollup`` tag a device sends (counted), so only the rollup worker makes rollups. Use
+``rollup_window()`` and ``rollup_stats()`` to read one; never parse the field names by hand.
 """
 from __future__ import annotations
 
@@ -34,6 +47,9 @@ INJECT = b"inject"
 READINGS = b"readings"
 ACK = b"ack"
 STATS = b"stats"
+
+ROLLUP_TAG = "rollup"
+ROLLUP_STATS = ("count", "min", "max", "mean", "last")
 
 _FRAME_HEAD = struct.Struct("<IqI")
 REJECTED = 0x8000_0000
@@ -160,6 +176,46 @@ def parse_readings(header: bytes, body: bytes) -> tuple[list[int], list[Reading]
         return seqs, [Reading(*r) for r in raw_readings], [Event(*e) for e in raw_events]
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise EnvelopeError(f"bad readings message: {exc}") from None
+
+
+# --------------------------------------------------------------------------- rollups
+
+
+class Stats(NamedTuple):
+    """One field's aggregate over one window."""
+    count: int
+    min: float
+    max: float
+    mean: float
+    last: float
+
+
+def rollup_reading(device: str, window: str, start_ns: int, stats: dict[str, Stats],
+                   tags: dict[str, str] | None = None) -> Reading:
+    fields: dict[str, FieldValue] = {}
+    for field, values in stats.items():
+        for name, value in zip(ROLLUP_STATS, values):
+            fields[f"{field}_{name}"] = value
+    return Reading(device, start_ns, fields, {**(tags or {}), ROLLUP_TAG: window})
+
+
+def rollup_window(reading: Reading) -> str | None:
+    """The window of a rollup (``"1m"``), None for a device's reading."""
+    return reading.tags.get(ROLLUP_TAG)
+
+
+def rollup_stats(reading: Reading) -> dict[str, Stats]:
+    """field -> Stats of a rollup reading. A field missing one of the five is an EnvelopeError."""
+    parts: dict[str, dict[str, FieldValue]] = {}
+    for name, value in reading.fields.items():
+        field, _, stat = name.rpartition("_")
+        if not field or stat not in ROLLUP_STATS:
+            raise EnvelopeError(f"rollup field {name!r} is not <field>_<{'|'.join(ROLLUP_STATS)}>")
+        parts.setdefault(field, {})[stat] = value
+    try:
+        return {field: Stats(*(values[s] for s in ROLLUP_STATS)) for field, values in parts.items()}
+    except KeyError as exc:
+        raise EnvelopeError(f"rollup of {reading.device!r} lacks {exc.args[0]!r}") from None
 
 
 # --------------------------------------------------------------------------- acks and stats

@@ -2,7 +2,8 @@
 
 Sockets:
     frames   PULL  connect <- edge PUSH          batches of frames
-    <sink>   PUSH  connect -> each sink's PULL   ``readings`` with the batch's seq (fan-out)
+    <sink>   PUSH  connect -> each sink's PULL   ``readings`` with the batch's seq (fan-out; the rollup
+                                                 worker's PULL too: ``Config.consumers()``)
     live     PUB   connect -> query SUB          the same ``readings``, and ``stats``
 
 A frame that cannot be decoded goes to the dead-letter store (committed before the batch moves on)
@@ -71,6 +72,9 @@ class Parser:
                     extra = devices.get(item.device)
                     if extra is not None and extra.tags:
                         item = item._replace(tags={**extra.tags, **item.tags})
+                    if envelope.ROLLUP_TAG in item.tags:     # reserved: it marks the rollup worker's rollups
+                        item = item._replace(tags={k: v for k, v in item.tags.items() if k != envelope.ROLLUP_TAG})
+                        self.counters.add("reserved_tag_dropped")
                     readings.append(item)
                 else:
                     events.append(item)
@@ -90,8 +94,8 @@ class Parser:
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
         frames = runtime.socket(ctx, zmq.PULL, connect=cfg.endpoints.frames, hwm=4)
-        sinks = {name: runtime.socket(ctx, zmq.PUSH, connect=sink.endpoint, hwm=SINK_HWM)
-                 for name, sink in cfg.sinks.enabled().items()}
+        sinks = {name: runtime.socket(ctx, zmq.PUSH, connect=endpoint, hwm=SINK_HWM)
+                 for name, endpoint in cfg.consumers().items()}
         live = runtime.socket(ctx, zmq.PUB, connect=cfg.endpoints.live, hwm=1000)
         poller = zmq.Poller()
         poller.register(frames, zmq.POLLIN)

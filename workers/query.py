@@ -11,9 +11,13 @@ Requests (docs/query-protocol.md)::
     {"op":"status"}                -> {"ok":true,"sinks":{"sqlite":{"written":..,"pending":..,"spooled":..,
                                         "dead_lettered":..,"state":"ok",...}},
                                        "workers":{"edge":{...counters...},"sink:sqlite":{...}}}
+    {"op":"history","device":"ID","field":"temp","window":"1m","from":ms,"to":ms}
+        -> {"ok":true,...,"columns":["ts","count","min","max","mean","last"],"points":[[ms,30,21.5,...],...]}
+        without "window": the raw readings, "columns":["ts","value"]
     anything else                  -> {"ok":false,"error":"..."}
 
-Timestamps in replies are Unix epoch milliseconds. On start the values are restored from the store
+Timestamps in replies are Unix epoch milliseconds. ``history`` reads the SQLite store (read-only):
+the ``rollups`` table, or ``readings`` when no window is given. On start the values are restored from the store
 (SQLite, or MongoDB when that sink is on), and restored once more ``resync_after_s`` later to cover
 readings that were on their way while the worker was down. A newer timestamp always wins, so the
 order in which parsers deliver does not matter.
@@ -21,6 +25,7 @@ order in which parsers deliver does not matter.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from typing import Any, Callable
 
@@ -28,13 +33,15 @@ import orjson
 import zmq
 
 from workers import envelope, runtime
-from workers.config import Config
+from workers.config import Config, parse_window, window_label
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
 DEFAULT_TIMEOUT_S = 2.5
 STATS_STALE_S = 30.0
+DEFAULT_HISTORY_SPAN_MS = 24 * 3600 * 1000     # "from" defaults to a day before "to"
+ROLLUP_COLUMNS = ["ts", "count", "min", "max", "mean", "last"]
 
 Latest = dict[str, dict[str, tuple[Any, int]]]      # device -> field -> (value, ts ns)
 
@@ -113,6 +120,7 @@ class QueryWorker:
             "latest": self.op_latest,
             "devices": self.op_devices,
             "status": self.op_status,
+            "history": self.op_history,
             "ping": lambda req: {"ok": True},
         }
 
@@ -167,6 +175,64 @@ class QueryWorker:
         return {"ok": True, "sinks": sinks,
                 "workers": {name: {**counters, "stale": now - at > STATS_STALE_S}
                             for name, (at, counters) in sorted(self.stats.items())}}
+
+    def op_history(self, request: dict) -> dict:
+        cfg = self.cfg
+        device, field = request.get("device"), request.get("field")
+        if not isinstance(device, str) or not device:
+            raise QueryError('"device" must be a non-empty string')
+        if not isinstance(field, str) or not field:
+            raise QueryError('"field" must be a non-empty string')
+        window = request.get("window")
+        if window is not None:
+            try:
+                window = window_label(parse_window(window))
+            except ValueError as exc:
+                raise QueryError(f'"window": {exc}') from None
+            known = [window_label(s) for s in cfg.rollups.window_seconds] if cfg.rollups.enabled else []
+            if window not in known:
+                raise QueryError(f"no {window} rollups: the configured windows are {', '.join(known) or 'none'}"
+                                 " ([rollups] windows)")
+        to_ms = request.get("to", time.time_ns() // 1_000_000)
+        from_ms = request.get("from", to_ms - DEFAULT_HISTORY_SPAN_MS if isinstance(to_ms, int) else None)
+        for name, value in (("from", from_ms), ("to", to_ms)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise QueryError(f'"{name}" must be Unix epoch milliseconds (an integer)')
+        if from_ms > to_ms:
+            raise QueryError('"from" is after "to"')
+        if not cfg.sinks.sqlite.enabled:
+            raise QueryError("history is read from the SQLite store, and [sinks.sqlite] is not enabled")
+        from workers.sinks.sqlite import db_path, open_db
+
+        path = db_path(cfg)
+        if not path.exists():
+            raise QueryError(f"no store yet at {path}: nothing has been written")
+        cap = cfg.query.history_max_points
+        span = (from_ms * 1_000_000, to_ms * 1_000_000)
+        db = open_db(path, readonly=True)
+        try:
+            if window is None:
+                columns = ["ts", "value"]
+                rows = db.execute("SELECT ts / 1000000, value FROM readings WHERE device = ? AND field = ?"
+                                  " AND ts >= ? AND ts < ? ORDER BY ts LIMIT ?", (device, field, *span, cap + 1))
+            else:
+                columns = ROLLUP_COLUMNS
+                rows = db.execute("SELECT start / 1000000, count, min, max, mean, last FROM rollups"
+                                  " WHERE device = ? AND field = ? AND window = ? AND start >= ? AND start < ?"
+                                  " ORDER BY start LIMIT ?", (device, field, window, *span, cap + 1))
+            points = [list(row) for row in rows]
+        except sqlite3.OperationalError as exc:
+            raise QueryError(f"the store cannot answer yet ({exc})") from None
+        finally:
+            db.close()
+        if len(points) > cap:
+            advice = ("ask for a window (" + ", ".join(window_label(s) for s in cfg.rollups.window_seconds) + ")"
+                      if window is None and cfg.rollups.enabled else "ask for a larger window")
+            raise QueryError(f"more than {cap} points for {device} {field} between {from_ms} and {to_ms}"
+                             f" ([query] history_max_points): narrow the range or {advice}")
+        self.counters.add("history_points", len(points))
+        return {"ok": True, "device": device, "field": field, "window": window, "from": from_ms, "to": to_ms,
+                "columns": columns, "points": points}
 
     # ------------------------------------------------------------------ live feed
 

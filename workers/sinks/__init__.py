@@ -15,6 +15,10 @@ worker is killed, and must not be stored twice.
 
 A sink that keeps only time series says ``takes_events = False`` (InfluxDB): its worker then hands it
 no events, counts them as ``events_not_for_this_sink``, and its spool holds only readings.
+
+A sink that stores rollups (window aggregates, ``envelope.rollup_window()``; docs/rollups.md) says so
+with ``takes_rollups = True``; the rollup worker writes rollups only to those. A rollup is upserted on
+(device, field, window, start): a corrected window is sent again and replaces the first one.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ class BatchTooLarge(SinkError):
 class Sink(Protocol):
     name: str
     takes_events: bool            # optional (default True)
+    takes_rollups: bool           # optional (default False): it stores rollup readings apart
 
     def connect(self) -> None: ...
 

@@ -2,9 +2,10 @@
 
 Tables (one file, ``<data>/sensorpipe.db``, WAL so the query worker and the CLI can read while it
 writes): ``readings`` (history, one row per device, field and timestamp), ``latest`` (the newest value
-of each device's fields), ``events``. A batch is one transaction. Device input only ever reaches SQL as
-parameters. Writing the same reading twice stores it once; an older reading never replaces a newer
-latest value.
+of each device's fields), ``events``, ``rollups`` (window aggregates from the rollup worker, one row
+per device, field, window and start; a corrected window replaces its row). A batch is one
+transaction. Device input only ever reaches SQL as parameters. Writing the same reading twice stores
+it once; an older reading never replaces a newer latest value.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import orjson
 
 from workers.config import Config
 from workers.runtime import open_wal_db
+from workers.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
 from workers.sinks import Batch, PermanentError, TransientError
 
 SCHEMA = """
@@ -30,12 +32,24 @@ CREATE TABLE IF NOT EXISTS events (
     device TEXT NOT NULL, ts INTEGER NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (device, ts, kind)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollups (
+    device TEXT NOT NULL, field TEXT NOT NULL, window TEXT NOT NULL, start INTEGER NOT NULL,
+    count INTEGER NOT NULL, min, max, mean, last,
+    PRIMARY KEY (device, field, window, start)
+) WITHOUT ROWID;
 """
 
 UPSERT_LATEST = (
     "INSERT INTO latest (device, field, ts, value) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (device, field) DO UPDATE SET ts = excluded.ts, value = excluded.value"
     " WHERE excluded.ts >= latest.ts"
+)
+
+UPSERT_ROLLUP = (
+    "INSERT INTO rollups (device, field, window, start, count, min, max, mean, last)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, field, window, start) DO UPDATE SET"
+    " count = excluded.count, min = excluded.min, max = excluded.max, mean = excluded.mean,"
+    " last = excluded.last"
 )
 
 
@@ -53,6 +67,7 @@ def db_path(cfg: Config) -> Path:
 
 class SqliteSink:
     name = "sqlite"
+    takes_rollups = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -68,8 +83,18 @@ class SqliteSink:
     def write(self, batch: Batch) -> None:
         assert self.db is not None
         rows = []
+        rollups = []
         latest: dict[tuple[str, str], tuple[int, object]] = {}
-        for device, ts, fields, tags in batch.readings:
+        for reading in batch.readings:
+            device, ts, fields, tags = reading
+            window = tags.get(ROLLUP_TAG) if tags else None
+            if window is not None:
+                try:
+                    stats = rollup_stats(reading)
+                except EnvelopeError as exc:
+                    raise PermanentError(str(exc)) from None
+                rollups.extend((device, field, window, ts, *values) for field, values in stats.items())
+                continue
             tag_text = orjson.dumps(tags).decode() if tags else None
             for field, value in fields.items():
                 rows.append((device, field, ts, value, tag_text))
@@ -85,6 +110,8 @@ class SqliteSink:
                 self.db.executemany(UPSERT_LATEST, [(d, f, ts, v) for (d, f), (ts, v) in latest.items()])
                 if events:
                     self.db.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)", events)
+                if rollups:
+                    self.db.executemany(UPSERT_ROLLUP, rollups)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
