@@ -251,7 +251,8 @@ def test_fsync_policies(tmp_path: Path) -> None:
 
 def make_edge(tmp_path: Path, sinks: tuple[str, ...] = ("sqlite", "influx"), redeliver: float = 10.0) -> Edge:
     table = {"data_dir": str(tmp_path), "edge": {"redeliver_after_s": redeliver},
-             "sinks": {name: {"enabled": True, "endpoint": f"inproc://{name}"} for name in sinks}}
+             "sinks": {name: {"enabled": True, "endpoint": f"inproc://{name}"} for name in sinks},
+             "rollups": {"enabled": False}}                   # the sinks named are the only consumers
     if "sqlite" not in sinks:
         table["sinks"]["sqlite"] = {"enabled": False}
     edge = Edge(config_mod.from_dict(table), None)  # type: ignore[arg-type]   # no sockets used here
