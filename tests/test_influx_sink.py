@@ -19,7 +19,7 @@ from tests.sinktools import (BASE_TS_MS, FakeInflux, OutboxHarness, closed_port_
                              send_readings, sink_status)
 from workers.config import InfluxSink as InfluxOptions
 from workers.decoders.influx import parse_line
-from workers.envelope import Event, Reading
+from workers.envelope import Event, Reading, Stats, rollup_reading
 from workers.sinks import Batch, BatchTooLarge, PermanentError, TransientError
 from workers.sinks.influx import InfluxSink, LineBuilder, precision_of, retry_after
 
@@ -251,6 +251,24 @@ def test_hostile_names_are_stored_as_sent(victoria: Victoria) -> None:
     # the injection attempts made no point of their own
     assert victoria.export('{device="pwn"}') == []
     assert victoria.export('{__name__=~"evil.*"}') == []
+
+
+def test_rollups_go_to_their_window_measurement_and_a_correction_replaces_the_point(victoria: Victoria) -> None:
+    measurement = unique_name("rollup")
+    sink = sink_for(victoria.url, measurement=measurement)
+    assert sink.takes_rollups
+    first = rollup_reading("balcony", "1m", T0, {"temperature": Stats(60, 21.0, 22.0, 21.5, 21.9)})
+    corrected = rollup_reading("balcony", "1m", T0, {"temperature": Stats(61, 20.5, 22.0, 21.4, 21.9)})
+    sink.write(Batch([first], []))
+    sink.write(Batch([corrected, Reading("balcony", T0, {"temperature": 21.9}, {})], []))
+    stored = series(victoria, measurement)
+    assert stored[(f"{measurement}_temperature", "balcony")] == {BASE_TS_MS: 21.9}
+    window = {name[len(measurement) + 4:]: points for (name, _), points in stored.items()
+              if name.startswith(f"{measurement}_1m_")}
+    assert window == {"temperature_count": {BASE_TS_MS: 61}, "temperature_min": {BASE_TS_MS: 20.5},
+                      "temperature_max": {BASE_TS_MS: 22.0}, "temperature_mean": {BASE_TS_MS: 21.4},
+                      "temperature_last": {BASE_TS_MS: 21.9}}
+    assert not any("rollup" in item["metric"] for item in victoria.export(f'{{__name__=~"{measurement}_.*"}}'))
 
 
 def influx_toml(url: str, measurement: str, endpoint_port: int, **extra: object) -> str:

@@ -15,7 +15,7 @@ from tests.servers import Mongo, unique_name
 from tests.sinktools import BASE_TS_MS, OutboxHarness, restart_with_full_spool, send_readings, sink_status
 from workers import config as config_mod
 from workers.config import MongoSink as MongoOptions
-from workers.envelope import Event, Reading
+from workers.envelope import Event, Reading, Stats, rollup_reading
 from workers.query import LatestValues, restore_from_mongo
 from workers.sinks import Batch, PermanentError, TransientError
 from workers.sinks.mongo import MongoSink, escape_document, escape_key, unescape_document, unescape_key
@@ -115,6 +115,27 @@ def test_events_and_history_are_stored_once_however_often_written(mongo: Mongo) 
     assert (("last_seen", -1),) in names["latest"]
     assert (("device", 1), ("time", -1)) in names["events"] and (("kind", 1), ("time", -1)) in names["events"]
     assert (("device", 1), ("time", -1)) in names["readings"]
+
+
+def test_rollups_one_document_per_window_and_a_correction_replaces_it(mongo: Mongo) -> None:
+    database = unique_name("rollups")
+    sink = sink_for(mongo.url, database)
+    assert sink.takes_rollups
+    first = rollup_reading("balcony", "1m", T0, {"temperature": Stats(60, 21.0, 22.0, 21.5, 21.9),
+                                                 "hum.rel": Stats(60, 50, 52, 51.0, 52)})
+    corrected = rollup_reading("balcony", "1m", T0, {"temperature": Stats(61, 20.5, 22.0, 21.4, 21.9)})
+    for batch in ([first], [first], [corrected]):
+        sink.write(Batch(batch, []))
+    with mongo.client() as client:
+        db = client[database]
+        docs = {d["field"]: d for d in db["rollups"].find({"device": "balcony", "window": "1m"})}
+        assert set(docs) == {"temperature", "hum.rel"}
+        assert {k: docs["temperature"][k] for k in ("start", "count", "min", "max", "mean", "last")} == {
+            "start": T0, "count": 61, "min": 20.5, "max": 22.0, "mean": 21.4, "last": 21.9}
+        assert docs["hum.rel"]["count"] == 60
+        assert db["latest"].count_documents({}) == 0                  # a rollup is not a device's reading
+        keys = {tuple(i["key"].items()) for i in db["rollups"].list_indexes()}
+    assert (("device", 1), ("field", 1), ("window", 1), ("time", -1)) in keys
 
 
 def test_readings_history_is_off_by_default(mongo: Mongo) -> None:

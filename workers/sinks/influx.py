@@ -8,7 +8,12 @@ its fields are fields::
         -> sensors,device=balcony,place=balcony temperature=21.5,ok=true 1732260000
 
 The measurement is ``measurement`` unless the reading has a tag named ``measurement_tag`` (the
-line-protocol decoder keeps the board's measurement there). The lines of a batch go in one
+line-protocol decoder keeps the board's measurement there). Rollups from the rollup worker
+(docs/rollups.md) go to that measurement with the window appended, one point per window start, its
+fields ``<field>_count|min|max|mean|last``; a corrected window is written again at the same point,
+which replaces it::
+
+    sensors_1m,device=balcony temperature_count=60i,temperature_min=21.1,...,temperature_last=21.5 1732260000 The lines of a batch go in one
 gzip-compressed request (``batch_size``, 5,000 by default, the size InfluxDB recommends), with the
 coarsest precision (s, ms, us, ns) that keeps every timestamp of the batch exact. Events are not time
 series: this sink does not take them (SQLite and MongoDB keep them).
@@ -44,6 +49,7 @@ from influxdb_client.rest import ApiException
 
 from workers.config import Config
 from workers.config import InfluxSink as InfluxOptions
+from workers.envelope import ROLLUP_TAG
 from workers.sinks import Batch, BatchTooLarge, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -93,7 +99,7 @@ class LineBuilder:
         self.measurement = opts.measurement.translate(MEASUREMENT_ESCAPES)
         self.measurement_tag = opts.measurement_tag
         self.device_tag = escape_key(opts.device_tag)
-        self.skip_tags = {opts.device_tag, opts.measurement_tag}
+        self.skip_tags = {opts.device_tag, opts.measurement_tag, ROLLUP_TAG}
         self.floats = opts.integers == "float"
         self.keys: dict[str, str] = {}
         self.prefixes: dict[str, tuple[dict[str, str], str]] = {}    # device -> (its tags, "meas,device=x,...")
@@ -154,6 +160,9 @@ class LineBuilder:
         named = tags.get(self.measurement_tag) if self.measurement_tag else None
         if named:
             measurement = named.translate(MEASUREMENT_ESCAPES)
+        window = tags.get(ROLLUP_TAG)       # the parser drops this tag from devices: only rollups have it
+        if window:
+            measurement += "_" + window.translate(MEASUREMENT_ESCAPES)
         pairs = [(self.device_tag, escape_key(device))]
         for key, value in tags.items():
             if key in self.skip_tags or value == "" or key == "":
@@ -166,6 +175,7 @@ class LineBuilder:
 class InfluxSink:
     name = "influx"
     takes_events = False
+    takes_rollups = True
 
     def __init__(self, opts: InfluxOptions) -> None:
         self.opts = opts

@@ -8,10 +8,14 @@ Collections in ``[sinks.mongo] database``::
                ts: 1732260000000000000, time: Date, kind: "verifiedRecordU", body: {...the message...}}
     readings  {_id: '["balcony",1732260000000000000]', device: "balcony", ts: ..., time: Date,
                fields: {"temperature": 21.5, ...}, tags: {"place": "balcony"}}     (store_readings = true)
+    rollups   {_id: '["balcony","temperature","1m",1732260000000000000]', device: "balcony",
+               field: "temperature", window: "1m", start: ..., time: Date,
+               count: 60, min: 21.1, max: 21.6, mean: 21.34, last: 21.5, tags: {...}}   (docs/rollups.md)
 
 ``ts`` is Unix nanoseconds (int64, exact); ``time`` and ``last_seen`` are the same instant as a BSON
 date (milliseconds) for queries and TTL indexes. Indexes, created at start: latest ``last_seen``;
-events ``(device, time)`` and ``(kind, time)``; readings ``(device, time)``.
+events ``(device, time)`` and ``(kind, time)``; readings ``(device, time)``; rollups
+``(device, field, window, time)``.
 
 latest: one update per device per batch (``bulk_write``), the batch's readings coalesced first. The
 update is a pipeline that sets each field only when the stored ``ts`` is not newer, so a reading that
@@ -20,7 +24,8 @@ reading's time. Values go in as ``$literal``: a device string such as ``"$fields
 
 Idempotent: events and readings have ``_id`` derived from what they are (device, time, kind and a digest
 of the body for events: two different scans in one message are two events; the same one delivered
-twice is one), written with upserts, so a batch written twice is stored once.
+twice is one), written with upserts, so a batch written twice is stored once. A rollup is set whole
+on its (device, field, window, start): a corrected window replaces the first one.
 
 Names: MongoDB cannot take ``$`` or ``.`` in field names used as update paths, nor NUL. Field names,
 tag keys and event body keys are escaped with a reversible rule (``escape_key``/``unescape_key``):
@@ -49,6 +54,7 @@ from pymongo.errors import (AutoReconnect, BulkWriteError, ConnectionFailure, Do
 from workers.config import Config
 from workers.config import MongoSink as MongoOptions
 from workers.config import redact_url
+from workers.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
 from workers.sinks import Batch, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -56,10 +62,12 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 EVENTS = "events"
 READINGS = "readings"
+ROLLUPS = "rollups"
 INDEXES: dict[str, list[list[tuple[str, int]]]] = {
     LATEST: [[("last_seen", DESCENDING)]],
     EVENTS: [[("device", ASCENDING), ("time", DESCENDING)], [("kind", ASCENDING), ("time", DESCENDING)]],
     READINGS: [[("device", ASCENDING), ("time", DESCENDING)]],
+    ROLLUPS: [[("device", ASCENDING), ("field", ASCENDING), ("window", ASCENDING), ("time", DESCENDING)]],
 }
 # Server error codes that say "try again later", not "this document is wrong".
 TRANSIENT_CODES = {
@@ -119,6 +127,10 @@ def event_id(device: str, ts: int, kind: str, body: dict) -> str:
     return orjson.dumps([device, ts, kind, digest]).decode()
 
 
+def rollup_id(device: str, field: str, window: str, start: int) -> str:
+    return orjson.dumps([device, field, window, start]).decode()
+
+
 def reading_id(device: str, ts: int) -> str:
     return orjson.dumps([device, ts]).decode()
 
@@ -152,6 +164,7 @@ def latest_values(opts: MongoOptions) -> Iterator[tuple[str, str, Any, int]]:
 
 class MongoSink:
     name = "mongo"
+    takes_rollups = True
 
     def __init__(self, opts: MongoOptions) -> None:
         self.opts = opts
@@ -176,10 +189,14 @@ class MongoSink:
         try:
             self._ensure_indexes()
             db = self.client[self.opts.database]
-            if batch.readings:
-                db[LATEST].bulk_write(self.latest_updates(batch.readings), ordered=False)
+            readings = [r for r in batch.readings if ROLLUP_TAG not in r.tags]
+            if len(readings) < len(batch.readings):
+                rollups = [r for r in batch.readings if ROLLUP_TAG in r.tags]
+                db[ROLLUPS].bulk_write(self.rollup_upserts(rollups), ordered=False)
+            if readings:
+                db[LATEST].bulk_write(self.latest_updates(readings), ordered=False)
                 if self.opts.store_readings:
-                    db[READINGS].bulk_write(self.reading_upserts(batch.readings), ordered=False)
+                    db[READINGS].bulk_write(self.reading_upserts(readings), ordered=False)
             if batch.events:
                 db[EVENTS].bulk_write(self.event_upserts(batch.events), ordered=False)
         except BulkWriteError as exc:
@@ -245,6 +262,25 @@ class MongoSink:
                 for (device, ts), (fields, tags) in merged.items()]
 
     @staticmethod
+    def rollup_upserts(rollups: list) -> list[UpdateOne]:
+        updates = []
+        for reading in rollups:
+            window = reading.tags[ROLLUP_TAG]
+            try:
+                stats = rollup_stats(reading)
+            except EnvelopeError as exc:
+                raise PermanentError(f"mongo: {exc}") from None
+            tags = escape_document({k: v for k, v in reading.tags.items() if k != ROLLUP_TAG})
+            for field, values in stats.items():
+                updates.append(UpdateOne(
+                    {"_id": rollup_id(reading.device, field, window, reading.ts)},
+                    {"$set": {"device": reading.device, "field": field, "window": window,
+                              "start": Int64(reading.ts), "time": _date(reading.ts), "tags": tags,
+                              **values._asdict()}},
+                    upsert=True))
+        return updates
+
+    @staticmethod
     def event_upserts(events: list) -> list[UpdateOne]:
         return [UpdateOne({"_id": event_id(device, ts, kind, body)},
                           {"$setOnInsert": {"device": device, "ts": Int64(ts), "time": _date(ts), "kind": kind,
@@ -259,7 +295,7 @@ class MongoSink:
             return
         assert self.client is not None
         db = self.client[self.opts.database]
-        collections = [LATEST, EVENTS] + ([READINGS] if self.opts.store_readings else [])
+        collections = [LATEST, EVENTS, ROLLUPS] + ([READINGS] if self.opts.store_readings else [])
         try:
             for collection in collections:
                 for keys in INDEXES[collection]:
