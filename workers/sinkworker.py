@@ -34,6 +34,7 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
         log.info("sink %s is not enabled in %s; nothing to do", name, cfg.source)
         return runtime.EXIT_OK
     sink = make_sink(name, cfg)
+    takes_readings = getattr(sink, "takes_readings", True)
     counters = runtime.Counters(f"sink:{name}")
     inbox = runtime.socket(ctx, zmq.PULL, bind=opts.endpoint, hwm=INBOX_HWM)
     acks = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.acks, hwm=10000)
@@ -65,11 +66,14 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
                         if len(message) != 3 or message[0] != envelope.READINGS:
                             raise envelope.EnvelopeError(f"expected a readings message, got {message[:1]!r}")
                         seqs, readings, events = envelope.parse_readings(message[1], message[2])
+                        seen = envelope.parse_seen(message[1]) if takes_readings else []
                     except envelope.EnvelopeError as exc:
                         counters.add("bad_messages")
                         log.warning("sink %s: ignoring a bad message: %s", name, exc)
                         continue
-                    outbox.add(seqs, readings, events)
+                    if not takes_readings:
+                        readings = []
+                    outbox.add(seqs, readings, events, seen)
                     counters.add("received_readings", len(readings))
                     if outbox.pending >= opts.batch_size:
                         outbox.flush()

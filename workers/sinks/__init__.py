@@ -12,12 +12,17 @@ the outbox what kind of failure it met by the exception it raises:
 
 Writes must be idempotent, keyed by (device, field, timestamp): a batch may arrive twice after a
 worker is killed, and must not be stored twice.
+
+``Batch.seen`` is each device's presence (``envelope.Seen``: when its newest frame arrived, by which
+listener and peer); a store that keeps devices upserts ``last_seen`` with the newer value (SQLite: the
+``devices`` table). A sink that only wants events (the webhook) says ``takes_readings = False``: it is
+then handed no readings and no presence, and its spool holds only events.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
 
-from workers.envelope import Event, Reading
+from workers.envelope import Event, Reading, Seen
 
 if TYPE_CHECKING:
     from workers.config import Config
@@ -26,9 +31,10 @@ if TYPE_CHECKING:
 class Batch(NamedTuple):
     readings: list[Reading]
     events: list[Event]
+    seen: list[Seen] = []             # never mutated: a shared empty default is safe
 
     def __len__(self) -> int:  # type: ignore[override]
-        return len(self.readings) + len(self.events)
+        return len(self.readings) + len(self.events) + len(self.seen)
 
 
 class SinkError(Exception):
@@ -51,6 +57,7 @@ class BatchTooLarge(SinkError):
 
 class Sink(Protocol):
     name: str
+    takes_readings: bool          # optional (default True): False for a sink that only takes events
 
     def connect(self) -> None: ...
 
@@ -74,6 +81,8 @@ def make_sink(name: str, cfg: "Config") -> Sink:
         factories["mongo"] = mongo.MongoSink.from_config
     except ImportError:
         pass
+    from workers.sinks import webhook
+    factories["webhook"] = webhook.WebhookSink.from_config
     if name not in factories:
         raise KeyError(f"no sink called {name!r}; known: {sorted(factories)}")
     return factories[name](cfg)
