@@ -83,6 +83,7 @@ class MqttWorker:
         self.client = self._make_client()
         self.connected = False
         self.session_started = False       # connected once: later connections use reconnect()
+        self.stopping = False
         self.next_connect = 0.0
         self.backoff = self.cfg.mqtt.reconnect_min_s
         self.received: list[Received] = []
@@ -152,7 +153,7 @@ class MqttWorker:
     def on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was = self.connected
         self.connected = False
-        if was:
+        if was and not self.stopping:
             self.counters.add("disconnects")
             log.warning("mqtt: lost the broker (%s); reconnecting", reason)
         self.next_connect = time.monotonic() + self.backoff * random.uniform(0.5, 1.5)
@@ -400,6 +401,7 @@ class MqttWorker:
                 self.counters.publish_due(live)
             self.drain()
         finally:
+            self.stopping = True
             try:
                 if self.client.socket() is not None:
                     self.client.disconnect()

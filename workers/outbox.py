@@ -9,7 +9,9 @@ Readings are gathered into a batch and written when the batch is full (``batch_s
   exponential backoff and jitter, honouring the server's Retry-After. While the spool holds anything,
   new batches queue behind it so order is kept;
 - refused as invalid (``PermanentError``): split in halves until the bad readings are isolated; those
-  go to the dead-letter store (``source = sink:<name>``), the rest is written;
+  go to the dead-letter store (``source = sink:<name>``), the rest is written. If the server goes away
+  half way, only what is neither written nor set aside is spooled, so nothing is written or set aside
+  twice;
 - too large (``BatchTooLarge``): split in halves and written;
 - still failing after ``max_attempts`` tries (when set; the webhook sink sets 10): set aside whole
   as dead letters (``source = sink:<name>``, reason ``gave up after N attempts: <last error>``), so one
@@ -94,6 +96,19 @@ class Spool:
         path = self.files[0]
         return path, decode_batch(path.read_bytes())
 
+    def replace(self, path: Path, batch: Batch) -> None:
+        """What is left of a spooled batch after part of it was written or set aside."""
+        data = encode_batch(batch)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if self.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        old = path.stat().st_size
+        os.replace(tmp, path)
+        self.bytes += len(data) - old
+
     def remove(self, path: Path) -> None:
         self.bytes -= path.stat().st_size
         path.unlink()
@@ -170,9 +185,11 @@ class Outbox:
                     self._write(batch)
                 except TransientError as exc:
                     self._failed(exc)
+                    left = _remaining(exc, batch)
                     if self.opts.max_attempts == 1:
-                        self._give_up(batch, 1, exc)
-                    elif not self._spool(batch, attempts=1):
+                        self._give_up(left, 1, exc)
+                    elif not self._spool(left, attempts=1):
+                        self.readings, self.events, self.seen = list(left.readings), list(left.events), list(left.seen)
                         return
         self.readings, self.events, self.seen, self.seqs = [], [], [], []
         if seqs:
@@ -189,10 +206,13 @@ class Outbox:
                 self._write(batch)
             except TransientError as exc:
                 self._failed(exc)
+                left = _remaining(exc, batch)
                 attempts = self.attempts[path] = self.attempts.get(path, 0) + 1
                 if not self.opts.max_attempts or attempts < self.opts.max_attempts:
+                    if left is not batch:
+                        self.spool.replace(path, left)
                     return
-                self._give_up(batch, attempts, exc)
+                self._give_up(left, attempts, exc)
             self.spool.remove(path)
             self.attempts.pop(path, None)
             self.counters.add("unspooled_readings", len(batch.readings))
@@ -224,8 +244,13 @@ class Outbox:
                     self._set_aside(batch, str(exc))
                 return
             self.counters.add("split_batches")
-            for half in _halves(batch):
-                self._write(half)
+            halves = _halves(batch)
+            for i, half in enumerate(halves):
+                try:
+                    self._write(half)
+                except TransientError as away:      # keep only what is neither written nor set aside
+                    away.remaining = _merge([_remaining(away, half), *halves[i + 1:]])
+                    raise
             return
         self.counters.add("written_readings", len(batch.readings))
         self.counters.add("written_events", len(batch.events))
@@ -280,6 +305,16 @@ class Outbox:
         self.deadletters.add(letters)
         self.counters.add("dead_letters", len(letters))
         log.warning("%s: %d item(s) set aside as dead letters: %s", self.sink.name, len(letters), reason[:200])
+
+
+def _remaining(exc: TransientError, batch: Batch) -> Batch:
+    """What of ``batch`` is still to be written after ``exc`` (all of it unless a split got half way)."""
+    return getattr(exc, "remaining", None) or batch
+
+
+def _merge(batches: list[Batch]) -> Batch:
+    return Batch([r for b in batches for r in b.readings], [e for b in batches for e in b.events],
+                 [s for b in batches for s in b.seen])
 
 
 def _halves(batch: Batch) -> list[Batch]:

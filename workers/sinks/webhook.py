@@ -97,7 +97,8 @@ def _compare(found: Any, op: str, want: Any) -> bool:
     if isinstance(found, (dict, list)):
         return False
     if isinstance(found, bool) or isinstance(want, bool) or found is None or want is None:
-        return _OPS[op](found, want) if op in ("==", "!=") else False
+        same = found is want or (type(found) is type(want) and found == want)     # 1 is not true
+        return {"==": same, "!=": not same}.get(op, False)
     a, b = _number(found), _number(want)
     if a is not None and b is not None and (isinstance(found, (int, float)) or isinstance(want, (int, float))):
         return _OPS[op](a, b)
@@ -192,19 +193,36 @@ class WebhookSink:
                                    headers={"User-Agent": USER_AGENT})
 
     def write(self, batch: Batch) -> None:
+        """Every hook gets its events even when another refuses or is away. A refusal is raised first
+        (the outbox then isolates the refused event; the others are not POSTed twice), else the first
+        hook that was away."""
+        refused: PermanentError | BatchTooLarge | None = None
+        away: TransientError | None = None
         for route in self.routes:
-            name = route.hook.name
-            events = [e for e in batch.events if route.takes(e) and (name, event_id(e)) not in self.taken]
-            if not events:
-                continue
-            if route.hook.batch:
-                self._post(route.hook, {"events": [event_payload(e, name) for e in events]}, None)
-                self._remember(name, events)
-                continue
-            for event in events:
-                payload = event_payload(event, name)
-                self._post(route.hook, payload, payload["id"])
-                self._remember(name, [event])
+            try:
+                self._write_route(route, batch.events)
+            except (PermanentError, BatchTooLarge) as exc:
+                refused = refused or exc
+            except TransientError as exc:
+                away = away or exc
+        if refused is not None:
+            raise refused
+        if away is not None:
+            raise away
+
+    def _write_route(self, route: Route, batch_events: list[Event]) -> None:
+        name = route.hook.name
+        events = [e for e in batch_events if route.takes(e) and (name, event_id(e)) not in self.taken]
+        if not events:
+            return
+        if route.hook.batch:
+            self._post(route.hook, {"events": [event_payload(e, name) for e in events]}, None)
+            self._remember(name, events)
+            return
+        for event in events:
+            payload = event_payload(event, name)
+            self._post(route.hook, payload, payload["id"])
+            self._remember(name, [event])
 
     def _remember(self, hook: str, events: list[Event]) -> None:
         for event in events:
