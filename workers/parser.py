@@ -70,10 +70,14 @@ class Parser:
         dead: list[DeadLetter] = []
         devices = self.cfg.devices
         max_event = self.cfg.events.max_event_bytes
-        seen = self.seen
+        last: dict[str, tuple[int, envelope.Conn]] = {}      # device -> its newest frame's (arrival, conn)
+        sources: dict[int, tuple[str, str]] = {}
         for frame in envelope.iter_frames(body, conns):
             conn = frame.conn
-            decoder_name, default_device = self.source(conn)
+            source = sources.get(id(conn))                    # conns are shared by a batch's frames
+            if source is None:
+                source = sources[id(conn)] = self.source(conn)
+            decoder_name, default_device = source
             if frame.reject is not None:
                 dead.append(DeadLetter(frame.recv_ts, "edge", conn.listener, conn.peer, default_device,
                                        frame.reject, frame.payload))
@@ -99,7 +103,7 @@ class Parser:
                                            " raise it and replay", frame.payload))
                     continue
             for item in items:
-                seen[item.device] = Seen(item.device, frame.recv_ts, conn.listener, conn.conn_id, conn.peer)
+                last[item.device] = (frame.recv_ts, conn)
                 if isinstance(item, Reading):
                     extra = devices.get(item.device)
                     if extra is not None and extra.tags:
@@ -107,6 +111,7 @@ class Parser:
                     readings.append(item)
                 elif self.take_event(item, frame.recv_ts, conn):
                     events.append(item)
+        self.seen = {d: Seen(d, ts, c.listener, c.conn_id, c.peer) for d, (ts, c) in last.items()}
         return readings, events, dead
 
     def take_event(self, event: Event, recv_ts: int, conn: envelope.Conn) -> bool:
