@@ -25,6 +25,7 @@ MQTT_TOML = """
 host = "127.0.0.1"
 port = {port}
 client_id = "{client_id}"
+protocol = "{protocol}"
 reconnect_min_s = 0.2
 reconnect_max_s = 1
 
@@ -86,10 +87,11 @@ def mosquitto_pub(broker: Mosquitto, topic: str, *messages: str) -> None:
 
 
 @pytest.fixture
-def mqtt(pipeline_factory, mosquitto: Mosquitto) -> Iterator[tuple[Pipeline, str, Mosquitto]]:
+def mqtt(pipeline_factory, mosquitto: Mosquitto, request: pytest.FixtureRequest) -> Iterator[tuple[Pipeline, str, Mosquitto]]:
     prefix = unique_name("sp")
+    protocol = getattr(request, "param", "5")
     p = pipeline_factory(extra_toml=MQTT_TOML.format(port=mosquitto.port, client_id=unique_name("sensorpipe"),
-                                                     prefix=prefix, max_event=400_000))
+                                                     prefix=prefix, max_event=400_000, protocol=protocol))
     p.start_all(MQTT_ROLES)
     yield p, prefix, mosquitto
 
@@ -210,6 +212,7 @@ def test_an_mqtt_device_that_is_offline_gets_its_command_after_its_next_uplink(m
         board.close()
 
 
+@pytest.mark.parametrize("mqtt", ["5", "3.1.1"], indirect=True)
 def test_the_persistent_session_delivers_what_was_published_while_the_worker_was_down(mqtt) -> None:
     p, prefix, broker = mqtt
     wait_subscribed(p, prefix, broker)
@@ -220,6 +223,7 @@ def test_the_persistent_session_delivers_what_was_published_while_the_worker_was
     assert rows(p, "outage", "i") == list(range(300))
 
 
+@pytest.mark.parametrize("mqtt", ["5", "3.1.1"], indirect=True)
 def test_a_message_is_acknowledged_to_the_broker_only_once_journaled(mqtt) -> None:
     """The edge is down: the MQTT worker holds the messages without acknowledging them, and is killed.
     The broker sends them again to the next MQTT worker, which gets them journaled."""

@@ -223,6 +223,9 @@ class Mqtt:
     host: str = "127.0.0.1"
     port: int = 1883
     client_id: str = "sensorpipe"                 # fixed: the broker keeps this session while we are away
+    protocol: Literal["5", "3.1.1"] = "5"
+    receive_maximum: int = 1000                   # MQTT 5: unacknowledged messages the broker may send at once
+    session_expiry_s: int = 7 * 86400             # MQTT 5: how long the broker keeps the session while we are away
     username: str = ""
     password: str = ""                            # or SENSORPIPE_MQTT_PASSWORD
     keepalive_s: int = 60
@@ -429,6 +432,11 @@ def _check_mqtt(cfg: Config, decoders: dict) -> None:
             raise ConfigError(f"{key}.qos: 0 or 1 (1 is what makes the broker keep messages while we are away)")
         if sub.max_frame_bytes < 16:
             raise ConfigError(f"{key}.max_frame_bytes: must be at least 16")
+    if not 1 <= cfg.mqtt.receive_maximum <= 65535:
+        raise ConfigError(f"mqtt.receive_maximum: 1..65535, got {cfg.mqtt.receive_maximum}")
+    if cfg.mqtt.session_expiry_s < 1:
+        raise ConfigError("mqtt.session_expiry_s: at least 1 (0 would end the session, and its messages,"
+                          " at every disconnect)")
     for number, name in ((cfg.mqtt.reconnect_min_s, "reconnect_min_s"), (cfg.mqtt.reconnect_max_s, "reconnect_max_s")):
         if number <= 0:
             raise ConfigError(f"mqtt.{name}: must be more than 0")

@@ -6,15 +6,19 @@ Sockets:
     downlink  DEALER  connect <-> commands ROUTER    ``deliver``: publish to the device's downlink topic;
                                                      answered ``delivered`` once the broker has it
     live      PUB     connect -> query SUB           ``stats``
-Plus one MQTT connection (paho-mqtt 2.x, MQTT 3.1.1), driven from this worker's poll loop: no thread.
+Plus one MQTT connection (paho-mqtt 2.x, MQTT 5 or 3.1.1), driven from this worker's poll loop: no thread.
 
 Each ``[[mqtt.subscriptions]]`` subscribes to its topic template with ``{device}`` made a wildcard
 (``sensorpipe/{device}/up`` -> ``sensorpipe/+/up``); a message's device id is read from its topic, and
 its payload is a frame from listener ``mqtt:<name>`` (the subscription's decoder), peer = the topic.
 
-Nothing is lost between the broker and the journal: the session is persistent (``clean_session =
-False`` under a fixed ``client_id``) and QoS 1 messages are acknowledged to the broker (PUBACK) only
-after the edge has answered ``injected``. A message the worker held when it stopped or died is sent
+Nothing is lost between the broker and the journal: the session is persistent (MQTT 5: ``clean_start
+= False`` and ``session_expiry_s``; 3.1.1: ``clean_session = False``; under a fixed ``client_id``) and
+QoS 1 messages are acknowledged to the broker (PUBACK) only after the edge has answered ``injected``.
+MQTT 5 also tells the broker how many unacknowledged messages it may send at once (``receive_maximum``).
+Mind the broker's own per-client queue: Mosquitto DROPS messages beyond ``max_queued_messages`` (1000
+by default) even for a connected client, when a burst comes faster than the worker drains it (about
+20 000 messages/s measured here): see docs/mqtt.md. A message the worker held when it stopped or died is sent
 again by the broker, and so are the ones published while the worker was away (Mosquitto keeps up to
 ``max_queued_messages``, 1000 by default, per session). A message may therefore arrive twice (at least
 once); the stores keep readings by (device, field, timestamp), so one with its own timestamp is
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import random
+import select
 import ssl
 import time
 from dataclasses import dataclass
@@ -32,6 +37,9 @@ from typing import Any, NamedTuple
 import paho.mqtt.client as paho
 import zmq
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from workers import envelope, runtime
 from workers.config import Config, MqttSubscription
@@ -43,6 +51,8 @@ log = logging.getLogger(__name__)
 MAX_INJECTS_IN_FLIGHT = 8        # inject messages the edge has not answered yet
 MAX_FRAMES_PER_INJECT = 1000
 MAX_RECEIVED = 20_000            # messages held for the edge before the worker stops reading the broker
+READS_PER_ROUND = 500            # MQTT packets read (at most READ_BUDGET_S) before the worker injects them
+READ_BUDGET_S = 0.01
 INJECT_TIMEOUT_S = 10.0          # no answer from the edge by then: send the same frames again
 STOP_WAIT_S = 3.0                # on stop, wait this long for the edge to confirm what was sent
 CONNECT_TIMEOUT_S = 5.0
@@ -101,8 +111,13 @@ class MqttWorker:
 
     def _make_client(self) -> paho.Client:
         opts = self.cfg.mqtt
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=opts.client_id, clean_session=False,
-                             protocol=paho.MQTTv311, manual_ack=True)
+        self.v5 = opts.protocol == "5"
+        if self.v5:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=opts.client_id, protocol=paho.MQTTv5,
+                                 manual_ack=True)
+        else:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=opts.client_id, clean_session=False,
+                                 protocol=paho.MQTTv311, manual_ack=True)
         client.connect_timeout = CONNECT_TIMEOUT_S
         if opts.username:
             client.username_pw_set(opts.username, opts.password or None)
@@ -121,6 +136,12 @@ class MqttWorker:
         try:
             if self.session_started:
                 self.client.reconnect()
+            elif self.v5:
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = opts.session_expiry_s
+                properties.ReceiveMaximum = opts.receive_maximum
+                self.client.connect(opts.host, opts.port, opts.keepalive_s, clean_start=False, properties=properties)
+                self.session_started = True
             else:
                 self.client.connect(opts.host, opts.port, opts.keepalive_s)
                 self.session_started = True
@@ -143,8 +164,11 @@ class MqttWorker:
         self.backoff = self.cfg.mqtt.reconnect_min_s
         if not flags.session_present:
             self.ack_later.clear()           # a new session: the broker will not send those again
-        subs = [(s.uplink.filter, s.config.qos) for s in self.subscriptions]
-        client.subscribe(list(dict.fromkeys(subs)))
+        subs = list(dict.fromkeys((s.uplink.filter, s.config.qos) for s in self.subscriptions))
+        if self.v5:          # noLocal: our own downlink publications do not come back to us
+            client.subscribe([(f, SubscribeOptions(qos=q, noLocal=True)) for f, q in subs])
+        else:
+            client.subscribe(subs)
         self.counters.add("connects")
         log.info("mqtt: connected to %s:%d as %s (session %s); subscribed to %s", self.cfg.mqtt.host,
                  self.cfg.mqtt.port, self.cfg.mqtt.client_id, "resumed" if flags.session_present else "new",
@@ -343,9 +367,7 @@ class MqttWorker:
         if sock is not None:
             ready = events.get(sock.fileno(), 0) | events.get(sock, 0)
             if ready & zmq.POLLIN:
-                self.client.loop_read()
-                while self.client.socket() is not None and getattr(self.client.socket(), "pending", lambda: 0)():
-                    self.client.loop_read()        # TLS: bytes already decrypted are not seen by poll
+                self.read_all()
             if self.client.socket() is not None and self.client.want_write():
                 self.client.loop_write()
         if self.client.socket() is not None:
@@ -375,6 +397,24 @@ class MqttWorker:
         if self.client.want_write() and self.client.socket() is not None:
             self.client.loop_write()                # acks and publications made above go out now
 
+    def read_all(self) -> None:
+        """What the broker has sent so far (within a bound), so that it goes to the edge in one inject:
+        paho's loop_read() takes one packet per call."""
+        deadline = time.monotonic() + READ_BUDGET_S
+        for _ in range(READS_PER_ROUND):
+            if time.monotonic() > deadline:
+                return
+            sock = self.client.socket()
+            if sock is None or len(self.received) >= MAX_RECEIVED:
+                return
+            self.client.loop_read()
+            sock = self.client.socket()
+            if sock is None:
+                return
+            pending = getattr(sock, "pending", None)         # TLS: bytes already decrypted are not seen by select
+            if not (pending and pending()) and not select.select([sock], [], [], 0)[0]:
+                return
+
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
         self.inject_sock = runtime.socket(ctx, zmq.DEALER, connect=cfg.endpoints.inject, hwm=MAX_INJECTS_IN_FLIGHT * 4)
@@ -391,7 +431,7 @@ class MqttWorker:
                 now = time.monotonic()
                 if self.client.socket() is None and now >= self.next_connect:
                     self.connect(now)
-                self.pump(runtime.POLL_MS if not self.received else 5)
+                self.pump(runtime.POLL_MS)        # wakes at once for the broker, the edge's answers, deliveries
                 now = time.monotonic()
                 self.send_injects(now)
                 self.resend_injects(now)
