@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import select
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ class MqttWorker:
             client.tls_set(ca_certs=opts.ca_file or None, certfile=opts.cert_file or None,
                            keyfile=opts.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
             client.tls_insecure_set(opts.tls_insecure)
+        client.on_socket_open = self.on_socket_open
         client.on_connect = self.on_connect
         client.on_disconnect = self.on_disconnect
         client.on_message = self.on_message
@@ -154,6 +156,14 @@ class MqttWorker:
         self.counters.add("connect_failures")
         self._log_sometimes("connect", logging.WARNING, "%s; next try in %.1f s", why, delay)
         self.backoff = min(self.backoff * 2, self.cfg.mqtt.reconnect_max_s)
+
+    def on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # Small packets back to back (a PUBACK, then a reply's PUBLISH) would otherwise wait for the
+        # broker's delayed ACK: a heartbeat's answer took 90 ms instead of a few.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
 
     def on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
