@@ -145,6 +145,14 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+SELECT_COMMANDS = ("SELECT id, device, payload, created_ms, expires_ms, state, attempts, delivered_ms, via, error,"
+                   " done_ms FROM commands")
+
+
+def _command(row: tuple) -> Command:
+    return Command(row[0], row[1], row[2].encode(), *row[3:])
+
+
 class CommandStore:
     """``<data>/commands.db``: open commands and finished ones for a while, and the devices met."""
 
@@ -159,22 +167,21 @@ class CommandStore:
         self.db.execute("INSERT OR REPLACE INTO commands VALUES (?,?,?,?,?,?,?,?,?,?,?)", command.row())
 
     def open_commands(self) -> list[Command]:
-        rows = self.db.execute("SELECT id, device, payload, created_ms, expires_ms, state, attempts, delivered_ms,"
-                               " via, error, done_ms FROM commands WHERE state IN (?, ?) AND done_ms IS NULL"
-                               " ORDER BY created_ms", (QUEUED, DELIVERED)).fetchall()
-        return [Command(r[0], r[1], r[2].encode(), *r[3:]) for r in rows]
+        rows = self.db.execute(SELECT_COMMANDS + " WHERE state IN (?, ?) AND done_ms IS NULL ORDER BY created_ms",
+                               (QUEUED, DELIVERED)).fetchall()
+        return [_command(r) for r in rows]
 
     def get(self, command_id: str) -> Command | None:
-        row = self.db.execute("SELECT id, device, payload, created_ms, expires_ms, state, attempts, delivered_ms,"
-                              " via, error, done_ms FROM commands WHERE id = ?", (command_id,)).fetchone()
-        return Command(row[0], row[1], row[2].encode(), *row[3:]) if row else None
+        row = self.db.execute(SELECT_COMMANDS + " WHERE id = ?", (command_id,)).fetchone()
+        return _command(row) if row else None
 
     def listing(self, device: str | None, limit: int) -> list[Command]:
-        where, args = ("WHERE device = ?", (device,)) if device else ("", ())
-        rows = self.db.execute("SELECT id, device, payload, created_ms, expires_ms, state, attempts, delivered_ms,"
-                               f" via, error, done_ms FROM commands {where} ORDER BY created_ms DESC LIMIT ?",
-                               (*args, limit)).fetchall()
-        return [Command(r[0], r[1], r[2].encode(), *r[3:]) for r in rows]
+        if device:
+            rows = self.db.execute(SELECT_COMMANDS + " WHERE device = ? ORDER BY created_ms DESC LIMIT ?",
+                                   (device, limit)).fetchall()
+        else:
+            rows = self.db.execute(SELECT_COMMANDS + " ORDER BY created_ms DESC LIMIT ?", (limit,)).fetchall()
+        return [_command(r) for r in rows]
 
     def save_devices(self, devices: dict[str, DeviceState]) -> None:
         rows = [(d, s.last_seen, s.route.listener if s.route else None, s.route.conn_id if s.route else None,

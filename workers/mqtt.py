@@ -91,6 +91,7 @@ class MqttWorker:
         self.subscriptions = [Subscription(s, TopicTemplate(s.topic), TopicTemplate(s.downlink) if s.downlink else None)
                               for s in self.cfg.mqtt.subscriptions]
         self.by_listener = {s.config.listener: s for s in self.subscriptions}
+        self.v5 = cfg.mqtt.protocol == "5"
         self.client = self._make_client()
         self.connected = False
         self.session_started = False       # connected once: later connections use reconnect()
@@ -112,7 +113,6 @@ class MqttWorker:
 
     def _make_client(self) -> paho.Client:
         opts = self.cfg.mqtt
-        self.v5 = opts.protocol == "5"
         if self.v5:
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=opts.client_id, protocol=paho.MQTTv5,
                                  manual_ack=True)
