@@ -34,7 +34,7 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
         log.info("sink %s is not enabled in %s; nothing to do", name, cfg.source)
         return runtime.EXIT_OK
     sink = make_sink(name, cfg)
-    takes_readings = getattr(sink, "takes_readings", True)
+    takes_readings = getattr(sink, "takes_readings", True)   # the webhook sink takes events only
     counters = runtime.Counters(f"sink:{name}")
     inbox = runtime.socket(ctx, zmq.PULL, bind=opts.endpoint, hwm=INBOX_HWM)
     acks = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.acks, hwm=10000)
@@ -71,7 +71,8 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
                         counters.add("bad_messages")
                         log.warning("sink %s: ignoring a bad message: %s", name, exc)
                         continue
-                    if not takes_readings:
+                    if readings and not takes_readings:
+                        counters.add("readings_not_for_this_sink", len(readings))
                         readings = []
                     outbox.add(seqs, readings, events, seen)
                     counters.add("received_readings", len(readings))
