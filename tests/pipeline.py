@@ -22,6 +22,8 @@ from workers import query as query_mod
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROLES = ("query", "sink-sqlite", "rollup", "parser", "parser", "edge")
+COMMAND_ROLES = ("query", "sink-sqlite", "rollup", "commands", "parser", "parser", "edge")   # + commands, replies
+STOP_ORDER = ["mqtt", "edge", "parser", "sink", "rollup", "commands", "query"]
 
 
 def free_port() -> int:
@@ -69,6 +71,9 @@ acks = "tcp://127.0.0.1:{p_acks}"
 live = "tcp://127.0.0.1:{p_live}"
 inject = "tcp://127.0.0.1:{p_inject}"
 query = "tcp://127.0.0.1:{p_query}"
+command = "tcp://127.0.0.1:{p_command}"
+seen = "tcp://127.0.0.1:{p_seen}"
+downlink = "tcp://127.0.0.1:{p_downlink}"
 
 [edge]
 batch_max_delay_ms = 5
@@ -106,8 +111,10 @@ class Pipeline:
         self.data = tmp / "data"
         self.text_port = free_port()
         self.binary_port = free_port()
-        ports = {f"p_{n}": free_port() for n in ("frames", "acks", "live", "inject", "query", "sqlite", "rollup")}
+        ports = {f"p_{n}": free_port() for n in ("frames", "acks", "live", "inject", "query", "sqlite", "rollup",
+                                                 "command", "seen", "downlink")}
         self.query_endpoint = f"tcp://127.0.0.1:{ports['p_query']}"
+        self.command_endpoint = f"tcp://127.0.0.1:{ports['p_command']}"
         self.config_path = tmp / "sensorpipe.toml"
         self.config_path.write_text(BASE_TOML.format(
             data=self.data, text_port=self.text_port, binary_port=self.binary_port, max_frame=max_frame,
@@ -157,10 +164,9 @@ class Pipeline:
         self.stop(name, signal.SIGKILL)
 
     def stop_all(self) -> None:
-        # Edge first (stops taking frames), then parsers, then sinks and rollups flush, then query.
-        roles = ["edge", "parser", "sink", "rollup", "query"]
-        order = sorted(self.procs, key=lambda n: next((i for i, p in enumerate(roles) if n.startswith(p)),
-                                                      len(roles)))
+        # MQTT and edge first (stop taking frames), then parsers, then sinks and rollups flush, then the rest.
+        order = sorted(self.procs, key=lambda n: next((i for i, p in enumerate(STOP_ORDER) if n.startswith(p)),
+                                                      len(STOP_ORDER)))
         for name in order:
             if self.procs[name].poll() is None:
                 try:

@@ -284,7 +284,8 @@ ROLES = ("query", "sink-sqlite", "sink-influx", "parser", "parser", "edge")
 
 def test_every_reading_survives_an_influx_outage_and_a_sink_restart(pipeline_factory, victoria: Victoria) -> None:
     measurement = unique_name("outage")
-    pipeline: Pipeline = pipeline_factory(extra_toml=influx_toml(victoria.url, measurement, free_port()))
+    pipeline: Pipeline = pipeline_factory(extra_toml=influx_toml(victoria.url, measurement, free_port()),
+                                          rollups="enabled = false")      # ROLES start no rollup worker
     pipeline.start_all(ROLES)
     devices = ["dev-a", "dev-b", "dev-c"]
 

@@ -204,7 +204,8 @@ ROLES = ("query", "sink-sqlite", "sink-mongo", "parser", "parser", "edge")
 
 def test_every_reading_survives_a_mongo_outage_and_a_sink_restart(pipeline_factory, mongo: Mongo) -> None:
     database = unique_name("outage")
-    pipeline: Pipeline = pipeline_factory(extra_toml=mongo_toml(mongo.url, database, free_port()))
+    pipeline: Pipeline = pipeline_factory(extra_toml=mongo_toml(mongo.url, database, free_port()),
+                                          rollups="enabled = false")      # ROLES start no rollup worker
     pipeline.start_all(ROLES)
     devices = ["m-a", "m-b"]
 
@@ -248,7 +249,8 @@ def test_every_reading_survives_a_mongo_outage_and_a_sink_restart(pipeline_facto
 
 def test_a_number_beyond_64_bits_is_a_dead_letter_not_a_stuck_sink(pipeline_factory, mongo: Mongo) -> None:
     database = unique_name("u64")
-    pipeline: Pipeline = pipeline_factory(extra_toml=mongo_toml(mongo.url, database, free_port()))
+    pipeline: Pipeline = pipeline_factory(extra_toml=mongo_toml(mongo.url, database, free_port()),
+                                          rollups="enabled = false")      # ROLES start no rollup worker
     pipeline.start_all(ROLES)
     # JSON allows integers up to 2**64 - 1; SQLite and BSON stop at 2**63 - 1
     pipeline.send(b'{"device":"ok-1","n":1}\n{"device":"big","n":18446744073709551615}\n{"device":"ok-2","n":2}\n')

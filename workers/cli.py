@@ -148,9 +148,81 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
         return 0
-    extra_keys = sorted({k for d in reply["devices"] for k in d} - {"device", "last_seen"})
-    rows = [[d["device"], _when(d["last_seen"]), *[str(d.get(k, "")) for k in extra_keys]] for d in reply["devices"]]
-    print(_table(rows, ["device", "last seen", *extra_keys]) if rows else "no devices yet")
+    extra_keys = sorted({k for d in reply["devices"] for k in d} - {"device", "last_seen", "online", "via", "peer"})
+    rows = [[d["device"], "online" if d.get("online") else "offline", _when(d["last_seen"]),
+             f"{d.get('via', '')} {d.get('peer', '')}".strip(), *[str(d.get(k, "")) for k in extra_keys]]
+            for d in reply["devices"]]
+    print(_table(rows, ["device", "presence", "last seen", "via", *extra_keys]) if rows else "no devices yet")
+    return 0
+
+
+def _commands(args: argparse.Namespace, message: dict, timeout: float) -> dict:
+    from workers.commands import request
+    from workers.query import QueryError
+
+    cfg = _load(args)
+    try:
+        return request(args.endpoint or cfg.endpoints.command, message, timeout_s=timeout)
+    except QueryError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Send a command to a device (JSON), by whatever way it is connected; queued if it is not."""
+    import orjson
+
+    try:
+        command = orjson.loads(args.command)
+    except orjson.JSONDecodeError as exc:
+        raise CommandError(f"the command is not JSON: {exc}") from None
+    if not isinstance(command, dict):
+        raise CommandError('the command must be a JSON object, e.g. \'{"cmd":"interval","value":30}\'')
+    message: dict = {"op": "send", "device": args.device, "command": command}
+    if args.id:
+        message["id"] = args.id
+    if args.ttl is not None:
+        message["ttl_s"] = args.ttl
+    if args.wait:
+        message["wait_s"] = args.wait
+    reply = _commands(args, message, args.timeout + args.wait)
+    if args.json:
+        print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
+    status = reply.get("status")
+    if status is None:
+        raise CommandError(reply.get("error", "the commands worker said no"))
+    if status == "unknown device":
+        raise CommandError(reply.get("error", f"unknown device {args.device!r}"))
+    if args.json:
+        return 0 if reply.get("ok") else 1
+    if status == "queued":
+        expires = datetime.fromtimestamp(reply["expires"] / 1000).isoformat(sep=" ", timespec="seconds")
+        print(f"{reply['id']}: queued for {args.device} ({reply.get('reason', 'not connected')}); it goes when the"
+              f" device next connects, until {expires}")
+    elif status == "expired":
+        print(f"{reply['id']}: expired before {args.device} connected")
+        return 1
+    else:
+        print(f"{reply['id']}: {status} to {args.device}" + (f" via {reply['via']}" if reply.get("via") else ""))
+    return 0
+
+
+def cmd_commands(args: argparse.Namespace) -> int:
+    """List the commands sent to a device (or all): queued, delivered, acknowledged, expired."""
+    import orjson
+
+    message: dict = {"op": "commands", "limit": args.limit}
+    if args.device:
+        message["device"] = args.device
+    reply = _commands(args, message, args.timeout)
+    if not reply.get("ok"):
+        raise CommandError(reply.get("error", "the commands worker said no"))
+    if args.json:
+        print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    rows = [[c["id"], c["device"], c["status"], _when(c["created"]),
+             orjson.dumps(c["command"]).decode()[:50], c.get("error") or c.get("via") or ""]
+            for c in reply["commands"]]
+    print(_table(rows, ["id", "device", "status", "sent", "command", "via / error"]) if rows else "no commands")
     return 0
 
 
@@ -322,15 +394,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
             frames.append((d.raw, d.recv_ts, index[key]))
         ctx = zmq.Context()
         try:
-            sock = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.inject)
+            # REQ to the edge's inject ROUTER: the answer comes once the frames are in the journal
+            sock = runtime.socket(ctx, zmq.REQ, connect=cfg.endpoints.inject)
             try:
-                if not sock.poll(int(args.timeout * 1000), zmq.POLLOUT):
-                    raise CommandError(f"the edge does not answer at {cfg.endpoints.inject}: is the pipeline running?")
-                sock.send_multipart(envelope.inject_message(conns, envelope.pack_frames(frames)))
+                sock.send_multipart(envelope.inject_message(conns, envelope.pack_frames(frames), ref=1))
+                if not sock.poll(int(args.timeout * 1000), zmq.POLLIN):
+                    raise CommandError(f"the edge does not answer at {cfg.endpoints.inject}: is the pipeline"
+                                       " running? Nothing was marked replayed")
+                _, seq, error = envelope.parse_injected(sock.recv_multipart())
             finally:
-                sock.close(linger=int(args.timeout * 1000))
+                sock.close(linger=0)
         finally:
             ctx.term()
+        if error is not None:
+            raise CommandError(f"the edge refused the replay: {error}")
         store.mark_replayed([d.id for d in letters])
     finally:
         store.close()
@@ -351,6 +428,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- table
 
 WORKERS: dict[str, Callable[[config_mod.Config], int]] = {}   # extra workers added by other modules
+
+
+def _mqtt_worker(cfg: config_mod.Config) -> int:
+    from workers import mqtt
+    return mqtt.main(cfg)
+
+
+def _commands_worker(cfg: config_mod.Config) -> int:
+    from workers import commands
+    return commands.main(cfg)
+
+
+WORKERS["mqtt"] = _mqtt_worker
+WORKERS["commands"] = _commands_worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", help="rollups of this window (1m, 1h... as configured); without it, the raw readings")
     p.add_argument("--since", default="1h", help="how far back: 90s, 30m, 6h, 7d (default 1h)")
     p.add_argument("--chart-only", action="store_true", help="only the sparkline, no table")
+    p = add("send", cmd_send)
+    p.add_argument("device")
+    p.add_argument("command", help='a JSON object, e.g. \'{"cmd":"interval","value":30}\'')
+    p.add_argument("--id", help="the command's id (default: a new one); sending the same id again is safe")
+    p.add_argument("--ttl", type=float, help="seconds it may wait for the device (default [commands] expire_after_s)")
+    p.add_argument("--wait", type=float, default=0.0, help="wait this long for a device that is not connected")
+    query_opts(p)
+    p = add("commands", cmd_commands)
+    p.add_argument("device", nargs="?")
+    p.add_argument("--limit", type=int, default=50)
     query_opts(p)
     p = add("deadletters", cmd_deadletters)
     p.add_argument("--limit", type=int, default=50)

@@ -30,6 +30,10 @@ DEFAULT_ROLLUP_GRACE_S = 30.0                 # longer than the edge's redeliver
 DEFAULT_ROLLUP_CORRECT_FOR_S = 6 * 3600.0
 ROLLUP = "rollup"                             # the rollup worker's name in acks, like a sink's name
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DEFAULT_COMMAND_ENDPOINT = "tcp://127.0.0.1:5561"
+DEFAULT_OFFLINE_AFTER_S = 900.0                  # silent this long: offline (a battery board wakes every 600 s)
+DEFAULT_MQTT_MAX_FRAME_BYTES = 1024 * 1024
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
 BINARY_TYPES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "f32": "f"}
 
@@ -66,9 +70,12 @@ class Endpoints:
     """Internal ZeroMQ endpoints. Who binds what is documented in docs/architecture.md."""
     frames: str = "tcp://127.0.0.1:5555"          # edge PUSH (bind) -> parsers PULL (connect)
     acks: str = "tcp://127.0.0.1:5556"            # sinks PUSH (connect) -> edge PULL (bind)
-    inject: str = "tcp://127.0.0.1:5558"          # replay/MQTT PUSH (connect) -> edge PULL (bind)
+    inject: str = "tcp://127.0.0.1:5558"          # replay REQ / MQTT DEALER (connect) -> edge ROUTER (bind)
     live: str = "tcp://127.0.0.1:5557"            # parsers/workers PUB (connect) -> query SUB (bind)
     query: str = DEFAULT_QUERY_ENDPOINT           # clients REQ -> query ROUTER (bind)
+    command: str = DEFAULT_COMMAND_ENDPOINT       # clients REQ -> commands ROUTER (bind)
+    seen: str = "tcp://127.0.0.1:5562"            # parsers PUSH (connect) -> commands PULL (bind)
+    downlink: str = "tcp://127.0.0.1:5563"        # commands ROUTER (bind) <-> edge, MQTT DEALER (connect)
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ class JsonDecoder:
     device_keys: tuple[str, ...] = ("device", "device_id", "id", "Name", "name")
     time_keys: tuple[str, ...] = ("ts", "time", "timestamp")
     fields_keys: tuple[str, ...] = ("Value", "value", "fields", "data")  # nested objects holding fields
-    event_keys: tuple[str, ...] = ("cmd", "event")  # objects with one of these are events, not readings
+    event_keys: tuple[str, ...] = ("cmd", "event", "cmd_ack")  # objects with one of these are events
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class BinaryDevice:
 @dataclass(frozen=True)
 class Device:
     tags: dict[str, str] = field(default_factory=dict)
+    offline_after_s: float | None = None          # None: [presence] offline_after_s
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,7 @@ class SinkCommon:
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     fsync: bool = True                            # fsync spool files before acknowledging
+    max_attempts: int = 0                         # a spooled batch failing this often goes to dead letters (0: never)
 
 
 @dataclass(frozen=True)
@@ -174,10 +183,32 @@ class MongoSink(SinkCommon):
 
 
 @dataclass(frozen=True)
+class Hook:
+    """One webhook: the events it takes and where they go (docs/webhooks.md)."""
+    url: str
+    name: str = ""                                # default: the URL
+    devices: tuple[str, ...] = ()                 # empty: every device
+    kinds: tuple[str, ...] = ()                   # event kinds ("verifiedRecordU"); empty: every kind
+    where: tuple[str, ...] = ()                   # conditions that must all hold: "verifiedCode == 0"
+    headers: dict[str, str] = field(default_factory=dict)
+    batch: bool = False                           # false: one POST per event; true: {"events": [...]} per batch
+
+
+@dataclass(frozen=True)
+class WebhookSink(SinkCommon):
+    endpoint: str = "tcp://127.0.0.1:5574"
+    batch_size: int = 100
+    max_attempts: int = 10
+    timeout_s: float = 10.0
+    hooks: tuple[Hook, ...] = ()
+
+
+@dataclass(frozen=True)
 class Sinks:
     sqlite: SqliteSink = SqliteSink()
     influx: InfluxSink = InfluxSink()
     mongo: MongoSink = MongoSink()
+    webhook: WebhookSink = WebhookSink()
 
     def enabled(self) -> dict[str, SinkCommon]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -188,7 +219,7 @@ class Sinks:
 class Rollups:
     """Per-device window aggregates (docs/rollups.md). Fed by the parsers like a sink."""
     enabled: bool = True
-    endpoint: str = "tcp://127.0.0.1:5574"        # PULL endpoint the rollup worker binds
+    endpoint: str = "tcp://127.0.0.1:5575"        # PULL endpoint the rollup worker binds
     path: str = "rollups.db"                      # its state, relative to the data directory
     windows: tuple[str, ...] = ("1m",)            # "30s", "1m", "15m", "1h", "1d": each a multiple of the next smaller
     grace_s: float = DEFAULT_ROLLUP_GRACE_S       # a window closes this long after its end
@@ -208,6 +239,74 @@ class Query:
 
 
 @dataclass(frozen=True)
+class MqttSubscription:
+    """Uplink topics to take readings from, and the device's downlink topic (docs/mqtt.md)."""
+    topic: str                                    # template: "sensorpipe/{device}/up", "fungxi_{device}_upLink"
+    downlink: str = ""                            # template for commands and replies: "sensorpipe/{device}/down"
+    name: str = ""                                # default: the topic template; frames come from "mqtt:<name>"
+    decoder: str = "auto"
+    qos: int = 1
+    max_frame_bytes: int = DEFAULT_MQTT_MAX_FRAME_BYTES
+
+    @property
+    def listener(self) -> str:
+        return f"mqtt:{self.name}"
+
+
+@dataclass(frozen=True)
+class Mqtt:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "sensorpipe"                 # fixed: the broker keeps this session while we are away
+    protocol: Literal["5", "3.1.1"] = "5"
+    receive_maximum: int = 1000                   # MQTT 5: unacknowledged messages the broker may send at once
+    session_expiry_s: int = 7 * 86400             # MQTT 5: how long the broker keeps the session while we are away
+    username: str = ""
+    password: str = ""                            # or SENSORPIPE_MQTT_PASSWORD
+    keepalive_s: int = 60
+    tls: bool = False
+    ca_file: str = ""                             # "" with tls: the system's CA certificates
+    cert_file: str = ""                           # client certificate, if the broker asks for one
+    key_file: str = ""
+    tls_insecure: bool = False                    # do not check the broker's host name (testing only)
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    take_retained: bool = False                   # retained messages replayed on subscribing are old news
+    subscriptions: tuple[MqttSubscription, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.subscriptions)
+
+
+@dataclass(frozen=True)
+class Presence:
+    offline_after_s: float = DEFAULT_OFFLINE_AFTER_S
+
+
+@dataclass(frozen=True)
+class Commands:
+    expire_after_s: float = 86400.0               # a command not delivered by then expires
+    reply_timeout_s: float = 2.0                  # send: wait this long for the transport before saying "queued"
+    max_queued_per_device: int = 100
+    keep_done_s: float = 7 * 86400.0              # finished commands stay listed this long
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An automatic answer on the downlink: heartbeats (docs/commands.md)."""
+    match: dict[str, Any]                         # top-level members the uplink event must have
+    reply: dict[str, Any]                         # string values may hold {now:%Y-%m-%d %H:%M:%S}, {device}...
+    name: str = ""
+    store: bool = False                           # keep the matched event too (heartbeats are not kept)
+
+
+@dataclass(frozen=True)
+class Events:
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES   # a larger event is set aside whole, never truncated
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: str = DEFAULT_DATA_DIR
     log_level: str = "INFO"
@@ -223,6 +322,11 @@ class Config:
     sinks: Sinks = Sinks()
     rollups: Rollups = Rollups()
     query: Query = Query()
+    mqtt: Mqtt = Mqtt()
+    presence: Presence = Presence()
+    commands: Commands = Commands()
+    replies: tuple[Reply, ...] = ()
+    events: Events = Events()
     source: str = ""                              # the file this came from, for messages
 
     @property
@@ -242,6 +346,12 @@ class Config:
             if listener.name == name:
                 return listener
         raise KeyError(name)
+
+    def offline_after_s(self, device: str) -> float:
+        extra = self.devices.get(device)
+        if extra is not None and extra.offline_after_s is not None:
+            return extra.offline_after_s
+        return self.presence.offline_after_s
 
 
 # --------------------------------------------------------------------------- loading
@@ -269,7 +379,7 @@ def from_dict(table: dict[str, Any], env: typing.Mapping[str, str] | None = None
         table["listeners"] = [{"name": k, **v} for k, v in table["listeners"].items()]
     cfg = _build(Config, table, "")
     cfg = _apply_env(cfg, env)
-    cfg = dataclasses.replace(cfg, source=source)
+    cfg = _fill_names(dataclasses.replace(cfg, source=source))
     _check(cfg)
     return cfg
 
@@ -281,6 +391,16 @@ SINK_ENV: dict[str, dict[str, str]] = {
                "SENSORPIPE_INFLUX_ORG": "org", "SENSORPIPE_INFLUX_BUCKET": "bucket"},
     "mongo": {"SENSORPIPE_MONGO_URL": "url", "SENSORPIPE_MONGO_DATABASE": "database"},
 }
+
+
+def _fill_names(cfg: Config) -> Config:
+    """Names left out default to what they name: the topic template, the URL."""
+    subs = tuple(s if s.name else dataclasses.replace(s, name=s.topic) for s in cfg.mqtt.subscriptions)
+    hooks = tuple(h if h.name else dataclasses.replace(h, name=h.url) for h in cfg.sinks.webhook.hooks)
+    replies = tuple(r if r.name else dataclasses.replace(r, name=f"replies[{i}]") for i, r in enumerate(cfg.replies))
+    return dataclasses.replace(
+        cfg, mqtt=dataclasses.replace(cfg.mqtt, subscriptions=subs), replies=replies,
+        sinks=dataclasses.replace(cfg.sinks, webhook=dataclasses.replace(cfg.sinks.webhook, hooks=hooks)))
 
 
 def _apply_env(cfg: Config, env: typing.Mapping[str, str]) -> Config:
@@ -296,6 +416,10 @@ def _apply_env(cfg: Config, env: typing.Mapping[str, str]) -> Config:
     cfg = dataclasses.replace(cfg, listeners=tuple(listeners))
     if env.get("SENSORPIPE_QUERY"):
         cfg = dataclasses.replace(cfg, endpoints=dataclasses.replace(cfg.endpoints, query=env["SENSORPIPE_QUERY"]))
+    if env.get("SENSORPIPE_COMMAND"):
+        cfg = dataclasses.replace(cfg, endpoints=dataclasses.replace(cfg.endpoints, command=env["SENSORPIPE_COMMAND"]))
+    if env.get("SENSORPIPE_MQTT_PASSWORD"):
+        cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, password=env["SENSORPIPE_MQTT_PASSWORD"]))
     sinks = cfg.sinks
     for sink_name, overrides in SINK_ENV.items():
         changes = {key: env[var] for var, key in overrides.items() if env.get(var)}
@@ -319,6 +443,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key}.decoder: unknown decoder {listener.decoder!r}; known: {sorted(REGISTRY)}")
         if listener.max_frame_bytes < 16:
             raise ConfigError(f"{key}.max_frame_bytes: must be at least 16")
+        if listener.name.startswith("mqtt:"):
+            raise ConfigError(f"{key}.name: names starting with 'mqtt:' are the MQTT subscriptions'")
     for number, layout in cfg.binary.items():
         if not 0 <= number <= 255:
             raise ConfigError(f"binary.devices.{number}: device numbers are 0..255")
@@ -359,6 +485,24 @@ def _check(cfg: Config) -> None:
     _check_rollups(cfg.rollups)
     if cfg.query.history_max_points < 1:
         raise ConfigError("query.history_max_points: must be at least 1")
+
+    _check_mqtt(cfg, REGISTRY)
+    _check_commands(cfg)
+    _check_webhook(cfg)
+    _check_endpoints(cfg)
+
+
+def _check_endpoints(cfg: Config) -> None:
+    """Each internal endpoint is bound by one worker: two names for one address is a mistake."""
+    bound = {f"endpoints.{key}": value for key, value in dataclasses.asdict(cfg.endpoints).items()}
+    bound.update({f"sinks.{name}.endpoint": sink.endpoint for name, sink in cfg.sinks.enabled().items()})
+    if cfg.rollups.enabled:
+        bound["rollups.endpoint"] = cfg.rollups.endpoint
+    owner: dict[str, str] = {}
+    for key, endpoint in bound.items():
+        if endpoint in owner:
+            raise ConfigError(f"{key}: {endpoint} is {owner[endpoint]} already; each endpoint needs its own port")
+        owner[endpoint] = key
 
 
 def redact_url(url: str) -> str:
@@ -411,8 +555,93 @@ def _check_rollups(rollups: Rollups) -> None:
         raise ConfigError("rollups.endpoint: required")
 
 
+def _check_mqtt(cfg: Config, decoders: dict) -> None:
+    from workers.templates import TemplateError, TopicTemplate
+
+    names = [s.name for s in cfg.mqtt.subscriptions]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"mqtt.subscriptions: names must be unique, got {names}")
+    if not 0 < cfg.mqtt.port < 65536:
+        raise ConfigError(f"mqtt.port: expected 1..65535, got {cfg.mqtt.port}")
+    if not cfg.mqtt.client_id:
+        raise ConfigError("mqtt.client_id: required (the broker keeps the session under it)")
+    for i, sub in enumerate(cfg.mqtt.subscriptions):
+        key = f"mqtt.subscriptions[{i}]"
+        for name in ("topic", "downlink"):
+            template = getattr(sub, name)
+            if name == "downlink" and not template:
+                continue
+            try:
+                TopicTemplate(template)
+            except TemplateError as exc:
+                raise ConfigError(f"{key}.{name}: {exc}") from None
+        if sub.decoder not in decoders:
+            raise ConfigError(f"{key}.decoder: unknown decoder {sub.decoder!r}; known: {sorted(decoders)}")
+        if sub.qos not in (0, 1):
+            raise ConfigError(f"{key}.qos: 0 or 1 (1 is what makes the broker keep messages while we are away)")
+        if sub.max_frame_bytes < 16:
+            raise ConfigError(f"{key}.max_frame_bytes: must be at least 16")
+    if not 1 <= cfg.mqtt.receive_maximum <= 65535:
+        raise ConfigError(f"mqtt.receive_maximum: 1..65535, got {cfg.mqtt.receive_maximum}")
+    if cfg.mqtt.session_expiry_s < 1:
+        raise ConfigError("mqtt.session_expiry_s: at least 1 (0 would end the session, and its messages,"
+                          " at every disconnect)")
+    for number, name in ((cfg.mqtt.reconnect_min_s, "reconnect_min_s"), (cfg.mqtt.reconnect_max_s, "reconnect_max_s")):
+        if number <= 0:
+            raise ConfigError(f"mqtt.{name}: must be more than 0")
+
+
+def _check_commands(cfg: Config) -> None:
+    from workers.templates import TemplateError, render_reply
+
+    if cfg.presence.offline_after_s <= 0:
+        raise ConfigError("presence.offline_after_s: must be more than 0")
+    for device, extra in cfg.devices.items():
+        if extra.offline_after_s is not None and extra.offline_after_s <= 0:
+            raise ConfigError(f"devices.{device}.offline_after_s: must be more than 0")
+    if cfg.commands.expire_after_s <= 0:
+        raise ConfigError("commands.expire_after_s: must be more than 0")
+    if cfg.commands.max_queued_per_device < 1:
+        raise ConfigError("commands.max_queued_per_device: must be at least 1")
+    for i, rule in enumerate(cfg.replies):
+        if not rule.match:
+            raise ConfigError(f"replies[{i}].match: at least one member to match, e.g. {{ cmd = \"heartU\" }}")
+        try:
+            render_reply(rule.reply, "device")
+        except TemplateError as exc:
+            raise ConfigError(f"replies[{i}].reply: {exc}") from None
+    if cfg.events.max_event_bytes < 1:
+        raise ConfigError("events.max_event_bytes: must be at least 1")
+
+
+def _check_webhook(cfg: Config) -> None:
+    webhook = cfg.sinks.webhook
+    if webhook.max_attempts < 0:
+        raise ConfigError("sinks.webhook.max_attempts: 0 (retry for ever) or more")
+    if webhook.enabled and not webhook.hooks:
+        raise ConfigError("sinks.webhook.hooks: the webhook sink is enabled but has no [[sinks.webhook.hooks]]")
+    names = [h.name for h in webhook.hooks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sinks.webhook.hooks: names must be unique, got {names}")
+    if not webhook.hooks:
+        return
+    from workers.sinks.webhook import ConditionError, parse_condition
+
+    for i, hook in enumerate(webhook.hooks):
+        key = f"sinks.webhook.hooks[{i}]"
+        if not hook.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.url: expected an http:// or https:// URL, got {hook.url!r}")
+        for j, condition in enumerate(hook.where):
+            try:
+                parse_condition(condition)
+            except ConditionError as exc:
+                raise ConfigError(f"{key}.where[{j}]: {exc}") from None
+
+
 def _build(cls: Any, value: Any, key: str) -> Any:
     """Build ``cls`` (a dataclass or a typing form) from TOML ``value``, naming ``key`` on error."""
+    if cls is Any:                                # free-form (a reply template): taken as written
+        return value
     origin = typing.get_origin(cls)
     if dataclasses.is_dataclass(cls):
         if not isinstance(value, dict):

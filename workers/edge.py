@@ -1,11 +1,16 @@
 """The TCP edge: holds the device connections, cuts frames, journals them, pushes them to parsers.
 
 Sockets:
-    frames  PUSH  bind    -> parsers PULL          batches of frames (envelope ``frames``)
-    acks    PULL  bind    <- sinks PUSH            ``ack``: batches durable in a sink
-    inject  PULL  bind    <- replay, MQTT PUSH     ``inject``: frames to journal like device frames
-    live    PUB   connect -> query SUB             ``stats``
+    frames    PUSH    bind    -> parsers PULL          batches of frames (envelope ``frames``)
+    acks      PULL    bind    <- sinks PUSH            ``ack``: batches durable in a sink
+    inject    ROUTER  bind    <- MQTT DEALER, replay REQ  ``inject``: frames to journal like device frames;
+                                                       answered ``injected`` once journaled
+    downlink  DEALER  connect <-> commands ROUTER      ``deliver``: a line to write to a device's
+                                                       connection; answered ``delivered``
+    live      PUB     connect -> query SUB             ``stats``
 Plus one TCP listener per configured listener (asyncio, one process for thousands of connections).
+Connection ids start from the clock (microseconds) at each start, so an id the commands worker still
+holds from before a restart never names another device's new connection.
 
 A batch is journaled before any device is acknowledged (the binary ``A``) and before it is pushed.
 It stays in flight until every enabled sink (and the rollup worker) has acknowledged it; one that is not acknowledged in time
@@ -131,7 +136,10 @@ class Edge:
         self._acks_changed = False
         self._last_redeliver_log = 0.0
         self.stop = asyncio.Event()
-        self._conn_ids = 0
+        self._conn_ids = time.time_ns() // 1000
+        self.by_id: dict[int, DeviceConnection] = {}
+        self._inject_replies: list[tuple[list[bytes], int]] = []   # (route, ref) answered at the next flush
+        self._inject_sock: zmq.asyncio.Socket | None = None
         self._pending: list[tuple[bytes, int, int]] = []
         self._batch_conns: dict[int, int] = {}
         self._batch_conn_list: list[Conn] = []
@@ -152,12 +160,29 @@ class Edge:
             conn.close()
             return
         self.connections.add(conn)
+        if conn.conn is not None:
+            self.by_id[conn.conn.conn_id] = conn
         self.counters.add("connections_opened")
         if self.paused and conn.transport is not None:
             conn.transport.pause_reading()
 
     def closed(self, conn: DeviceConnection) -> None:
         self.connections.discard(conn)
+        if conn.conn is not None:
+            self.by_id.pop(conn.conn.conn_id, None)
+
+    def write_downlink(self, downlink: envelope.Downlink) -> str | None:
+        """Write a command or reply line to the device's connection; the error, or None once written."""
+        conn = self.by_id.get(downlink.conn_id)
+        if conn is None or conn.closed or conn.transport is None or conn.transport.is_closing():
+            return "not connected"
+        if conn.listener.name != downlink.listener:
+            return f"connection {downlink.conn_id} is on listener {conn.listener.name}, not {downlink.listener}"
+        if conn.binary:
+            return "a binary connection takes no commands"
+        conn.transport.write(downlink.payload + b"\n")
+        self.counters.add("downlink_lines")
+        return None
 
     # ------------------------------------------------------------------ batching
 
@@ -181,10 +206,12 @@ class Edge:
             self._binary_acks.extend([conn] * len(frames))
         self._schedule()
 
-    def inject(self, conns: list[Conn], body: bytes) -> None:
-        """Frames from another worker (replay, MQTT): journaled and pushed like device frames."""
+    def inject(self, conns: list[Conn], body: bytes, route: list[bytes] | None = None, ref: int = 0) -> None:
+        """Frames from another worker (replay, MQTT): journaled and pushed like device frames. The
+        injector is answered on ``route`` once they are journaled (at the next flush)."""
+        frames = list(envelope.iter_frames(body, conns))       # all checked before any is taken
         index_of = {}
-        for frame in envelope.iter_frames(body, conns):
+        for frame in frames:
             key = (frame.conn.conn_id, frame.conn.listener, frame.conn.peer)
             if key not in index_of:
                 index_of[key] = len(self._batch_conn_list)
@@ -195,6 +222,11 @@ class Edge:
             else:
                 self._pending.append((frame.payload, frame.recv_ts, ci))
         self.counters.add("injected")
+        self.counters.add("injected_frames", len(frames))
+        if route is not None:
+            self._inject_replies.append((route, ref))
+        if not self._pending:                     # an empty inject: nothing to journal, answer now
+            self._answer_injectors(0)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -230,11 +262,22 @@ class Edge:
             if not conn.closed and conn.transport is not None:
                 conn.transport.write(BINARY_ACK)
                 self.counters.add("binary_acks")
+        self._answer_injectors(seq)
         self.inflight[seq] = InFlight(location, set(self.sinks), time.monotonic())
         self.outq.put_nowait((seq, envelope.frames_message(seq, conns, body)))
         self.counters.add("batches")
         self._pending, self._batch_conns, self._batch_conn_list, self._binary_acks = [], {}, [], []
         self._check_pressure()
+
+    def _answer_injectors(self, seq: int) -> None:
+        replies, self._inject_replies = self._inject_replies, []
+        if self._inject_sock is None:
+            return
+        for route, ref in replies:
+            try:   # a ROUTER never blocks: a reply to a peer that is gone is dropped (it sends again)
+                self._inject_sock.send_multipart(envelope.injected_message(route, ref, seq), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.counters.add("inject_replies_lost")
 
     # ------------------------------------------------------------------ backpressure
 
@@ -363,7 +406,11 @@ class Edge:
         ctx = self.ctx
         frames = runtime.socket(ctx, zmq.PUSH, bind=self.cfg.endpoints.frames, hwm=FRAMES_HWM)
         acks = runtime.socket(ctx, zmq.PULL, bind=self.cfg.endpoints.acks)
-        inject = runtime.socket(ctx, zmq.PULL, bind=self.cfg.endpoints.inject, hwm=1000)
+        inject = runtime.socket(ctx, zmq.ROUTER, bind=self.cfg.endpoints.inject, hwm=1000)
+        self._inject_sock = inject
+        downlink = runtime.socket(ctx, zmq.DEALER, hwm=1000)
+        downlink.setsockopt(zmq.ROUTING_ID, b"edge")
+        downlink.connect(self.cfg.endpoints.downlink)
         live = runtime.socket(ctx, zmq.PUB, connect=self.cfg.endpoints.live)
         tasks: list[asyncio.Task] = []
         try:
@@ -388,6 +435,7 @@ class Edge:
             tasks = [asyncio.create_task(self._send_loop(frames)),
                      asyncio.create_task(self._ack_loop(acks)),
                      asyncio.create_task(self._inject_loop(inject)),
+                     asyncio.create_task(self._downlink_loop(downlink)),
                      asyncio.create_task(self._housekeeping(live))]
             for task in tasks:
                 task.add_done_callback(self._task_done)
@@ -410,7 +458,8 @@ class Edge:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.checkpoint()
             self.journal.close()
-            for sock in (frames, acks, inject, live):
+            self._inject_sock = None
+            for sock in (frames, acks, inject, downlink, live):
                 sock.close(linger=0)
             log.info("stopped: %d batches still in flight stay in the journal", len(self.inflight))
 
@@ -448,13 +497,29 @@ class Edge:
             await self.reading.wait()         # paused: injectors wait in their queues like devices do
             message = await inject.recv_multipart()
             try:
-                if len(message) != 3 or message[0] != envelope.INJECT:
-                    raise envelope.EnvelopeError(f"expected an inject message, got {message[:1]!r}")
-                _, _, conns = envelope.parse_frames_header(message[1])
-                self.inject(conns, message[2])
+                route, ref, conns, body = envelope.parse_inject(message)
             except envelope.EnvelopeError as exc:
                 self.counters.add("bad_messages")
                 log.warning("ignoring a bad inject message: %s", exc)
+                continue
+            try:
+                self.inject(conns, body, route, ref)
+            except envelope.EnvelopeError as exc:
+                self.counters.add("bad_messages")
+                log.warning("refusing a bad inject message: %s", exc)
+                await inject.send_multipart(envelope.injected_message(route, ref, None, str(exc)))
+
+    async def _downlink_loop(self, downlink: zmq.asyncio.Socket) -> None:
+        while True:
+            message = await downlink.recv_multipart()
+            try:
+                ref, line = envelope.parse_deliver(message)
+            except envelope.EnvelopeError as exc:
+                self.counters.add("bad_messages")
+                log.warning("ignoring a bad deliver message: %s", exc)
+                continue
+            error = self.write_downlink(line)
+            await downlink.send_multipart(envelope.delivered_message(ref, error))
 
     async def _housekeeping(self, live: zmq.asyncio.Socket) -> None:
         next_redeliver = next_sweep = next_stats = next_checkpoint = 0.0

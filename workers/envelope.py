@@ -7,12 +7,22 @@ kind       from -> to (socket)         frames
 =========  ==========================  ==================================================================
 frames     edge PUSH -> parser PULL    ``b"frames"``, header JSON ``{"seq": 17, "targets": null|[sink..],
                                        "conns": [[conn_id, listener, peer], ...]}``, packed frames
-inject     any PUSH -> edge PULL       ``b"inject"``, header JSON ``{"conns": [...]}``, packed frames
-                                       (replayed dead letters, MQTT messages): the edge journals them
-readings   parser PUSH -> sink PULL    ``b"readings"``, header JSON ``{"seqs": [17, 18]}``, JSON body
-           parser PUB -> query SUB     ``[[readings...], [events...]]``
+inject     MQTT DEALER, replay REQ     ``b"inject"``, header JSON ``{"conns": [...], "ref": 5}``, packed
+           -> edge ROUTER              frames (MQTT messages, replayed dead letters): journaled like
+                                       device frames
+injected   edge ROUTER -> the same     ``b"injected"``, JSON ``{"ref": 5, "seq": 812}`` once the frames
+                                       are in the journal (``{"ref": 5, "error": "..."}`` if refused)
+readings   parser PUSH -> sink PULL    ``b"readings"``, header JSON ``{"seqs": [17, 18], "seen": [...]}``,
+           parser PUB -> query SUB     JSON body ``[[readings...], [events...]]``; ``seen`` lists each
+                                       device's newest frame of the batch (presence), see ``Seen``
 ack        sink PUSH -> edge PULL      ``b"ack"``, sink name, JSON ``[17, 18]``: these batches are durable
                                        in that sink (written, or spooled to its disk)
+seen       parser PUSH -> commands     ``b"seen"``, JSON ``{"seen": [Seen...], "acks": [[device, id, ok,
+           PULL                        error]...], "replies": [[device, listener, conn_id, peer, text]]}``
+deliver    commands ROUTER -> edge /   ``b"deliver"``, JSON ``{"ref": 9, "device", "listener", "conn_id",
+           MQTT DEALER                 "peer", "payload": "<one line of JSON>"}``: write it to the device
+delivered  edge / MQTT DEALER ->       ``b"delivered"``, JSON ``{"ref": 9, "ok": true}`` or ``{"ref": 9,
+           commands ROUTER             "ok": false, "error": "not connected"}``
 stats      any PUB -> query SUB        ``b"stats"``, worker name, JSON counters
 =========  ==========================  ==================================================================
 
@@ -20,7 +30,8 @@ Packed frames are back to back: ``<IqI`` (frame length, arrival time in ns, inde
 followed by the frame's bytes. The index's top bit marks a frame the edge could not cut (oversized,
 garbage between JSON objects): its bytes are ``reason\n`` and the raw excerpt, bound for the
 dead-letter store. A reading is ``[device, ts_ns, {field: value}, {tag: value}]``; an
-event is ``[device, ts_ns, kind, {body}]``.
+event is ``[device, ts_ns, kind, {body}]``; a seen entry is ``[device, arrival_ns, listener, conn_id,
+peer]``.
 
 A **rollup** (a window aggregate made by the rollup worker, docs/rollups.md) travels to the sinks as
 a reading marked with the tag ``rollup`` = the window (``"1m"``, ``"1h"``...). Its timestamp is the
@@ -34,6 +45,12 @@ names them: ``F_count`` (int), ``F_min``, ``F_max``, ``F_mean``, ``F_last``::
 A corrected window is sent again with the same device, window and start: sinks upsert. Parsers drop a
 ``rollup`` tag a device sends (counted), so only the rollup worker makes rollups. Use
 ``rollup_window()`` and ``rollup_stats()`` to read one; never parse the field names by hand.
+
+``inject`` is a request with a confirmation: an injector (the MQTT worker, ``sensorpipe replay``)
+holds on to what it injected, and acknowledges it to its own source (the MQTT broker, the dead-letter
+store), only once ``injected`` says it is in the edge's journal. The edge answers every well-formed
+inject; one that gets no answer in time (the edge was restarting) is sent again, with the same
+arrival times, so the stores, keyed by (device, field, timestamp), keep it once.
 """
 from __future__ import annotations
 
@@ -44,8 +61,12 @@ import orjson
 
 FRAMES = b"frames"
 INJECT = b"inject"
+INJECTED = b"injected"
 READINGS = b"readings"
 ACK = b"ack"
+SEEN = b"seen"
+DELIVER = b"deliver"
+DELIVERED = b"delivered"
 STATS = b"stats"
 
 ROLLUP_TAG = "rollup"
@@ -77,6 +98,17 @@ class Conn(NamedTuple):
     """Where frames came from: an edge connection (or an injector such as the MQTT worker)."""
     conn_id: int
     listener: str
+    peer: str
+
+
+class Seen(NamedTuple):
+    """A device's newest frame in a batch: when it arrived and by which way (presence, command routes).
+    ``conn_id`` is the edge connection (0 for MQTT, whose ``listener`` is ``mqtt:<subscription>`` and
+    ``peer`` the topic)."""
+    device: str
+    ts: int
+    listener: str
+    conn_id: int
     peer: str
 
 
@@ -122,8 +154,41 @@ def parse_journal_record(record: bytes) -> tuple[list[Conn], bytes]:
     return conns, record[4 + n:]
 
 
-def inject_message(conns: Sequence[Conn], body: bytes) -> list[bytes]:
-    return [INJECT, orjson.dumps({"conns": [list(c) for c in conns]}), body]
+def inject_message(conns: Sequence[Conn], body: bytes, ref: int = 0) -> list[bytes]:
+    return [INJECT, orjson.dumps({"conns": [list(c) for c in conns], "ref": ref}), body]
+
+
+def parse_inject(message: Sequence[bytes]) -> tuple[list[bytes], int, list[Conn], bytes]:
+    """An inject as a ROUTER receives it: (route to answer on, ref, conns, packed frames). The route is
+    the peer's identity, and the empty delimiter when the peer is a REQ socket."""
+    try:
+        at = list(message).index(INJECT, 1)
+    except ValueError:
+        raise EnvelopeError("expected an inject message") from None
+    if len(message) != at + 3:
+        raise EnvelopeError(f"an inject message has 3 frames, got {len(message) - at}")
+    _, _, conns = parse_frames_header(message[at + 1])
+    try:
+        ref = orjson.loads(message[at + 1]).get("ref", 0)
+    except AttributeError:
+        raise EnvelopeError("bad inject header") from None
+    return list(message[:at]), ref, conns, message[at + 2]
+
+
+def injected_message(route: Sequence[bytes], ref: int, seq: int | None, error: str | None = None) -> list[bytes]:
+    reply: dict = {"ref": ref, "seq": seq} if error is None else {"ref": ref, "error": error}
+    return [*route, INJECTED, orjson.dumps(reply)]
+
+
+def parse_injected(message: Sequence[bytes]) -> tuple[int, int | None, str | None]:
+    """(ref, journal seq, error) from an ``injected`` reply (a REQ socket's empty delimiter is gone)."""
+    try:
+        if message[-2] != INJECTED:
+            raise EnvelopeError(f"expected an injected reply, got {message[-2][:20]!r}")
+        reply = orjson.loads(message[-1])
+        return int(reply["ref"]), reply.get("seq"), reply.get("error")
+    except (IndexError, KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+        raise EnvelopeError(f"bad injected reply: {exc}") from None
 
 
 def parse_frames_header(raw: bytes) -> tuple[int | None, list[str] | None, list[Conn]]:
@@ -165,8 +230,20 @@ def readings_body(readings: Sequence[Reading], events: Sequence[Event]) -> bytes
     return orjson.dumps([[tuple(r) for r in readings], [tuple(e) for e in events]])
 
 
-def readings_message(seqs: Sequence[int], body: bytes) -> list[bytes]:
-    return [READINGS, orjson.dumps({"seqs": list(seqs)}), body]
+def readings_message(seqs: Sequence[int], body: bytes, seen: Sequence[Seen] = ()) -> list[bytes]:
+    header: dict = {"seqs": list(seqs)}
+    if seen:
+        header["seen"] = [tuple(s) for s in seen]
+    return [READINGS, orjson.dumps(header), body]
+
+
+def parse_seen(header: bytes) -> list[Seen]:
+    """The ``seen`` list of a readings message's header (empty when it has none)."""
+    try:
+        return [Seen(str(d), int(ts), str(lst), int(ci), str(peer))
+                for d, ts, lst, ci, peer in orjson.loads(header).get("seen", ())]
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        raise EnvelopeError(f"bad seen list: {exc}") from None
 
 
 def parse_readings(header: bytes, body: bytes) -> tuple[list[int], list[Reading], list[Event]]:
@@ -216,6 +293,79 @@ def rollup_stats(reading: Reading) -> dict[str, Stats]:
         return {field: Stats(*(values[s] for s in ROLLUP_STATS)) for field, values in parts.items()}
     except KeyError as exc:
         raise EnvelopeError(f"rollup of {reading.device!r} lacks {exc.args[0]!r}") from None
+
+
+# --------------------------------------------------------------------------- devices: seen, deliver
+
+
+class Ack(NamedTuple):
+    """A device's answer to a command: ``{"device":"ID","cmd_ack":"c42","ok":true}``."""
+    device: str
+    command_id: str
+    ok: bool
+    error: str | None
+
+
+class Downlink(NamedTuple):
+    """Something to write to a device by the way it was last seen: a command, or an automatic reply."""
+    device: str
+    listener: str
+    conn_id: int
+    peer: str
+    payload: bytes                 # one JSON object, no newline (the edge adds it on TCP)
+
+
+def seen_message(seen: Sequence[Seen], acks: Sequence[Ack], replies: Sequence[Downlink]) -> list[bytes]:
+    return [SEEN, orjson.dumps({"seen": [tuple(s) for s in seen], "acks": [tuple(a) for a in acks],
+                                "replies": [(r.device, r.listener, r.conn_id, r.peer, r.payload.decode())
+                                            for r in replies]})]
+
+
+def parse_seen_message(message: Sequence[bytes]) -> tuple[list[Seen], list[Ack], list[Downlink]]:
+    try:
+        if len(message) != 2 or message[0] != SEEN:
+            raise EnvelopeError(f"expected a seen message, got {message[:1]!r}")
+        doc = orjson.loads(message[1])
+        seen = [Seen(str(d), int(ts), str(lst), int(ci), str(peer)) for d, ts, lst, ci, peer in doc["seen"]]
+        acks = [Ack(str(d), str(i), bool(ok), None if e is None else str(e)) for d, i, ok, e in doc["acks"]]
+        replies = [Downlink(str(d), str(lst), int(ci), str(peer), str(text).encode())
+                   for d, lst, ci, peer, text in doc["replies"]]
+        return seen, acks, replies
+    except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+        raise EnvelopeError(f"bad seen message: {exc}") from None
+
+
+def deliver_message(route: Sequence[bytes], ref: int, downlink: Downlink) -> list[bytes]:
+    return [*route, DELIVER, orjson.dumps({"ref": ref, "device": downlink.device, "listener": downlink.listener,
+                                           "conn_id": downlink.conn_id, "peer": downlink.peer,
+                                           "payload": downlink.payload.decode()})]
+
+
+def parse_deliver(message: Sequence[bytes]) -> tuple[int, Downlink]:
+    try:
+        if message[0] != DELIVER:
+            raise EnvelopeError(f"expected a deliver message, got {message[:1]!r}")
+        doc = orjson.loads(message[1])
+        return int(doc["ref"]), Downlink(str(doc["device"]), str(doc["listener"]), int(doc["conn_id"]),
+                                         str(doc["peer"]), str(doc["payload"]).encode())
+    except (IndexError, KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+        raise EnvelopeError(f"bad deliver message: {exc}") from None
+
+
+def delivered_message(ref: int, error: str | None = None) -> list[bytes]:
+    reply: dict = {"ref": ref, "ok": True} if error is None else {"ref": ref, "ok": False, "error": error}
+    return [DELIVERED, orjson.dumps(reply)]
+
+
+def parse_delivered(message: Sequence[bytes]) -> tuple[int, str | None]:
+    """(ref, error) from a ``delivered`` message as the commands ROUTER gets it (identity first)."""
+    try:
+        if message[-2] != DELIVERED:
+            raise EnvelopeError(f"expected a delivered message, got {message[-2][:20]!r}")
+        doc = orjson.loads(message[-1])
+        return int(doc["ref"]), None if doc.get("ok") else str(doc.get("error") or "refused")
+    except (IndexError, KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+        raise EnvelopeError(f"bad delivered message: {exc}") from None
 
 
 # --------------------------------------------------------------------------- acks and stats

@@ -9,8 +9,14 @@ Readings are gathered into a batch and written when the batch is full (``batch_s
   exponential backoff and jitter, honouring the server's Retry-After. While the spool holds anything,
   new batches queue behind it so order is kept;
 - refused as invalid (``PermanentError``): split in halves until the bad readings are isolated; those
-  go to the dead-letter store (``source = sink:<name>``), the rest is written;
-- too large (``BatchTooLarge``): split in halves and written.
+  go to the dead-letter store (``source = sink:<name>``), the rest is written. If the server goes away
+  half way, only what is neither written nor set aside is spooled, so nothing is written or set aside
+  twice;
+- too large (``BatchTooLarge``): split in halves and written;
+- still failing after ``max_attempts`` tries (when set; the webhook sink sets 10): set aside whole
+  as dead letters (``source = sink:<name>``, reason ``gave up after N attempts: <last error>``), so one
+  endpoint that never comes back does not hold everything behind it. Attempts are counted from this
+  process's start: a restart gives a spooled batch its full count again.
 
 The spool is bounded (``spool_max_bytes``). At the bound, ``spool_full = "block"`` (the default) stops
 acknowledging and stops taking input, so the edge holds the data in its journal and, at its own bound,
@@ -31,7 +37,7 @@ import orjson
 
 from workers.config import SinkCommon
 from workers.deadletters import DeadLetter, DeadLetterStore
-from workers.envelope import Event, Reading
+from workers.envelope import Event, Reading, Seen
 from workers.runtime import Counters
 from workers.sinks import Batch, BatchTooLarge, PermanentError, Sink, TransientError
 
@@ -42,12 +48,16 @@ DRAIN_BUDGET_S = 0.5         # time a tick may spend writing spooled batches bac
 
 
 def encode_batch(batch: Batch) -> bytes:
-    return orjson.dumps([[tuple(r) for r in batch.readings], [tuple(e) for e in batch.events]])
+    parts = [[tuple(r) for r in batch.readings], [tuple(e) for e in batch.events]]
+    if batch.seen:
+        parts.append([tuple(s) for s in batch.seen])
+    return orjson.dumps(parts)
 
 
 def decode_batch(data: bytes) -> Batch:
-    readings, events = orjson.loads(data)
-    return Batch([Reading(*r) for r in readings], [Event(*e) for e in events])
+    readings, events, *rest = orjson.loads(data)
+    seen = [Seen(*s) for s in rest[0]] if rest else []
+    return Batch([Reading(*r) for r in readings], [Event(*e) for e in events], seen)
 
 
 class Spool:
@@ -75,7 +85,7 @@ class Spool:
     def __len__(self) -> int:
         return len(self.files)
 
-    def append(self, batch: Batch) -> None:
+    def append(self, batch: Batch) -> Path:
         data = encode_batch(batch)
         counts = (len(batch.readings), len(batch.events))
         path = self.directory / f"{self._next:016d}.{counts[0]}.{counts[1]}{SPOOL_SUFFIX}"
@@ -99,6 +109,7 @@ class Spool:
         self.waiting_events += counts[1]
         self.bytes += len(data)
         self.readings += len(batch.readings)
+        return path
 
     def oldest(self) -> tuple[Path, Batch] | None:
         """The oldest spooled batch. One that cannot be read back (a disk fault, or a power loss with
@@ -118,6 +129,19 @@ class Spool:
                 self.waiting_readings -= readings
                 self.waiting_events -= events
         return None
+
+    def replace(self, path: Path, batch: Batch) -> None:
+        """What is left of a spooled batch after part of it was written or set aside."""
+        data = encode_batch(batch)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if self.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        old = path.stat().st_size
+        os.replace(tmp, path)
+        self.bytes += len(data) - old
 
     def remove(self, path: Path) -> None:
         self.bytes -= path.stat().st_size
@@ -155,7 +179,9 @@ class Outbox:
         self.counters = counters
         self.readings: list[Reading] = []
         self.events: list[Event] = []
+        self.seen: list[Seen] = []
         self.seqs: list[int] = []
+        self.attempts: dict[Path, int] = {}  # spooled batch -> failed writes (max_attempts)
         self.first_added = 0.0
         self.retry_at = 0.0
         self.backoff = opts.retry_initial_s
@@ -174,12 +200,13 @@ class Outbox:
     def pending(self) -> int:
         return len(self.readings) + len(self.events)
 
-    def add(self, seqs: list[int], readings: list[Reading], events: list[Event]) -> None:
-        if not self.seqs and not self.readings and not self.events:
+    def add(self, seqs: list[int], readings: list[Reading], events: list[Event], seen: list[Seen] = ()) -> None:
+        if not self.seqs and not self.readings and not self.events and not self.seen:
             self.first_added = time.monotonic()
         self.seqs.extend(seqs)
         self.readings.extend(readings)
         self.events.extend(events)
+        self.seen.extend(seen)
 
     def due(self, now: float) -> bool:
         if self.pending >= self.opts.batch_size:
@@ -208,7 +235,7 @@ class Outbox:
         """Write (or spool) the current batch, then acknowledge its seqs."""
         if not (self.seqs or self.pending):
             return
-        batch = Batch(self.readings, self.events)
+        batch = Batch(self.readings, self.events, self.seen)
         seqs = self.seqs
         if self.blocked:
             return
@@ -221,9 +248,13 @@ class Outbox:
                     self._write(batch)
                 except TransientError as exc:
                     self._failed(exc)
-                    if not self._spool(batch):
+                    left = _remaining(exc, batch)
+                    if self.opts.max_attempts == 1:
+                        self._give_up(left, 1, exc)
+                    elif not self._spool(left, attempts=1):
+                        self.readings, self.events, self.seen = list(left.readings), list(left.events), list(left.seen)
                         return
-        self.readings, self.events, self.seqs = [], [], []
+        self.readings, self.events, self.seen, self.seqs = [], [], [], []
         if seqs:
             self.ack(seqs)
 
@@ -241,8 +272,15 @@ class Outbox:
                 self._write(batch)
             except TransientError as exc:
                 self._failed(exc)
-                return
+                left = _remaining(exc, batch)
+                attempts = self.attempts[path] = self.attempts.get(path, 0) + 1
+                if not self.opts.max_attempts or attempts < self.opts.max_attempts:
+                    if left is not batch:
+                        self.spool.replace(path, left)
+                    return
+                self._give_up(left, attempts, exc)
             self.spool.remove(path)
+            self.attempts.pop(path, None)
             self.counters.add("unspooled_readings", len(batch.readings))
         if not len(self.spool):
             log.info("%s: spool written back; the server is keeping up again", self.sink.name)
@@ -272,8 +310,13 @@ class Outbox:
                     self._set_aside(batch, str(exc))
                 return
             self.counters.add("split_batches")
-            for half in _halves(batch):
-                self._write(half)
+            halves = _halves(batch)
+            for i, half in enumerate(halves):
+                try:
+                    self._write(half)
+                except TransientError as away:      # keep only what is neither written nor set aside
+                    away.remaining = _merge([_remaining(away, half), *halves[i + 1:]])
+                    raise
             return
         self.counters.add("written_readings", len(batch.readings))
         self.counters.add("written_events", len(batch.events))
@@ -289,7 +332,11 @@ class Outbox:
         self.backoff = min(self.backoff * 2, self.opts.retry_max_s)
         self.counters.add("write_failures")
 
-    def _spool(self, batch: Batch) -> bool:
+    def _give_up(self, batch: Batch, attempts: int, exc: TransientError) -> None:
+        self.counters.add("gave_up_batches")
+        self._set_aside(batch, f"gave up after {attempts} attempts: {exc}")
+
+    def _spool(self, batch: Batch, attempts: int = 0) -> bool:
         """Put the batch in the spool; False if the spool is full and the policy is to block."""
         while self.spool.bytes >= self.opts.spool_max_bytes and len(self.spool):
             if self.opts.spool_full == "block":
@@ -307,8 +354,11 @@ class Outbox:
             self.counters.add("spool_dropped_readings", len(dropped.readings))
             log.error("%s: spool full: DROPPED the oldest spooled batch (%d readings) as spool_full ="
                       " 'drop-oldest' says", self.sink.name, len(dropped.readings))
-        self.spool.append(batch)
+        path = self.spool.append(batch)
+        if attempts:
+            self.attempts[path] = attempts
         self.counters.add("spooled_readings", len(batch.readings))
+        self.counters.add("spooled_events", len(batch.events))
         return True
 
     def _set_aside(self, batch: Batch, reason: str) -> None:
@@ -319,10 +369,21 @@ class Outbox:
         for e in batch.events:
             raw = _json({"device": e.device, "ts": e.ts, **e.body})
             letters.append(DeadLetter(e.ts, f"sink:{self.sink.name}", "replay", "", e.device, reason[:500], raw))
+        if not letters:                   # presence only: nothing a replay could bring back
+            return
         self.deadletters.add(letters)
         self.counters.add("dead_letters", len(letters))
-        log.warning("%s: the server refused %d item(s) as invalid (%s): set aside as dead letters",
-                    self.sink.name, len(letters), reason[:200])
+        log.warning("%s: %d item(s) set aside as dead letters: %s", self.sink.name, len(letters), reason[:200])
+
+
+def _remaining(exc: TransientError, batch: Batch) -> Batch:
+    """What of ``batch`` is still to be written after ``exc`` (all of it unless a split got half way)."""
+    return getattr(exc, "remaining", None) or batch
+
+
+def _merge(batches: list[Batch]) -> Batch:
+    return Batch([r for b in batches for r in b.readings], [e for b in batches for e in b.events],
+                 [s for b in batches for s in b.seen])
 
 
 def _json(document: dict) -> bytes:
@@ -334,11 +395,12 @@ def _json(document: dict) -> bytes:
 
 
 def _halves(batch: Batch) -> list[Batch]:
-    items: list = [*batch.readings, *batch.events]
+    items: list = [*batch.readings, *batch.events, *batch.seen]
     middle = len(items) // 2
     out = []
     for part in (items[:middle], items[middle:]):
-        out.append(Batch([i for i in part if isinstance(i, Reading)], [i for i in part if isinstance(i, Event)]))
+        out.append(Batch([i for i in part if isinstance(i, Reading)], [i for i in part if isinstance(i, Event)],
+                         [i for i in part if isinstance(i, Seen)]))
     return out
 
 

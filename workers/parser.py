@@ -5,9 +5,14 @@ Sockets:
     <sink>   PUSH  connect -> each sink's PULL   ``readings`` with the batch's seq (fan-out; the rollup
                                                  worker's PULL too: ``Config.consumers()``)
     live     PUB   connect -> query SUB          the same ``readings``, and ``stats``
+    seen     PUSH  connect -> commands PULL      ``seen``: where each device was seen, command acks,
+                                                 automatic replies to send
 
-A frame that cannot be decoded goes to the dead-letter store (committed before the batch moves on)
-and never stops the worker. A sink whose queue is full is skipped for this batch: the edge sends the
+A frame is decoded with its listener's decoder, or its MQTT subscription's (listener ``mqtt:<name>``,
+device id from the topic). A frame that cannot be decoded, and an event larger than
+``[events] max_event_bytes``, go whole to the dead-letter store (committed before the batch moves on)
+and never stop the worker. An event that matches a ``[[replies]]`` rule (a heartbeat) is answered
+through the commands worker and, unless the rule says ``store = true``, not kept. A sink whose queue is full is skipped for this batch: the edge sends the
 batch again to that sink when it does not acknowledge it, so a slow sink never holds up the others.
 Latest-value stores keep the newest timestamp, so parsers may finish batches in any order.
 """
@@ -17,18 +22,23 @@ import logging
 import time
 from pathlib import Path
 
+import orjson
 import zmq
 
 from workers import envelope, runtime
 from workers.config import Config
 from workers.deadletters import DeadLetter, DeadLetterStore
 from workers.decoders import REGISTRY, Context, DecodeError
-from workers.envelope import Event, Reading
+from workers.envelope import Ack, Downlink, Event, Reading, Seen
+from workers.templates import TemplateError, TopicTemplate, matches, render_reply
 
 log = logging.getLogger(__name__)
 
 SINK_HWM = 200            # readings messages queued per sink before the parser skips it
 LOG_EVERY_S = 10.0        # bad input from one peer is logged at most this often, and always counted
+SEEN_HWM = 1000           # seen messages queued for the commands worker before they are skipped
+REPLY_MAX_AGE_S = 30.0    # a heartbeat older than this (replayed from the journal) is not answered
+ACK_KIND = "cmd_ack"
 
 
 class Parser:
@@ -37,8 +47,22 @@ class Parser:
         self.name = runtime.worker_name("parser")
         self.counters = runtime.Counters(self.name)
         self.listeners = {listener.name: listener for listener in cfg.listeners}
+        self.subscriptions = {sub.listener: (sub, TopicTemplate(sub.topic)) for sub in cfg.mqtt.subscriptions}
         self.deadletters = DeadLetterStore(Path(cfg.data_dir) / "deadletters.db")
         self._last_logged: dict[str, float] = {}
+        self.seen: dict[str, Seen] = {}           # of the batch being decoded: device -> newest frame
+        self.acks: list[Ack] = []
+        self.replies: list[Downlink] = []
+
+    def source(self, conn: envelope.Conn) -> tuple[str, str]:
+        """(decoder name, default device id) for frames from ``conn``."""
+        listener = self.listeners.get(conn.listener)
+        if listener is not None:
+            return listener.decoder, listener.default_device or conn.peer.rsplit(":", 1)[0]
+        mqtt = self.subscriptions.get(conn.listener)
+        if mqtt is not None:
+            return mqtt[0].decoder, mqtt[1].device(conn.peer) or conn.peer
+        return "auto", conn.peer.rsplit(":", 1)[0]
 
     def decode_batch(self, conns: list[envelope.Conn], body: bytes) -> tuple[list[Reading], list[Event],
                                                                                list[DeadLetter]]:
@@ -46,15 +70,20 @@ class Parser:
         events: list[Event] = []
         dead: list[DeadLetter] = []
         devices = self.cfg.devices
+        max_event = self.cfg.events.max_event_bytes
+        last: dict[str, tuple[int, envelope.Conn]] = {}      # device -> its newest frame's (arrival, conn)
+        sources: dict[int, tuple[str, str]] = {}
         for frame in envelope.iter_frames(body, conns):
             conn = frame.conn
-            listener = self.listeners.get(conn.listener)
-            default_device = (listener.default_device if listener else "") or conn.peer.rsplit(":", 1)[0]
+            source = sources.get(id(conn))                    # conns are shared by a batch's frames
+            if source is None:
+                source = sources[id(conn)] = self.source(conn)
+            decoder_name, default_device = source
             if frame.reject is not None:
                 dead.append(DeadLetter(frame.recv_ts, "edge", conn.listener, conn.peer, default_device,
                                        frame.reject, frame.payload))
                 continue
-            decoder = REGISTRY[listener.decoder if listener else "auto"]
+            decoder = REGISTRY[decoder_name]
             try:
                 items = decoder(frame.payload, Context(default_device, frame.recv_ts, self.cfg))
             except DecodeError as exc:
@@ -62,12 +91,20 @@ class Parser:
                                        exc.reason, frame.payload))
                 continue
             except Exception as exc:  # a decoder bug must not cost anyone else's data
-                log.exception("decoder %s failed on %r", listener.decoder if listener else "auto",
-                              frame.payload[:80])
+                log.exception("decoder %s failed on %r", decoder_name, frame.payload[:80])
                 dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
                                        f"decoder error: {exc!r}"[:200], frame.payload))
                 continue
+            if len(frame.payload) > max_event:
+                size = max((len(orjson.dumps(i.body)) for i in items if isinstance(i, Event)), default=0)
+                if size > max_event:
+                    self.counters.add("oversized_events")
+                    dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
+                                           f"event of {size} bytes is over events.max_event_bytes ({max_event});"
+                                           " raise it and replay", frame.payload))
+                    continue
             for item in items:
+                last[item.device] = (frame.recv_ts, conn)
                 if isinstance(item, Reading):
                     extra = devices.get(item.device)
                     if extra is not None and extra.tags:
@@ -76,9 +113,31 @@ class Parser:
                         item = item._replace(tags={k: v for k, v in item.tags.items() if k != envelope.ROLLUP_TAG})
                         self.counters.add("reserved_tag_dropped")
                     readings.append(item)
-                else:
+                elif self.take_event(item, frame.recv_ts, conn):
                     events.append(item)
+        self.seen = {d: Seen(d, ts, c.listener, c.conn_id, c.peer) for d, (ts, c) in last.items()}
         return readings, events, dead
+
+    def take_event(self, event: Event, recv_ts: int, conn: envelope.Conn) -> bool:
+        """Note command acks, answer heartbeats; False when the event is not to be kept."""
+        body = event.body
+        if ACK_KIND in body and isinstance(body[ACK_KIND], (str, int)) and not isinstance(body[ACK_KIND], bool):
+            error = body.get("error")
+            self.acks.append(Ack(event.device, str(body[ACK_KIND]), body.get("ok") is True,
+                                 None if error is None else str(error)))
+        for rule in self.cfg.replies:
+            if not matches(rule.match, body):
+                continue
+            self.counters.add(f"replies:{rule.name}")
+            if time.time_ns() - recv_ts <= REPLY_MAX_AGE_S * 1e9:
+                try:
+                    payload = render_reply(rule.reply, event.device)
+                except TemplateError as exc:          # checked at start; a device id cannot break it
+                    log.warning("reply %s: %s", rule.name, exc)
+                else:
+                    self.replies.append(Downlink(event.device, conn.listener, conn.conn_id, conn.peer, payload))
+            return rule.store
+        return True
 
     def set_aside(self, dead: list[DeadLetter]) -> None:
         self.deadletters.add(dead)
@@ -94,6 +153,7 @@ class Parser:
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
         frames = runtime.socket(ctx, zmq.PULL, connect=cfg.endpoints.frames, hwm=4)
+        notices = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.seen, hwm=SEEN_HWM)
         sinks = {name: runtime.socket(ctx, zmq.PUSH, connect=endpoint, hwm=SINK_HWM)
                  for name, endpoint in cfg.consumers().items()}
         live = runtime.socket(ctx, zmq.PUB, connect=cfg.endpoints.live, hwm=1000)
@@ -111,15 +171,17 @@ class Parser:
                             message = frames.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self.handle(message, sinks, live)
+                        self.handle(message, sinks, live, notices)
                 self.counters.publish_due(live)
         finally:
-            for sock in (frames, live, *sinks.values()):
+            for sock in (frames, live, notices, *sinks.values()):
                 sock.close(linger=0)
             self.deadletters.close()
             log.info("%s: stopped", self.name)
 
-    def handle(self, message: list[bytes], sinks: dict[str, zmq.Socket], live: zmq.Socket) -> None:
+    def handle(self, message: list[bytes], sinks: dict[str, zmq.Socket], live: zmq.Socket,
+               notices: zmq.Socket | None = None) -> None:
+        self.seen, self.acks, self.replies = {}, [], []
         try:
             if len(message) != 3 or message[0] != envelope.FRAMES:
                 raise envelope.EnvelopeError(f"expected a frames message, got {message[:1]!r}")
@@ -129,16 +191,22 @@ class Parser:
             self.counters.add("bad_messages")
             log.warning("ignoring a bad message: %s", exc)
             return
+        seen = list(self.seen.values())
+        if notices is not None and targets is None and (seen or self.acks or self.replies):
+            try:
+                notices.send_multipart(envelope.seen_message(seen, self.acks, self.replies), zmq.NOBLOCK)
+            except zmq.Again:             # the commands worker is away: presence catches up, replies are moot
+                self.counters.add("seen_not_sent")
         if dead:
             self.set_aside(dead)
         self.counters.add("batches")
         self.counters.add("readings", len(readings))
         self.counters.add("events", len(events))
         out = envelope.readings_message([seq] if seq is not None else [],
-                                        envelope.readings_body(readings, events))
+                                        envelope.readings_body(readings, events), seen)
         # Live first: a batch sent again to some sinks only (``targets``) is not published again, so
         # the query worker must have seen it before any sink could acknowledge it.
-        if targets is None and (readings or events):
+        if targets is None and (readings or events or seen):
             try:
                 live.send_multipart(out, zmq.NOBLOCK, copy=False)
             except zmq.Again:

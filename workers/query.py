@@ -7,7 +7,8 @@ Sockets:
 Requests (docs/query-protocol.md)::
 
     {"op":"latest","device":"ID"}  -> {"ok":true,"device":"ID","fields":{"temp":{"value":22.6,"ts":1732260000123}}}
-    {"op":"devices"}               -> {"ok":true,"devices":[{"device":"ID","last_seen":1732260000123}]}
+    {"op":"devices"}               -> {"ok":true,"devices":[{"device":"ID","last_seen":1732260000123,
+                                                              "online":true,"via":"text","peer":"..."}]}
     {"op":"status"}                -> {"ok":true,"sinks":{"sqlite":{"written":..,"pending":..,"spooled":..,
                                         "dead_lettered":..,"state":"ok",...}},
                                        "workers":{"edge":{...counters...},"sink:sqlite":{...}}}
@@ -16,8 +17,10 @@ Requests (docs/query-protocol.md)::
         without "window": the raw readings, "columns":["ts","value"]
     anything else                  -> {"ok":false,"error":"..."}
 
-Timestamps in replies are Unix epoch milliseconds. ``history`` reads the SQLite store (read-only):
-the ``rollups`` table, or ``readings`` when no window is given. On start the values are restored from the store
+Timestamps in replies are Unix epoch milliseconds. ``last_seen`` is when the device's newest frame
+arrived (heartbeats included); ``online`` is whether that is within its ``offline_after_s``
+(``[presence]``, or ``[devices.ID]``). ``history`` reads the SQLite store (read-only): the ``rollups``
+table, or ``readings`` when no window is given. On start the values are restored from the store
 (SQLite, or MongoDB when that sink is on), and restored once more ``resync_after_s`` later to cover
 readings that were on their way while the worker was down. A newer timestamp always wins, so the
 order in which parsers deliver does not matter.
@@ -53,7 +56,13 @@ class QueryError(Exception):
 class LatestValues:
     def __init__(self) -> None:
         self.devices: Latest = {}
-        self.last_seen: dict[str, int] = {}
+        self.last_seen: dict[str, int] = {}             # newest reading's timestamp
+        self.presence: dict[str, envelope.Seen] = {}    # newest frame's arrival, and by which way
+
+    def seen(self, entry: envelope.Seen) -> None:
+        known = self.presence.get(entry.device)
+        if known is None or entry.ts >= known.ts:
+            self.presence[entry.device] = entry
 
     def update(self, device: str, field: str, value: Any, ts: int) -> None:
         fields = self.devices.get(device)
@@ -85,6 +94,15 @@ def restore_from_sqlite(cfg: Config, latest: LatestValues) -> int:
         db.close()
     for device, field, ts, value in rows:
         latest.update(device, field, value, ts)
+    db = open_db(path, readonly=True)
+    try:
+        devices = db.execute("SELECT device, last_seen, via, peer FROM devices").fetchall()
+    except sqlite3.OperationalError:        # a store from before presence was kept
+        devices = []
+    finally:
+        db.close()
+    for device, last_seen, via, peer in devices:
+        latest.seen(envelope.Seen(device, last_seen, via, 0, peer))
     return len(rows)
 
 
@@ -162,8 +180,16 @@ class QueryWorker:
                 "fields": {name: {"value": value, "ts": ts // 1_000_000} for name, (value, ts) in fields.items()}}
 
     def op_devices(self, request: dict) -> dict:
-        return {"ok": True, "devices": [{"device": d, "last_seen": ts // 1_000_000}
-                                        for d, ts in sorted(self.latest.last_seen.items())]}
+        now = time.time_ns()
+        presence, readings = self.latest.presence, self.latest.last_seen
+        devices = []
+        for device in sorted(presence.keys() | readings.keys()):
+            seen = presence.get(device)
+            last_seen = seen.ts if seen is not None else readings[device]    # arrival, else reading time
+            devices.append({"device": device, "last_seen": last_seen // 1_000_000,
+                            "online": now - last_seen <= self.cfg.offline_after_s(device) * 1e9,
+                            "via": seen.listener if seen else "", "peer": seen.peer if seen else ""})
+        return {"ok": True, "devices": devices}
 
     def op_status(self, request: dict) -> dict:
         from workers.outbox import sink_summary
@@ -242,6 +268,8 @@ class QueryWorker:
             if kind == envelope.READINGS:
                 _, readings, _ = envelope.parse_readings(message[1], message[2])
                 self.latest.apply_readings(readings)
+                for entry in envelope.parse_seen(message[1]):
+                    self.latest.seen(entry)
                 self.counters.add("live_readings", len(readings))
             elif kind == envelope.STATS:
                 worker, counters = envelope.parse_stats(message)

@@ -35,6 +35,7 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
         return runtime.EXIT_OK
     sink = make_sink(name, cfg)
     takes_events = getattr(sink, "takes_events", True)     # InfluxDB keeps time series only
+    takes_readings = getattr(sink, "takes_readings", True)   # the webhook sink takes events only
     counters = runtime.Counters(f"sink:{name}")
     inbox = runtime.socket(ctx, zmq.PULL, bind=opts.endpoint, hwm=INBOX_HWM)
     acks = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.acks, hwm=10000)
@@ -69,6 +70,7 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
                         if len(message) != 3 or message[0] != envelope.READINGS:
                             raise envelope.EnvelopeError(f"expected a readings message, got {message[:1]!r}")
                         seqs, readings, events = envelope.parse_readings(message[1], message[2])
+                        seen = envelope.parse_seen(message[1]) if takes_readings else []
                     except envelope.EnvelopeError as exc:
                         counters.add("bad_messages")
                         log.warning("sink %s: ignoring a bad message: %s", name, exc)
@@ -76,7 +78,10 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
                     if events and not takes_events:
                         counters.add("events_not_for_this_sink", len(events))
                         events = []
-                    outbox.add(seqs, readings, events)
+                    if readings and not takes_readings:
+                        counters.add("readings_not_for_this_sink", len(readings))
+                        readings = []
+                    outbox.add(seqs, readings, events, seen)
                     counters.add("received_readings", len(readings))
                     if outbox.pending >= opts.batch_size:
                         outbox.flush()

@@ -6,6 +6,8 @@
         -> Reading("HumiTure_Sensor_No1", 1732260000000000000, {"temp": 22.6, "humi": 52}, {})
     {"cmd":"verifiedRecordU","data":[...]}
         -> Event(<device>, <arrival>, "verifiedRecordU", {...the whole object...})
+    {"device":"d1","cmd_ack":"c42","ok":true}
+        -> Event("d1", <arrival>, "cmd_ack", {...the whole object...})
 
 The device id comes from the first of ``decoders.json.device_keys`` present, else the connection. A
 timestamp key (epoch s/ms/us/ns or ISO 8601) is optional. Nested objects are flattened with ``_``
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from workers.decoders import Context
 
 MAX_DEPTH = 8
+ACK_KEY = "cmd_ack"       # a device's answer to a command (docs/commands.md)
 
 
 def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
@@ -68,7 +71,8 @@ def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Ev
             break
     for key in opts.event_keys:
         if key in obj:
-            return [Event(device, ts, str(obj[key]), obj)]
+            # {"cmd":"heartU"} is a "heartU" event; a command ack {"cmd_ack":"c42",...} a "cmd_ack" one
+            return [Event(device, ts, key if key == ACK_KEY else str(obj[key]), obj)]
 
     source = obj
     for key in opts.fields_keys:

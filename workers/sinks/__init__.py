@@ -19,12 +19,17 @@ no events, counts them as ``events_not_for_this_sink``, and its spool holds only
 A sink that stores rollups (window aggregates, ``envelope.rollup_window()``; docs/rollups.md) says so
 with ``takes_rollups = True``; the rollup worker writes rollups only to those. A rollup is upserted on
 (device, field, window, start): a corrected window is sent again and replaces the first one.
+
+``Batch.seen`` is each device's presence (``envelope.Seen``: when its newest frame arrived, by which
+listener and peer); a store that keeps devices upserts ``last_seen`` with the newer value (SQLite: the
+``devices`` table). A sink that only wants events (the webhook) says ``takes_readings = False``: it is
+then handed no readings and no presence, and its spool holds only events.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
 
-from workers.envelope import Event, Reading
+from workers.envelope import Event, Reading, Seen
 
 if TYPE_CHECKING:
     from workers.config import Config
@@ -33,9 +38,10 @@ if TYPE_CHECKING:
 class Batch(NamedTuple):
     readings: list[Reading]
     events: list[Event]
+    seen: list[Seen] = []             # never mutated: a shared empty default is safe
 
     def __len__(self) -> int:  # type: ignore[override]
-        return len(self.readings) + len(self.events)
+        return len(self.readings) + len(self.events) + len(self.seen)
 
 
 class SinkError(Exception):
@@ -60,6 +66,7 @@ class Sink(Protocol):
     name: str
     takes_events: bool            # optional (default True)
     takes_rollups: bool           # optional (default False): it stores rollup readings apart
+    takes_readings: bool          # optional (default True): False for a sink that only takes events
 
     def connect(self) -> None: ...
 
@@ -83,6 +90,8 @@ def make_sink(name: str, cfg: "Config") -> Sink:
         factories["mongo"] = mongo.MongoSink.from_config
     except ImportError:
         pass
+    from workers.sinks import webhook
+    factories["webhook"] = webhook.WebhookSink.from_config
     if name not in factories:
         raise KeyError(f"no sink called {name!r}; known: {sorted(factories)}")
     return factories[name](cfg)

@@ -3,14 +3,17 @@
 Tables (one file, ``<data>/sensorpipe.db``, WAL so the query worker and the CLI can read while it
 writes): ``readings`` (history, one row per device, field and timestamp), ``latest`` (the newest value
 of each device's fields), ``events``, ``rollups`` (window aggregates from the rollup worker, one row
-per device, field, window and start; a corrected window replaces its row). A batch is one
-transaction. Device input only ever reaches SQL as parameters. Writing the same reading twice stores
-it once; an older reading never replaces a newer latest value.
+per device, field, window and start; a corrected window replaces its row), ``devices`` (presence:
+when each device was last heard from, by which listener and peer, and its offline threshold). The
+view ``presence`` adds ``online``, worked out when it is read: ``SELECT device, online FROM presence``.
+A batch is one transaction. Device input only ever reaches SQL as parameters. Writing the same
+reading twice stores it once; an older reading never replaces a newer latest value.
 """
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Callable
 
 import orjson
 
@@ -37,7 +40,21 @@ CREATE TABLE IF NOT EXISTS rollups (
     count INTEGER NOT NULL, min, max, mean, last,
     PRIMARY KEY (device, field, window, start)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY, last_seen INTEGER NOT NULL, via TEXT NOT NULL, peer TEXT NOT NULL,
+    offline_after_s REAL NOT NULL
+) WITHOUT ROWID;
+CREATE VIEW IF NOT EXISTS presence AS
+    SELECT device, last_seen, via, peer, offline_after_s,
+           (julianday('now') - 2440587.5) * 86400.0 - last_seen / 1e9 <= offline_after_s AS online
+    FROM devices;
 """
+
+UPSERT_DEVICE = (
+    "INSERT INTO devices (device, last_seen, via, peer, offline_after_s) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (device) DO UPDATE SET last_seen = excluded.last_seen, via = excluded.via,"
+    " peer = excluded.peer, offline_after_s = excluded.offline_after_s WHERE excluded.last_seen >= devices.last_seen"
+)
 
 UPSERT_LATEST = (
     "INSERT INTO latest (device, field, ts, value) VALUES (?, ?, ?, ?)"
@@ -69,13 +86,14 @@ class SqliteSink:
     name = "sqlite"
     takes_rollups = True
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, offline_after_s: Callable[[str], float] | None = None) -> None:
         self.path = path
+        self.offline_after_s = offline_after_s or (lambda device: 900.0)
         self.db: sqlite3.Connection | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> "SqliteSink":
-        return cls(db_path(cfg))
+        return cls(db_path(cfg), cfg.offline_after_s)
 
     def connect(self) -> None:
         self.db = open_db(self.path)
@@ -103,6 +121,7 @@ class SqliteSink:
                 if seen is None or ts >= seen[0]:
                     latest[key] = (ts, value)
         events = [(e.device, e.ts, e.kind, orjson.dumps(e.body).decode()) for e in batch.events]
+        devices = [(s.device, s.ts, s.listener, s.peer, self.offline_after_s(s.device)) for s in batch.seen]
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -112,6 +131,8 @@ class SqliteSink:
                     self.db.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)", events)
                 if rollups:
                     self.db.executemany(UPSERT_ROLLUP, rollups)
+                if devices:
+                    self.db.executemany(UPSERT_DEVICE, devices)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")

@@ -1,0 +1,623 @@
+"""The commands worker: commands down to devices, automatic replies, and where each device is reached.
+
+Sockets:
+    command   ROUTER  bind    <- clients REQ          JSON requests, one JSON reply each (docs/commands.md)
+    seen      PULL    bind    <- parsers PUSH         ``seen``: where devices were seen, command acks,
+                                                      automatic replies to send
+    downlink  ROUTER  bind    <-> edge, MQTT DEALER   ``deliver`` a line to a device; ``delivered`` back
+    live      PUB     connect -> query SUB            ``stats``
+
+Requests::
+
+    {"op":"send","device":"ID","command":{"cmd":"interval","value":30}}
+        -> {"ok":true,"id":"c5f3a9e1","device":"ID","status":"delivered","via":"text 10.0.0.7:51234"}
+    optional: "id" (else one is made), "ttl_s" (else [commands] expire_after_s), "wait_s" (wait this
+    long for a device that is not connected before answering "queued")
+    {"op":"commands","device":"ID","limit":50}  -> {"ok":true,"commands":[{...}, ...]}
+    {"op":"cancel","id":"c5f3a9e1"}             -> {"ok":true,"id":"c5f3a9e1","status":"cancelled"}
+
+``status`` is what happened: ``delivered`` (written to the device's connection, or published to its
+downlink topic and taken by the broker), ``queued`` (the device is not connected: it gets the command
+when it next shows up), ``expired``, ``unknown device`` (never seen, not in ``[devices]``: nothing
+queued). The device's id is put first in the JSON it gets (``{"id":"c42","cmd":"interval",...}``).
+
+A device is reached the way its newest frame came: the edge connection it came on (text listeners;
+a binary connection takes no commands) or, for MQTT, the subscription's ``downlink`` topic while the
+device is online. Commands are kept in ``<data>/commands.db`` until delivered or expired, so they
+survive restarts. A device that acknowledges commands (``{"cmd_ack":"c42","ok":true}``, as the
+sensorpipe firmware does) gets a command it has not acknowledged again when it comes back on a new
+connection (the firmware applies an id once); one that never acknowledges gets each command once.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+import zmq
+
+from workers import envelope, runtime
+from workers.config import Config
+from workers.envelope import Ack, Downlink, Seen
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024
+DELIVERY_TIMEOUT_S = 30.0        # a transport that has not answered by then is taken as not having delivered
+MAX_WAIT_S = 3600.0
+ROUTE_FLUSH_S = 10.0             # last_seen of known devices is written down this often
+PRUNE_EVERY_S = 3600.0
+EDGE, MQTT = b"edge", b"mqtt"    # the transports' identities on the downlink socket
+
+QUEUED, DELIVERED, ACKED, FAILED, EXPIRED, CANCELLED = "queued", "delivered", "acked", "failed", "expired", "cancelled"
+UNKNOWN_DEVICE = "unknown device"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY, device TEXT NOT NULL, payload TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL, delivered_ms INTEGER,
+    via TEXT, error TEXT, done_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device, created_ms);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY, last_seen INTEGER NOT NULL, listener TEXT, conn_id INTEGER, peer TEXT,
+    acks INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"""
+
+
+class RequestError(Exception):
+    """A bad request: answered ``{"ok": false, "error": ...}``."""
+
+
+@dataclass
+class Command:
+    id: str
+    device: str
+    payload: bytes                    # the JSON object the device gets, "id" first
+    created_ms: int
+    expires_ms: int
+    state: str = QUEUED
+    attempts: int = 0
+    delivered_ms: int | None = None
+    via: str = ""
+    error: str | None = None
+    done_ms: int | None = None
+    delivered_on: tuple[str, int] | None = None   # (listener, conn_id) of the last delivery
+    inflight: int = 0                             # ref of a delivery under way
+
+    def row(self) -> tuple:
+        return (self.id, self.device, self.payload.decode(), self.created_ms, self.expires_ms, self.state,
+                self.attempts, self.delivered_ms, self.via, self.error, self.done_ms)
+
+    def describe(self) -> dict:
+        return {"id": self.id, "device": self.device, "command": orjson.loads(self.payload), "status": self.state,
+                "created": self.created_ms, "expires": self.expires_ms, "attempts": self.attempts,
+                "delivered": self.delivered_ms, "via": self.via, "error": self.error}
+
+
+@dataclass
+class Route:
+    listener: str
+    conn_id: int
+    peer: str
+
+    @property
+    def mqtt(self) -> bool:
+        return self.listener.startswith("mqtt:")
+
+    def describe(self) -> str:
+        return f"{self.listener} {self.peer}"
+
+
+@dataclass
+class DeviceState:
+    last_seen: int                     # arrival of its newest frame, Unix ns
+    route: Route | None = None         # None: only seen where commands cannot go (a binary port)
+    acks: bool = False                 # it has acknowledged a command: it gets unacknowledged ones again
+    dirty: bool = False
+
+
+@dataclass
+class Pending:
+    """A delivery the transport has not answered yet."""
+    deadline: float
+    command_id: str | None             # None for an automatic reply
+    route: Route
+
+
+@dataclass
+class Waiter:
+    """A client waiting for its send to be answered."""
+    route: list[bytes]
+    command_id: str
+    reply_at: float                    # monotonic: answer with the status at that time
+    wait: bool                         # True: answer early only once delivered or expired
+    sent: bool = field(default=False)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+SELECT_COMMANDS = ("SELECT id, device, payload, created_ms, expires_ms, state, attempts, delivered_ms, via, error,"
+                   " done_ms FROM commands")
+
+
+def _command(row: tuple) -> Command:
+    return Command(row[0], row[1], row[2].encode(), *row[3:])
+
+
+class CommandStore:
+    """``<data>/commands.db``: open commands and finished ones for a while, and the devices met."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def save(self, command: Command) -> None:
+        self.db.execute("INSERT OR REPLACE INTO commands VALUES (?,?,?,?,?,?,?,?,?,?,?)", command.row())
+
+    def open_commands(self) -> list[Command]:
+        rows = self.db.execute(SELECT_COMMANDS + " WHERE state IN (?, ?) AND done_ms IS NULL ORDER BY created_ms",
+                               (QUEUED, DELIVERED)).fetchall()
+        return [_command(r) for r in rows]
+
+    def get(self, command_id: str) -> Command | None:
+        row = self.db.execute(SELECT_COMMANDS + " WHERE id = ?", (command_id,)).fetchone()
+        return _command(row) if row else None
+
+    def listing(self, device: str | None, limit: int) -> list[Command]:
+        if device:
+            rows = self.db.execute(SELECT_COMMANDS + " WHERE device = ? ORDER BY created_ms DESC LIMIT ?",
+                                   (device, limit)).fetchall()
+        else:
+            rows = self.db.execute(SELECT_COMMANDS + " ORDER BY created_ms DESC LIMIT ?", (limit,)).fetchall()
+        return [_command(r) for r in rows]
+
+    def save_devices(self, devices: dict[str, DeviceState]) -> None:
+        rows = [(d, s.last_seen, s.route.listener if s.route else None, s.route.conn_id if s.route else None,
+                 s.route.peer if s.route else None, int(s.acks)) for d, s in devices.items()]
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("INSERT OR REPLACE INTO devices VALUES (?,?,?,?,?,?)", rows)
+
+    def devices(self) -> dict[str, DeviceState]:
+        out = {}
+        for device, last_seen, listener, conn_id, peer, acks in self.db.execute("SELECT * FROM devices"):
+            route = Route(listener, conn_id, peer) if listener else None
+            out[device] = DeviceState(last_seen, route, bool(acks))
+        return out
+
+    def prune(self, before_ms: int) -> int:
+        return self.db.execute("DELETE FROM commands WHERE done_ms IS NOT NULL AND done_ms < ?", (before_ms,)).rowcount
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Commands:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.counters = runtime.Counters("commands")
+        self.store = CommandStore(Path(cfg.data_dir) / "commands.db")
+        self.devices = self.store.devices()
+        self.open: dict[str, Command] = {c.id: c for c in self.store.open_commands()}
+        self.pending: dict[int, Pending] = {}
+        self.waiters: list[Waiter] = []
+        self.binary_listeners = {lst.name for lst in cfg.listeners if lst.framing == "binary"}
+        self._ref = 0
+        self.front: zmq.Socket | None = None
+        self.downlink: zmq.Socket | None = None
+        self.ops: dict[str, Callable[[dict, list[bytes]], dict | None]] = {
+            "send": self.op_send, "commands": self.op_commands, "cancel": self.op_cancel,
+            "ping": lambda request, route: {"ok": True},
+        }
+
+    # ------------------------------------------------------------------ requests
+
+    def answer(self, route: list[bytes], raw: bytes) -> dict | None:
+        """The reply to a request, or None when it is answered later (a send waiting for its transport).
+        Never raises: a bad request gets ``{"ok": false, "error": ...}``."""
+        self.counters.add("requests")
+        try:
+            if len(raw) > MAX_REQUEST_BYTES:
+                raise RequestError(f"request larger than {MAX_REQUEST_BYTES} bytes")
+            try:
+                request = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise RequestError(f"request is not JSON: {exc}") from None
+            if not isinstance(request, dict):
+                raise RequestError("request must be a JSON object")
+            op = request.get("op")
+            handler = self.ops.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise RequestError(f"unknown op {op!r}; known: {sorted(self.ops)}")
+            return handler(request, route)
+        except RequestError as exc:
+            self.counters.add("bad_requests")
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug answering one request must not take the worker down
+            log.exception("request failed: %r", raw[:200])
+            return {"ok": False, "error": f"internal error: {exc!r}"}
+
+    def op_send(self, request: dict, route: list[bytes]) -> dict | None:
+        device = request.get("device")
+        if not isinstance(device, str) or not device:
+            raise RequestError('"device" must be a non-empty string')
+        command = request.get("command")
+        if not isinstance(command, dict):
+            raise RequestError('"command" must be a JSON object, e.g. {"cmd":"interval","value":30}')
+        command_id = request.get("id", command.get("id"))
+        if command_id is None:
+            command_id = "c" + secrets.token_hex(4)
+        if isinstance(command_id, bool) or not isinstance(command_id, (str, int)) or not str(command_id):
+            raise RequestError('"id" must be a non-empty string or a number')
+        ttl_s = _number(request, "ttl_s", self.cfg.commands.expire_after_s)
+        wait_s = min(_number(request, "wait_s", 0.0, zero_ok=True), MAX_WAIT_S)
+        if device not in self.devices and device not in self.cfg.devices:
+            self.counters.add("unknown_device")
+            return {"ok": False, "device": device, "status": UNKNOWN_DEVICE,
+                    "error": f"device {device!r} has never been seen and is not in [devices]: nothing queued"}
+        payload = orjson.dumps({"id": command_id, **{k: v for k, v in command.items() if k != "id"}})
+        command_id = str(command_id)
+        existing = self.open.get(command_id) or self.store.get(command_id)
+        if existing is not None:
+            if existing.device != device or existing.payload != payload:
+                raise RequestError(f"id {command_id!r} is already used by another command")
+            cmd = existing                  # the same send again (its reply was lost): say how it stands
+        else:
+            queued = sum(1 for c in self.open.values() if c.device == device and c.state == QUEUED)
+            if queued >= self.cfg.commands.max_queued_per_device:
+                raise RequestError(f"{queued} commands already queued for {device!r}"
+                                   " ([commands] max_queued_per_device)")
+            created = now_ms()
+            cmd = Command(command_id, device, payload, created, created + int(ttl_s * 1000))
+            self.store.save(cmd)                # durable before anything is tried
+            self.open[cmd.id] = cmd
+            self.counters.add("commands")
+        if cmd.state == QUEUED:
+            self.try_deliver(cmd)
+        if cmd.inflight or (wait_s and cmd.state == QUEUED):
+            at = time.monotonic() + max(wait_s, self.cfg.commands.reply_timeout_s if cmd.inflight else 0)
+            self.waiters.append(Waiter(route, cmd.id, at, wait=bool(wait_s)))
+            return None
+        return self.status_reply(cmd)
+
+    def op_commands(self, request: dict, route: list[bytes]) -> dict:
+        device = request.get("device")
+        if device is not None and (not isinstance(device, str) or not device):
+            raise RequestError('"device" must be a non-empty string')
+        limit = int(_number(request, "limit", 50))
+        commands = []
+        for stored in self.store.listing(device, limit):
+            commands.append(self.open.get(stored.id, stored).describe())
+        return {"ok": True, "commands": commands}
+
+    def op_cancel(self, request: dict, route: list[bytes]) -> dict:
+        command_id = request.get("id")
+        if not isinstance(command_id, (str, int)) or isinstance(command_id, bool):
+            raise RequestError('"id" must be a command id')
+        cmd = self.open.get(str(command_id))
+        if cmd is None:
+            stored = self.store.get(str(command_id))
+            if stored is None:
+                raise RequestError(f"no command {command_id!r}")
+            raise RequestError(f"command {command_id!r} is {stored.state}: only a queued one can be cancelled")
+        if cmd.state != QUEUED:
+            raise RequestError(f"command {cmd.id!r} is {cmd.state}: only a queued one can be cancelled")
+        self.finish(cmd, CANCELLED)
+        return self.status_reply(cmd)
+
+    def status_reply(self, cmd: Command) -> dict:
+        reply: dict[str, Any] = {"ok": cmd.state != EXPIRED, "id": cmd.id, "device": cmd.device, "status": cmd.state}
+        if cmd.state == QUEUED:
+            reply["expires"] = cmd.expires_ms
+            state = self.devices.get(cmd.device)
+            reply["reason"] = cmd.error or ("not connected" if state and state.route else "never seen where"
+                                            " commands can reach it" if state else "never seen yet")
+        elif cmd.via:
+            reply["via"] = cmd.via
+        return reply
+
+    # ------------------------------------------------------------------ delivering
+
+    def transport(self, route: Route) -> bytes:
+        return MQTT if route.mqtt else EDGE
+
+    def reachable(self, device: str) -> Route | None:
+        state = self.devices.get(device)
+        if state is None or state.route is None:
+            return None
+        if state.route.mqtt and time.time_ns() - state.last_seen > self.cfg.offline_after_s(device) * 1e9:
+            return None                 # an MQTT device that is offline would miss the publication
+        return state.route
+
+    def send_downlink(self, route: Route, device: str, payload: bytes, command_id: str | None) -> int:
+        """Hand a line to the device's transport; the ref to wait for, or 0 if the transport is away."""
+        assert self.downlink is not None
+        self._ref += 1
+        ref = self._ref
+        line = Downlink(device, route.listener, route.conn_id, route.peer, payload)
+        try:
+            self.downlink.send_multipart(envelope.deliver_message([self.transport(route)], ref, line), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:       # EHOSTUNREACH: that transport is not running; EAGAIN: it is stuck
+            self.counters.add("transport_away")
+            log.debug("transport %s away: %s", self.transport(route), exc)
+            return 0
+        self.pending[ref] = Pending(time.monotonic() + DELIVERY_TIMEOUT_S, command_id, route)
+        return ref
+
+    def try_deliver(self, cmd: Command) -> bool:
+        if cmd.inflight:
+            return False
+        route = self.reachable(cmd.device)
+        if route is None:
+            return False
+        cmd.inflight = self.send_downlink(route, cmd.device, cmd.payload, cmd.id)
+        if not cmd.inflight:
+            cmd.error = f"the {self.transport(route).decode()} worker is not running"
+        return bool(cmd.inflight)
+
+    def delivered(self, ref: int, error: str | None) -> None:
+        pending = self.pending.pop(ref, None)
+        if pending is None:
+            return                          # answered after its deadline: it was retried or is moot
+        if pending.command_id is None:
+            self.counters.add("replies_sent" if error is None else "replies_not_delivered")
+            return
+        cmd = self.open.get(pending.command_id)
+        if cmd is None:
+            return
+        cmd.inflight = 0
+        if error is not None:
+            self.counters.add("delivery_failures")
+            cmd.error = error
+            self.notify(cmd, final=False)
+            return
+        first = cmd.state == QUEUED
+        cmd.state, cmd.error = DELIVERED, None
+        cmd.attempts += 1
+        cmd.delivered_ms = now_ms()
+        cmd.delivered_on = (pending.route.listener, pending.route.conn_id)
+        cmd.via = pending.route.describe()
+        self.store.save(cmd)
+        self.counters.add("delivered" if first else "delivered_again")
+        log.info("command %s %s to %s via %s", cmd.id, "delivered" if first else "delivered again", cmd.device,
+                 cmd.via)
+        self.notify(cmd, final=True)
+
+    def finish(self, cmd: Command, state: str, error: str | None = None) -> None:
+        cmd.state, cmd.done_ms = state, now_ms()
+        if error is not None:
+            cmd.error = error
+        self.store.save(cmd)
+        self.open.pop(cmd.id, None)
+        self.notify(cmd, final=True)
+
+    def notify(self, cmd: Command, final: bool) -> None:
+        """Answer the clients waiting for ``cmd``: at once when it is settled, else those not waiting."""
+        for waiter in self.waiters:
+            if waiter.command_id == cmd.id and not waiter.sent and (final or not waiter.wait):
+                self.reply(waiter, self.status_reply(cmd))
+
+    def reply(self, waiter: Waiter, message: dict) -> None:
+        waiter.sent = True
+        assert self.front is not None
+        try:
+            self.front.send_multipart([*waiter.route, orjson.dumps(message)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.counters.add("replies_to_clients_lost")
+
+    # ------------------------------------------------------------------ what the parsers saw
+
+    def on_seen(self, seen: list[Seen], acks: list[Ack], replies: list[Downlink]) -> None:
+        came_back: set[str] = set()
+        for entry in seen:
+            state = self.devices.get(entry.device)
+            if state is None:
+                state = self.devices[entry.device] = DeviceState(entry.ts, dirty=True)
+                self.counters.add("new_devices")
+            if entry.ts >= state.last_seen:
+                state.last_seen, state.dirty = entry.ts, True
+            if entry.listener in self.binary_listeners:     # present, but no way down on that connection
+                continue
+            route = state.route
+            if route is None or (route.listener, route.conn_id, route.peer) != (entry.listener, entry.conn_id, entry.peer):
+                state.route = Route(entry.listener, entry.conn_id, entry.peer)
+                state.dirty = True
+            came_back.add(entry.device)
+        for ack in acks:
+            self.on_ack(ack)
+        for line in replies:
+            route = Route(line.listener, line.conn_id, line.peer)
+            if route.listener in self.binary_listeners or not self.send_downlink(route, line.device, line.payload, None):
+                self.counters.add("replies_not_delivered")
+        if came_back and self.open:
+            for cmd in sorted(self.open.values(), key=lambda c: c.created_ms):
+                if cmd.device in came_back:
+                    self.deliver_again_or_first(cmd)
+
+    def deliver_again_or_first(self, cmd: Command) -> None:
+        if cmd.state == QUEUED:
+            self.try_deliver(cmd)
+            return
+        state = self.devices.get(cmd.device)
+        if state is None or not state.acks or state.route is None:
+            return
+        if cmd.delivered_on != (state.route.listener, state.route.conn_id):
+            self.try_deliver(cmd)           # a new connection, and no ack yet: the firmware applies an id once
+
+    def on_ack(self, ack: Ack) -> None:
+        state = self.devices.get(ack.device)
+        if state is not None and not state.acks:
+            state.acks, state.dirty = True, True
+        cmd = self.open.get(ack.command_id)
+        if cmd is None or cmd.device != ack.device:
+            self.counters.add("acks_for_unknown_commands")
+            return
+        self.counters.add("acked" if ack.ok else "refused_by_device")
+        log.info("command %s %s by %s%s", cmd.id, "acknowledged" if ack.ok else "REFUSED", cmd.device,
+                 f": {ack.error}" if ack.error else "")
+        if cmd.state == QUEUED:         # acked before its delivered answer came back
+            cmd.attempts += 1
+            cmd.delivered_ms = now_ms()
+        self.finish(cmd, ACKED if ack.ok else FAILED, ack.error)
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> None:
+        for ref, pending in list(self.pending.items()):
+            if now >= pending.deadline:
+                self.delivered(ref, "the transport did not answer")
+        wall = now_ms()
+        for cmd in list(self.open.values()):
+            if wall >= cmd.expires_ms and not cmd.inflight:
+                if cmd.state == QUEUED:
+                    self.counters.add("expired")
+                    log.info("command %s for %s expired undelivered", cmd.id, cmd.device)
+                    self.finish(cmd, EXPIRED)
+                else:                   # delivered, never acknowledged: no more tries
+                    cmd.done_ms = wall
+                    self.store.save(cmd)
+                    self.open.pop(cmd.id, None)
+        for waiter in self.waiters:
+            if not waiter.sent and now >= waiter.reply_at:
+                cmd = self.open.get(waiter.command_id) or self.store.get(waiter.command_id)
+                if cmd is not None:
+                    self.reply(waiter, self.status_reply(cmd))
+        self.waiters = [w for w in self.waiters if not w.sent]
+
+    def save_devices(self) -> None:
+        dirty = {d: s for d, s in self.devices.items() if s.dirty}
+        if dirty:
+            self.store.save_devices(dirty)
+            for state in dirty.values():
+                state.dirty = False
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
+        cfg = self.cfg
+        self.front = front = runtime.socket(ctx, zmq.ROUTER, bind=cfg.endpoints.command)
+        notices = runtime.socket(ctx, zmq.PULL, bind=cfg.endpoints.seen, hwm=10000)
+        downlink = ctx.socket(zmq.ROUTER)
+        downlink.linger = 0
+        downlink.setsockopt(zmq.ROUTER_MANDATORY, 1)      # a transport that is not there raises, not drops
+        downlink.setsockopt(zmq.ROUTER_HANDOVER, 1)       # a restarted edge takes its identity back
+        downlink.bind(cfg.endpoints.downlink)
+        self.downlink = downlink
+        live = runtime.socket(ctx, zmq.PUB, connect=cfg.endpoints.live)
+        poller = zmq.Poller()
+        for sock in (front, notices, downlink):
+            poller.register(sock, zmq.POLLIN)
+        next_save = next_prune = 0.0
+        log.info("commands: answering on %s, %d open commands, %d devices known", cfg.endpoints.command,
+                 len(self.open), len(self.devices))
+        try:
+            while not stop:
+                events = dict(poller.poll(runtime.POLL_MS))
+                if downlink in events:
+                    for _ in range(256):
+                        try:
+                            message = downlink.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        try:
+                            self.delivered(*envelope.parse_delivered(message))
+                        except envelope.EnvelopeError as exc:
+                            self.counters.add("bad_messages")
+                            log.warning("ignoring a bad downlink message: %s", exc)
+                if notices in events:
+                    for _ in range(256):
+                        try:
+                            message = notices.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        try:
+                            self.on_seen(*envelope.parse_seen_message(message))
+                        except envelope.EnvelopeError as exc:
+                            self.counters.add("bad_messages")
+                            log.warning("ignoring a bad seen message: %s", exc)
+                if front in events:
+                    for _ in range(64):
+                        try:
+                            message = front.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if len(message) < 3 or message[-2] != b"":
+                            self.counters.add("bad_messages")     # not from a REQ socket: nowhere to answer
+                            continue
+                        reply = self.answer(message[:-1], message[-1])
+                        if reply is not None:
+                            front.send_multipart([*message[:-1], orjson.dumps(reply)])
+                now = time.monotonic()
+                self.tick(now)
+                if now >= next_save:
+                    next_save = now + ROUTE_FLUSH_S
+                    self.save_devices()
+                if now >= next_prune:
+                    next_prune = now + PRUNE_EVERY_S
+                    pruned = self.store.prune(now_ms() - int(cfg.commands.keep_done_s * 1000))
+                    if pruned:
+                        log.info("commands: forgot %d finished commands older than %.0f s", pruned,
+                                 cfg.commands.keep_done_s)
+                self.counters["open_commands"] = len(self.open)
+                self.counters["devices_known"] = len(self.devices)
+                self.counters.publish_due(live)
+        finally:
+            try:
+                self.save_devices()
+            finally:
+                for sock in (front, notices, downlink, live):
+                    sock.close(linger=0)
+                self.store.close()
+                log.info("commands: stopped")
+
+
+def _number(request: dict, key: str, default: float, zero_ok: bool = False) -> float:
+    value = request.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero_ok):
+        raise RequestError(f'"{key}" must be a number {"0 or more" if zero_ok else "more than 0"}')
+    return float(value)
+
+
+# --------------------------------------------------------------------------- client
+
+
+def request(endpoint: str, message: dict, timeout_s: float = 2.5) -> dict:
+    """Ask the commands worker; raise ``QueryError`` if it does not answer (one try: a send is not
+    repeated blindly, though sending the same id again is safe)."""
+    from workers.query import QueryError
+
+    ctx = zmq.Context()
+    try:
+        sock = runtime.socket(ctx, zmq.REQ, connect=endpoint)
+        try:
+            sock.send(orjson.dumps(message))
+            if sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+                return orjson.loads(sock.recv())
+        finally:
+            sock.close(linger=0)
+        raise QueryError(f"no answer from the commands worker at {endpoint} in {timeout_s:g} s: is the"
+                         " pipeline running? (`sensorpipe ctl status` shows the commands worker)")
+    finally:
+        ctx.term()
+
+
+def main(cfg: Config) -> int:
+    stop = runtime.StopFlag().install()
+    ctx = zmq.Context()
+    try:
+        Commands(cfg).run(ctx, stop)
+    finally:
+        ctx.term()
+    return runtime.EXIT_OK
