@@ -44,6 +44,15 @@ def test_bad_sink_settings_name_the_key(table: dict, message: str) -> None:
         load({"sinks": table})
 
 
+def test_one_endpoint_under_two_names_is_refused() -> None:
+    with pytest.raises(ConfigError, match="sinks.influx.endpoint: tcp://127.0.0.1:5571 is sinks.sqlite.endpoint"):
+        load({"sinks": {"influx": {"enabled": True, "endpoint": "tcp://127.0.0.1:5571"}}})
+    with pytest.raises(ConfigError, match="rollups.endpoint"):
+        load({"rollups": {"endpoint": "tcp://127.0.0.1:5555"}})
+    load({"sinks": {"influx": {"enabled": True}, "mongo": {"enabled": True}, "webhook": {"enabled": True,
+          "hooks": [{"url": "http://127.0.0.1:9/h"}]}}})          # the defaults never collide
+
+
 def test_passwords_stay_out_of_messages() -> None:
     assert redact_url("mongodb://user:pa55@db:27017/x") == "mongodb://user:***@db:27017/x"
     assert redact_url("mongodb://db:27017") == "mongodb://db:27017"

@@ -477,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", help="rollups of this window (1m, 1h... as configured); without it, the raw readings")
     p.add_argument("--since", default="1h", help="how far back: 90s, 30m, 6h, 7d (default 1h)")
     p.add_argument("--chart-only", action="store_true", help="only the sparkline, no table")
+    query_opts(p)
     p = add("send", cmd_send)
     p.add_argument("device")
     p.add_argument("command", help='a JSON object, e.g. \'{"cmd":"interval","value":30}\'')
