@@ -466,6 +466,7 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
     store = system.store
     extra = ["--format", fmt, "--measurement", getattr(store, "measurement", "sim")]
     cpu_before = children_cpu()
+    profilers = bench.profile(system, f"{system.label}-{devices}")
     meter.start()
     if vm_meter:
         vm_meter.start()
@@ -505,6 +506,10 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
     run.processes = meter.stop()
     if vm_meter:
         run.db_cpu_s = vm_meter.stop()["victoria-metrics"]["cpu_s"]
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)
+    for profiler in profilers:
+        profiler.wait(30)
     assert summary is not None
     run.sim_cpu_s = round(sim.cpu_s - cpu_before, 2)
     count = store.count(summary)
@@ -743,6 +748,19 @@ class Bench:
     def add(self, run: Run, group: str) -> None:
         self.results["runs"].append({"group": group, **asdict(run)})
 
+    def profile(self, system: System, name: str) -> list[subprocess.Popen]:
+        """py-spy on every process of the system (``--profile DIR``): collapsed stacks per process."""
+        if not self.args.profile or not system.children:
+            return []
+        out = Path(self.args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy") or str(Path(PYTHON).with_name("py-spy"))
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        return [subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                                  "--nonblocking", "-o", str(out / f"{slug}--{label.replace(':', '')}.txt")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for label, pid in system.pids().items() if label != "node-red"]
+
     def with_system(self, system: System, body: Callable[[System], Any]) -> Any:
         system.start()
         try:
@@ -903,6 +921,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "parsers, latency, connections, query")
     parser.add_argument("--out", default=str(RESULTS), help="where to write last-run.md and last-run.json")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy every Python process of the systems under test "
+                                                        "(collapsed stacks in DIR; see benchmarks/profile_top.py)")
     args = parser.parse_args(argv)
     bench = Bench(args)
     log(f"work directory {bench.work}; load average {os.getloadavg()[0]:.2f}")

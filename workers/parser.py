@@ -21,7 +21,7 @@ import zmq
 from workers import envelope, runtime
 from workers.config import Config
 from workers.deadletters import DeadLetter, DeadLetterStore
-from workers.decoders import REGISTRY, Context, DecodeError
+from workers.decoders import REGISTRY, Context, DecodeError, Decoder
 from workers.envelope import Event, Reading
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,21 @@ class Parser:
         events: list[Event] = []
         dead: list[DeadLetter] = []
         devices = self.cfg.devices
+        per_conn: dict[int, tuple[str, Decoder, str]] = {}      # id(conn) -> listener, decoder, device
         for frame in envelope.iter_frames(body, conns):
             conn = frame.conn
-            listener = self.listeners.get(conn.listener)
-            default_device = (listener.default_device if listener else "") or conn.peer.rsplit(":", 1)[0]
+            known = per_conn.get(id(conn))
+            if known is None:
+                listener = self.listeners.get(conn.listener)
+                decoder_name = listener.decoder if listener else "auto"
+                known = per_conn[id(conn)] = (
+                    decoder_name, REGISTRY[decoder_name],
+                    (listener.default_device if listener else "") or conn.peer.rsplit(":", 1)[0])
+            decoder_name, decoder, default_device = known
             if frame.reject is not None:
                 dead.append(DeadLetter(frame.recv_ts, "edge", conn.listener, conn.peer, default_device,
                                        frame.reject, frame.payload))
                 continue
-            decoder = REGISTRY[listener.decoder if listener else "auto"]
             try:
                 items = decoder(frame.payload, Context(default_device, frame.recv_ts, self.cfg))
             except DecodeError as exc:
@@ -61,8 +67,7 @@ class Parser:
                                        exc.reason, frame.payload))
                 continue
             except Exception as exc:  # a decoder bug must not cost anyone else's data
-                log.exception("decoder %s failed on %r", listener.decoder if listener else "auto",
-                              frame.payload[:80])
+                log.exception("decoder %s failed on %r", decoder_name, frame.payload[:80])
                 dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
                                        f"decoder error: {exc!r}"[:200], frame.payload))
                 continue

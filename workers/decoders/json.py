@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from workers.decoders import DecodeError  # defined before the registry imports this module
 from workers.decoders.timestamps import to_ns
 from workers.envelope import Event, FieldValue, Reading
 
@@ -29,8 +30,6 @@ MAX_DEPTH = 8
 
 
 def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
-    from workers.decoders import DecodeError
-
     try:
         doc = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
@@ -47,8 +46,6 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
 
 
 def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Event]:
-    from workers.decoders import DecodeError
-
     opts = ctx.config.decoders.json
     device = ctx.device
     used: set[str] = set()
@@ -78,7 +75,12 @@ def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Ev
     fields: dict[str, FieldValue] = {}
     failed: list[str] = []
     for key, value in source.items():
-        if key not in used:
+        if key in used:
+            continue
+        kind = type(value)
+        if kind is float or kind is int or kind is str or kind is bool:     # the common case, inline
+            fields[key] = value
+        else:
             _flatten(key, value, fields, failed, 0)
     out: list[Reading | Event] = []
     if fields:
