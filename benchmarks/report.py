@@ -116,7 +116,7 @@ def render(results: dict[str, Any]) -> str:
         for r in sorted(scaling + ([dict(two, note="2 parsers")] if two else []), key=lambda r: r["note"]):
             rows.append([r["note"], fmt(r["stored"]), fmt(r["lost"]), fmt(r["duplicates"]), fmt(r["rate"]),
                          fmt(r["cpu_per_100k"], 2)])
-        out += ["", f"## Parser processes ({base_devices:,} devices, InfluxDB sink)", "",
+        out += ["", f"## Parser processes ({base_devices:,} devices, {scaling[0]['system']})", "",
                 table(["parsers", "stored", "lost", "dup", "readings/s", "CPU s / 100k"], rows)]
 
     lat = results.get("latency")

@@ -581,9 +581,7 @@ def latency(bench: "Bench", pipe: SensorPipe, rate: float, seconds: float) -> di
     summary = sim.finish(timeout=seconds + 30)
     processes = meter.stop()
     # the background load at this rate: everything stored?
-    deadline = time.time() + 15
-    while time.time() < deadline and pipe.store.samples() < summary["sent"] + seq:
-        time.sleep(0.2)
+    wait_until(lambda: pipe.store.samples() >= summary["sent"], 15)   # (the probe's readings have no temp)
     count = pipe.store.count(summary)
     latencies.sort()
 
@@ -821,7 +819,7 @@ class Bench:
                 m = self.measurement(f"p{parsers}")
                 pipe = SensorPipe(self.sub(f"parsers{parsers}"), self.main_sinks, self.vm, m, parsers=parsers)
                 run = self.with_system(pipe, lambda s: throughput(self, s, devices, load.readings))
-                run.note = f"{parsers} parsers"
+                run.note = f"{parsers} parser" + ("s" if parsers > 1 else "")
                 self.add(run, f"parsers-{parsers}")
         if self.wants("latency"):
             m = self.measurement("lat")

@@ -474,7 +474,7 @@ def run(plan: Plan, progress: bool = False, out=sys.stderr) -> Summary:
                 raise SimulateError("a sending process died while connecting (see above)")
             if progress:
                 connected = sum(counters[s * SLOTS + CONNECTED] for s in range(plan.procs))
-                out.write(f"\rpreparing: {connected}/{plan.devices} boards connected ")
+                out.write(f"\rpreparing: {connected:,}/{plan.devices:,} boards connected\x1b[K")
                 out.flush()
             time.sleep(0.05)
         go.set()
@@ -529,7 +529,7 @@ def _draw(plan: Plan, counters, out) -> None:
     acks = f"  acks {_total(counters, plan, ACKS):,}" if plan.acked else ""
     rate = sent / elapsed if elapsed > 0 else 0.0
     out.write(f"\r[{bar}] {sent:,}/{plan.total:,} readings  {rate:,.0f}/s{acks}"
-              f"  errors {_total(counters, plan, ERRORS)}  {elapsed:.1f} s ")
+              f"  errors {_total(counters, plan, ERRORS)}  {elapsed:.1f} s\x1b[K")
     out.flush()
 
 
