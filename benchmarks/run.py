@@ -51,6 +51,7 @@ RESULTS = BENCH / "results"
 NODERED_DIR = REPO / ".cache" / "nodered"
 NODERED_RED = NODERED_DIR / "node_modules" / "node-red" / "red.js"
 POLL_S = 0.1                       # how often the store is counted while a workload runs
+IDLE_CPU_SHARE = 0.05              # a system using less CPU than this (of one core) has stopped working
 START_TIMEOUT_S = 60.0
 FIELDS = ("temp", "humi", "rssi")
 
@@ -117,6 +118,10 @@ class Meter:
 
     def start(self) -> None:
         self.cpu0 = {label: self._cpu(p) for label, p in self.procs.items()}
+
+    def total(self) -> float:
+        """CPU seconds of all the processes so far (for telling a stalled system from a busy one)."""
+        return sum(self._cpu(p) for p in self.procs.values())
 
     def stop(self) -> dict[str, dict[str, float]]:
         return {label: {"cpu_s": round(self._cpu(p) - self.cpu0.get(label, 0.0), 3),
@@ -475,6 +480,7 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
     last_count, last_change = -1, time.time()
     checked = -1                       # the sample count at which the stored readings were last counted
     summary: dict[str, Any] | None = None
+    busy: list[tuple[float, float]] = []     # (time, CPU seconds of the system under test)
     while True:
         now_mono = time.monotonic()
         if summary is None and not sim.running():
@@ -483,12 +489,17 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
         now = time.time()
         if n != last_count:
             last_count, last_change = n, now
+        busy.append((now, meter.total() + (vm_meter.total() if vm_meter else 0.0)))
+        while len(busy) > 2 and busy[1][0] < now - stall_s:
+            busy.pop(0)
         if summary is not None:
             if n >= summary["sent"] and n != checked:
                 checked = n
                 if store.count(summary).stored >= summary["sent"]:
                     break
-            if now - last_change > stall_s:
+            # stalled: nothing new stored for a while and the system has stopped working on it
+            idle = busy[-1][1] - busy[0][1] < IDLE_CPU_SHARE * (busy[-1][0] - busy[0][0])
+            if now - last_change > stall_s and idle:
                 break
         if now_mono - started > cap_s:
             run.capped = True

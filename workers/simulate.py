@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import math
 import multiprocessing as mp
 import os
@@ -43,6 +44,7 @@ import signal
 import socket
 import struct
 import sys
+import termios
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -53,6 +55,8 @@ DEFAULT_MEASUREMENT = "sim"
 DEFAULT_MQTT_PORT = 1883
 MAX_CHUNK = 32                  # readings per sendall at full speed
 CONNECT_TIMEOUT_S = 30.0
+MAX_RECONNECTS = 5              # in a row, before a board gives up
+RECONNECT_PAUSE_S = 0.5         # times the failures in a row
 PROGRESS_EVERY_S = 0.25
 BAR_WIDTH = 24
 BINARY_MAX_DEVICES = 255
@@ -69,8 +73,8 @@ MQTT_CONNACK = 4
 MQTT_PUBACK = 4
 
 # Shared counters, one row of SLOTS per worker process.
-SENT, BYTES, ACKS, ERRORS, CONNECTED, FIRST_NS, LAST_NS, STATE = range(8)
-SLOTS = 8
+SENT, BYTES, ACKS, ERRORS, CONNECTED, FIRST_NS, LAST_NS, STATE, RECONNECTS = range(9)
+SLOTS = 9
 READY, RUNNING, DONE = 1, 2, 3
 
 
@@ -217,7 +221,7 @@ def _mqtt_length(n: int) -> bytes:
 class Link:
     """A board's connection and what it still has to send."""
 
-    __slots__ = ("board", "sock", "chunks", "next", "acks", "open")
+    __slots__ = ("board", "sock", "chunks", "next", "acks", "open", "failures", "retry_at")
 
     def __init__(self, board: Board, sock: socket.socket, chunks: list[tuple[bytes, int]]) -> None:
         self.board = board
@@ -226,6 +230,8 @@ class Link:
         self.next = 0
         self.acks = 0                 # ack bytes received (binary: 1 per packet; mqtt: 4 per PUBACK)
         self.open = True
+        self.failures = 0             # reconnects in a row that did not get the next chunk through
+        self.retry_at = 0.0
 
 
 def _worker(plan: Plan, slot: int, indexes: list[int], counters, go, stop) -> None:
@@ -244,6 +250,7 @@ def _worker(plan: Plan, slot: int, indexes: list[int], counters, go, stop) -> No
         _send_all(plan, links, counters, row, stop)
         if plan.acked:
             _collect_acks(plan, links, counters, row, stop)
+        _drain(plan, links, stop)
         deadline = time.monotonic() + plan.hold_s
         while time.monotonic() < deadline and not stop.is_set():
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
@@ -318,7 +325,12 @@ def _mqtt_connect(link: Link) -> bool:
 
 
 def _send_all(plan: Plan, links: list[Link], counters, row: int, stop) -> None:
-    """Round-robin over the boards, one chunk each per round, paced to the plan's rate if it has one."""
+    """Round-robin over the boards, one chunk each per round, paced to the plan's rate if it has one.
+
+    A board whose connection drops (reset, refused) does what a robust board does: it connects again
+    after a pause and sends the chunk that failed once more (so the target may see part of it twice);
+    after ``MAX_RECONNECTS`` failures in a row it gives up and counts an error.
+    """
     per_proc_rate = plan.rate / plan.procs if plan.rate else 0.0
     acked = plan.acked
     started = time.monotonic()
@@ -327,18 +339,29 @@ def _send_all(plan: Plan, links: list[Link], counters, row: int, stop) -> None:
     active = list(links)
     while active and not stop.is_set():
         still = []
+        progressed = False
         for link in active:
+            if not link.open:
+                if time.monotonic() < link.retry_at or not _reconnect(plan, link, counters, row):
+                    if link.failures > MAX_RECONNECTS:
+                        counters[row + ERRORS] += 1            # given up: its readings stay unsent
+                    else:
+                        still.append(link)
+                    continue
             data, n = link.chunks[link.next]
             if not _send(link, data, stop):
-                if link.open:             # stopped mid-chunk: the chunk counts as not sent
-                    break
-                counters[row + ERRORS] += 1
+                if stop.is_set():
+                    break                                      # stopped mid-chunk: it counts as not sent
+                _failed(link)
+                still.append(link)
                 continue
+            progressed = True
+            link.failures = 0
             link.next += 1
             sent += n
             sent_bytes += len(data)
-            if acked:
-                _read_acks(link, counters, row)
+            if acked and not _read_acks(link, counters, row):
+                _failed(link)
             if link.next < len(link.chunks):
                 still.append(link)
             if per_proc_rate:
@@ -353,13 +376,39 @@ def _send_all(plan: Plan, links: list[Link], counters, row: int, stop) -> None:
         counters[row + SENT] = sent
         counters[row + BYTES] = sent_bytes
         counters[row + LAST_NS] = time.time_ns()
+        if not progressed and active:
+            time.sleep(0.05)                                   # every board left is waiting to reconnect
     counters[row + SENT] = sent
     counters[row + BYTES] = sent_bytes
     counters[row + LAST_NS] = time.time_ns()
 
 
+def _failed(link: Link) -> None:
+    link.open = False
+    link.failures += 1
+    link.retry_at = time.monotonic() + RECONNECT_PAUSE_S * link.failures
+    link.sock.close()
+
+
+def _reconnect(plan: Plan, link: Link, counters, row: int) -> bool:
+    try:
+        sock = socket.create_connection((plan.host, plan.port), timeout=CONNECT_TIMEOUT_S)
+    except OSError:
+        link.failures += 1
+        link.retry_at = time.monotonic() + RECONNECT_PAUSE_S * link.failures
+        return False
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    link.sock, link.open = sock, True
+    if plan.fmt == "mqtt" and not _mqtt_connect(link):
+        _failed(link)
+        return False
+    sock.setblocking(False)
+    counters[row + RECONNECTS] += 1
+    return True
+
+
 def _send(link: Link, data: bytes, stop) -> bool:
-    """All of ``data``, or False: the connection failed (``link.open`` cleared) or a stop came."""
+    """All of ``data``, or False: the connection failed or a stop came."""
     view = memoryview(data)
     sock = link.sock
     while view:
@@ -368,28 +417,52 @@ def _send(link: Link, data: bytes, stop) -> bool:
         except BlockingIOError:
             if stop.is_set():
                 return False
-            select.select([], [sock], [], 0.2)
+            _wait(sock, select.POLLOUT, 0.2)
         except OSError:
-            link.open = False
             return False
     return True
 
 
-def _read_acks(link: Link, counters, row: int) -> None:
+def _wait(sock: socket.socket, events: int, timeout_s: float) -> None:
+    poller = select.poll()                 # not select(): descriptors go past 1024 with many boards
+    poller.register(sock, events)
+    poller.poll(timeout_s * 1000)
+
+
+def _unacknowledged_bytes(sock: socket.socket) -> int:
+    """Bytes the target's kernel has not acknowledged yet (SIOCOUTQ)."""
     try:
-        data = link.sock.recv(65536, socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except OSError:
-        link.open = False
-        return
-    if not data:                      # the target hung up
-        link.open = False
-    else:
-        size = MQTT_PUBACK if link.board.plan.fmt == "mqtt" else 1
-        before = link.acks // size
-        link.acks += len(data)
-        counters[row + ACKS] += link.acks // size - before
+        return 0
+
+
+def _drain(plan: Plan, links: list[Link], stop) -> None:
+    """Before hanging up, wait until the target has taken every byte: a board keeps its connection,
+    and closing one the target has not accepted yet (a full listen queue) would lose the data."""
+    deadline = time.monotonic() + plan.ack_timeout_s
+    waiting = [link for link in links if link.open]
+    while waiting and time.monotonic() < deadline and not stop.is_set():
+        waiting = [link for link in waiting if _unacknowledged_bytes(link.sock) > 0]
+        if waiting:
+            time.sleep(0.05)
+
+
+def _read_acks(link: Link, counters, row: int) -> bool:
+    """Count the acks waiting on the connection; False when the target has hung up."""
+    try:
+        data = link.sock.recv(65536)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    if not data:
+        return False
+    size = MQTT_PUBACK if link.board.plan.fmt == "mqtt" else 1
+    before = link.acks // size
+    link.acks += len(data)
+    counters[row + ACKS] += link.acks // size - before
+    return True
 
 
 def _collect_acks(plan: Plan, links: list[Link], counters, row: int, stop) -> None:
@@ -406,7 +479,8 @@ def _collect_acks(plan: Plan, links: list[Link], counters, row: int, stop) -> No
         while waiting and time.monotonic() < deadline and not stop.is_set():
             for key, _ in selector.select(timeout=0.2):
                 link = key.data
-                _read_acks(link, counters, row)
+                if not _read_acks(link, counters, row):
+                    link.open = False
                 if not link.open or link.acks // size >= expected[link]:
                     waiting.discard(link)
                     selector.unregister(link.sock)
@@ -430,6 +504,7 @@ class Summary:
     acks: int | None
     errors: int
     connected: int
+    reconnects: int
     seconds: float
     rate: float
     first_send: float               # Unix time of the first send, s
@@ -513,7 +588,7 @@ def _summarise(plan: Plan, counters, interrupted: bool) -> Summary:
         devices=plan.devices, format=plan.fmt, target=f"{plan.host}:{plan.port}", procs=plan.procs,
         planned=plan.total, sent=sent, unsent=plan.total - sent, bytes=_total(counters, plan, BYTES),
         acks=_total(counters, plan, ACKS) if plan.acked else None, errors=_total(counters, plan, ERRORS),
-        connected=_total(counters, plan, CONNECTED), seconds=round(seconds, 4),
+        connected=_total(counters, plan, CONNECTED), reconnects=_total(counters, plan, RECONNECTS), seconds=round(seconds, 4),
         rate=round(sent / seconds, 1) if seconds > 0 else 0.0, first_send=first / 1e9, last_send=last / 1e9,
         start_ms=plan.start_ms, step_ms=plan.step_ms, prefix=plan.prefix, measurement=plan.measurement,
         interrupted=interrupted)
@@ -548,8 +623,8 @@ def format_summary(s: Summary) -> str:
              f"sent {s.sent:,} of {s.planned:,} readings ({s.bytes / 1e6:.1f} MB) in {s.seconds:.2f} s:"
              f" {s.rate:,.0f} readings/s"]
     acks = "n/a (the format has none)" if s.acks is None else f"{s.acks:,} of {s.sent:,}"
-    lines.append(f"acks: {acks}; errors: {s.errors}; boards connected: {s.connected:,}/{s.devices:,};"
-                 f" not sent: {s.unsent:,}")
+    lines.append(f"acks: {acks}; errors: {s.errors}; boards connected: {s.connected:,}/{s.devices:,}"
+                 f" (reconnects {s.reconnects:,}); not sent: {s.unsent:,}")
     lines.append(f"timestamps: {s.prefix}-* from {s.start_ms} ms, {s.step_ms} ms apart per board")
     return "\n".join(lines)
 
@@ -616,7 +691,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, help=f"readings per send (default {MAX_CHUNK} at full speed)")
     p.add_argument("--qos", type=int, choices=(0, 1), default=0, help="MQTT QoS (1 counts PUBACKs as acks)")
     p.add_argument("--hold", type=float, default=0.0, help="keep the connections open S seconds after sending")
-    p.add_argument("--ack-timeout", type=float, default=10.0, help="seconds to wait for the last acks")
+    p.add_argument("--ack-timeout", type=float, default=30.0,
+                   help="seconds to wait for the last acks, and for the target to take the last bytes")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
