@@ -1,0 +1,335 @@
+# The firmware's main loop, in two modes (config.BATTERY):
+#
+# always on: measure every MEASURE_S and send at once over the chosen
+#   TRANSPORT (json / kv lines on a kept-open text connection, or binary
+#   packets answered by `A`). Unsent readings wait in a bounded backlog; any
+#   socket error closes the connection and the next send reconnects (after a
+#   backoff). Between readings the text connection is read for commands.
+# battery: each wake takes one reading into a buffer kept in RTC memory and
+#   deep-sleeps for MEASURE_S; every WAKE_S it connects, sends the whole
+#   buffer as one binary packet, clears it only after the server's `A`, sends
+#   a status line (rssi, mem_free, dropped) and listens CMD_WAIT_MS for
+#   commands.
+#
+# Connects to: SERVER_HOST:TEXT_PORT (text lines, commands) and
+# SERVER_HOST:BINARY_PORT (one packet per connection).
+
+import commands
+import conf as confmod
+import link
+import packet
+import ringbuf
+import wifi
+
+POLL_MS = 200
+MIN_SLEEP_MS = 1000
+
+
+def log(msg):
+    print(msg)
+
+
+class App:
+    def __init__(self, config, hw=None):
+        if hw is None:
+            import hw
+        self.hw = hw
+        self.config = config
+        self.settings_file = getattr(config, "SETTINGS_FILE", "settings.json")
+        self.settings = confmod.read_settings(self.settings_file)
+        self.conf = c = confmod.load(config, self.settings)
+        self.wifi = wifi.Wifi(hw.sta() if c.WIFI else None, c.WIFI, c.WIFI_TIMEOUT_S, hw, log)
+        self.text = link.TextLink(c.SERVER_HOST, c.TEXT_PORT, c.CONNECT_TIMEOUT_S)
+        self.server_backoff = wifi.Backoff(hw)
+        self.recent = commands.Recent()
+        self.backlog = ringbuf.Backlog(c.BACKLOG_MAX)
+        self.buffer = None
+        self.clock_synced = False
+        self.read_now = False
+        self.reboot = False
+        self.next_at = hw.ticks_ms()
+
+    # ------------------------------------------------------------ readings
+
+    def measure(self):
+        c = self.conf
+        hw = self.hw
+        reading = []
+        if c.DHT_TYPE:
+            th = self._dht()
+            reading.append(("temp", th[0]))
+            reading.append(("humi", th[1]))
+        if c.SOIL_ADC is not None:
+            try:
+                reading.append(("soil", hw.adc_read(c.SOIL_ADC)))
+            except OSError:
+                reading.append(("soil", None))
+        if c.VBAT_ADC is not None:
+            try:
+                volts = hw.vbat_read(c.VBAT_ADC, c.VBAT_SCALE)
+                if volts is not None:  # None: this board cannot read it
+                    reading.append(("vbat", volts))
+            except OSError:
+                reading.append(("vbat", None))
+        return reading
+
+    def _dht(self):
+        # A DHT needs 1-2 s between reads and after power-up: one retry.
+        c = self.conf
+        for attempt in (0, 1):
+            try:
+                return self.hw.dht_read(c.DHT_TYPE, c.DHT_PIN)
+            except OSError as e:
+                log("dht: %r" % (e,))
+                if attempt == 0:
+                    self.hw.sleep_ms(c.DHT_RETRY_MS)
+        return None, None
+
+    def board_figures(self, dropped):
+        out = []
+        rssi = self.hw.rssi()
+        if rssi is not None:
+            out.append(("rssi", rssi))
+        mem = self.hw.mem_free()
+        if mem is not None:
+            out.append(("mem_free", mem))
+        if dropped:
+            out.append(("dropped", dropped))
+        return out
+
+    def queue(self, reading):
+        c = self.conf
+        if c.TRANSPORT == "binary":
+            if self.buffer is None:
+                self.buffer = ringbuf.RingBuffer(packet.RECORD_SIZE, c.BUFFER_RECORDS or packet.MAX_RECORDS)
+            self.buffer.append(packet.record(reading))
+            return
+        # counts the line this one pushes out, too
+        dropped = self.backlog.dropped + (len(self.backlog) >= self.backlog.limit)
+        reading = reading + self.board_figures(dropped)
+        encode = packet.json_line if c.TRANSPORT == "json" else packet.kv_line
+        self.backlog.append(encode(c.DEVICE_ID, reading, self.hw.unix_time_ms()))
+
+    def status_line(self, dropped):
+        # binary mode's other figures: {"device":"ID","rssi":-61,"mem_free":21344,"dropped":0}
+        return packet.json_line(self.conf.DEVICE_ID, self.board_figures(0) + [("dropped", dropped)])
+
+    # ------------------------------------------------------------ always on
+
+    def run(self, cycles=None):
+        # Forever, or `cycles` readings (tests).
+        self.restore_outputs()
+        done = 0
+        try:
+            while cycles is None or done < cycles:
+                self.idle(self.next_at)
+                self.read_now = False
+                self.next_at = self.hw.ticks_add(self.hw.ticks_ms(), int(self.conf.MEASURE_S * 1000))
+                self.queue(self.measure())
+                self.flush()
+                done += 1
+        finally:
+            self.text.close()
+
+    def idle(self, until):
+        hw = self.hw
+        while not self.read_now:
+            self.maybe_reboot()
+            left = hw.ticks_diff(until, hw.ticks_ms())
+            if left <= 0:
+                return
+            if self.text.connected():
+                try:
+                    lines = self.text.lines(min(left, POLL_MS))
+                except OSError:
+                    log("server: connection closed")
+                    continue
+                for line in lines:
+                    self.handle(line)
+            else:
+                hw.sleep_ms(min(left, POLL_MS))
+
+    def flush(self):
+        c = self.conf
+        if not self.wifi.up():
+            return
+        if c.NTP_HOST and not self.clock_synced:
+            self.clock_synced = self.hw.ntp_sync(c.NTP_HOST)
+        if not self.server_backoff.ready():
+            return
+        try:
+            if c.TRANSPORT == "binary":
+                self.send_buffer(self.buffer)
+                self.text.open()
+                self.text.send(self.status_line(self.buffer.dropped))
+            else:
+                self.text.open()
+                try:
+                    self.take_commands(0)
+                except OSError:  # the server closed it while we were idle
+                    self.text.open()
+                while len(self.backlog):
+                    self.text.send(self.backlog.peek())
+                    self.backlog.pop()
+            self.server_backoff.succeeded()
+        except OSError as e:
+            self.text.close()
+            self.server_backoff.failed()
+            log("server: %r; %d waiting, next try in %d ms" % (
+                e, len(self.buffer or self.backlog), self.server_backoff.delay_ms))
+        self.maybe_reboot()
+
+    def send_buffer(self, buf):
+        # Raises OSError unless the server acknowledged; clears buf only then.
+        if buf is None or not len(buf):
+            return
+        c = self.conf
+        data = packet.binary_packet(c.DEVICE_NUMBER, buf.records(), c.WAKE_S if c.BATTERY else c.MEASURE_S,
+                                    c.MEASURE_S)
+        if not link.send_packet(c.SERVER_HOST, c.BINARY_PORT, data, c.CONNECT_TIMEOUT_S, c.ACK_TIMEOUT_S):
+            raise OSError(link.ETIMEDOUT, "no ack from the server")
+        buf.clear()
+
+    # ------------------------------------------------------------ commands
+
+    def take_commands(self, wait_ms):
+        for line in self.text.lines(wait_ms):
+            self.handle(line)
+
+    def handle(self, line):
+        c = self.conf
+        try:
+            cmd_id, cmd, arg = commands.parse(line, c.OUTPUT_PINS, c.LED_PIN)
+        except commands.CommandError as e:
+            log("command %r: %s" % (line[:60], e.reason))
+            return self.ack(e.cmd_id, e.reason)
+        if self.recent.seen(cmd_id):
+            return self.ack(cmd_id)
+        try:
+            error = self.apply(cmd, arg)
+        except OSError as e:
+            error = "failed: %r" % (e,)
+        if error is None:
+            self.recent.add(cmd_id)
+            if cmd == "reboot":
+                self.reboot = True
+        log("command %s %s: %s" % (cmd, arg, error or "ok"))
+        self.ack(cmd_id, error)
+
+    def ack(self, cmd_id, error=None):
+        try:
+            self.text.send(packet.ack_line(self.conf.DEVICE_ID, cmd_id, error))
+        except OSError as e:
+            log("ack: %r" % (e,))
+
+    def apply(self, cmd, arg):
+        # None when done, else the reason it was not.
+        if cmd == "interval" or cmd == "wake":
+            changed = dict(self.settings)
+            changed["MEASURE_S" if cmd == "interval" else "WAKE_S"] = arg
+            try:
+                self.conf = confmod.build(self.config, changed)
+            except ValueError as e:
+                return str(e)
+            self.save_settings(changed)
+            if cmd == "interval":
+                self.next_at = self.hw.ticks_add(self.hw.ticks_ms(), arg * 1000)
+        elif cmd == "relay":
+            pin, on = arg
+            self.hw.pin_write(pin, on)
+            pins = dict(self.settings.get("pins") or {})
+            pins[str(pin)] = on
+            changed = dict(self.settings)
+            changed["pins"] = pins
+            self.save_settings(changed)
+        elif cmd == "led":
+            self.hw.pin_write(self.conf.LED_PIN, arg != self.conf.LED_ACTIVE_LOW)
+            changed = dict(self.settings)
+            changed["led"] = arg
+            self.save_settings(changed)
+        elif cmd == "read":
+            self.read_now = True
+        return None
+
+    def save_settings(self, settings):
+        self.settings = settings
+        try:
+            confmod.write_settings(self.settings_file, settings)
+        except OSError as e:  # applied now, lost at the next reset
+            log("settings: %r" % (e,))
+
+    def restore_outputs(self):
+        c = self.conf
+        pins = self.settings.get("pins") or {}
+        for pin in pins:
+            if int(pin) in c.OUTPUT_PINS:
+                self.hw.pin_write(int(pin), pins[pin])
+        if c.LED_PIN is not None and "led" in self.settings:
+            self.hw.pin_write(c.LED_PIN, self.settings["led"] != c.LED_ACTIVE_LOW)
+
+    def maybe_reboot(self):
+        if self.reboot:
+            log("rebooting")
+            self.text.close()
+            self.hw.reset()
+
+    # ------------------------------------------------------------ battery
+
+    def wake(self):
+        # One wake of a battery board; ends in deep sleep.
+        c = self.conf
+        hw = self.hw
+        cap = c.BUFFER_RECORDS or ringbuf.capacity_for(hw.RTC_BYTES, packet.RECORD_SIZE)
+        every = max(1, c.WAKE_S // c.MEASURE_S)
+        buf = ringbuf.RingBuffer.from_bytes(hw.rtc_load(), packet.RECORD_SIZE, cap)
+        if buf is None:  # power-on: send the first reading at once
+            buf = ringbuf.RingBuffer(packet.RECORD_SIZE, cap)
+            buf.meta = every - 1
+        self.buffer = buf
+        self.restore_outputs()
+        buf.append(packet.record(self.measure()))
+        buf.meta = min(buf.meta + 1, 0xFFFF)
+        hw.rtc_save(buf.to_bytes())
+        if buf.meta >= every:
+            buf.meta = 0
+            self.battery_send(buf)
+            hw.rtc_save(buf.to_bytes())
+        self.maybe_reboot()
+        spent = hw.ticks_diff(hw.ticks_ms(), self.next_at)
+        hw.deepsleep(max(int(self.conf.MEASURE_S * 1000) - spent, MIN_SLEEP_MS))
+
+    def battery_send(self, buf):
+        c = self.conf
+        if not self.wifi.up_within(c.WIFI_ROUNDS_BATTERY):
+            log("wifi: not connected; %d records kept" % len(buf))
+            return
+        try:
+            self.send_buffer(buf)
+        except OSError as e:
+            log("server: %r; %d records kept" % (e, len(buf)))
+            return
+        self.hw.rtc_save(buf.to_bytes())
+        try:
+            self.text.open()
+            self.text.send(self.status_line(buf.dropped))
+            deadline = self.hw.ticks_add(self.hw.ticks_ms(), c.CMD_WAIT_MS)
+            while not self.reboot:
+                left = self.hw.ticks_diff(deadline, self.hw.ticks_ms())
+                if left <= 0:
+                    break
+                self.take_commands(left)
+        except OSError as e:
+            log("server: %r" % (e,))
+        if self.read_now:  # a `read` command: send again at the next wake
+            buf.meta = 0xFFFF
+        self.text.close()
+
+
+def main(config=None):
+    if config is None:
+        import config
+    app = App(config)
+    if app.conf.BATTERY:
+        app.wake()
+    else:
+        app.run()
