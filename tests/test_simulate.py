@@ -24,8 +24,8 @@ START_MS = 1_732_260_000_000
 
 def plan(fmt: str, devices: int = 3, total: int = 30, **kw) -> Plan:
     values = dict(devices=devices, total=total, rate=0.0, fmt=fmt, host="127.0.0.1", port=1, procs=1, prefix="t",
-                  measurement="sim", start_ms=START_MS, step_ms=5, chunk=4, qos=0, hold_s=0.0, ack_timeout_s=1.0,
-                  seed=1)
+                  measurement="sim", start_ms=START_MS, step_ms=5, chunk=4, qos=0, hold_s=0.0, connect_rate=0.0,
+                  ack_timeout_s=1.0, seed=1)
     values.update(kw)
     return Plan(**values)
 

@@ -53,6 +53,7 @@ FORMATS = ("json", "kv", "line", "binary", "mqtt")
 DEFAULT_PREFIX = "sim"
 DEFAULT_MEASUREMENT = "sim"
 DEFAULT_MQTT_PORT = 1883
+DEFAULT_CONNECT_RATE = 2000.0   # boards coming online a second
 MAX_CHUNK = 32                  # readings per sendall at full speed
 CONNECT_TIMEOUT_S = 30.0
 MAX_RECONNECTS = 5              # in a row, before a board gives up
@@ -98,6 +99,7 @@ class Plan:
     chunk: int                  # readings per send
     qos: int
     hold_s: float               # keep the connections open this long after the last send
+    connect_rate: float         # new connections a second in all while connecting; 0 = all at once
     ack_timeout_s: float
     seed: int
 
@@ -267,25 +269,35 @@ def _worker(plan: Plan, slot: int, indexes: list[int], counters, go, stop) -> No
 
 def _connect_all(plan: Plan, boards: list[Board], chunks: dict[int, list[tuple[bytes, int]]], counters, row: int,
                  stop) -> list[Link]:
-    """Connect every board at once, as independent boards do, rather than one after another: a server
-    with a short listen queue then sees what it would see in the field (and the run does not wait on
-    one kernel SYN retry after another)."""
+    """Connect the boards, independently of each other (a slow handshake does not hold up the next
+    board), at most ``plan.connect_rate`` new connections a second in all: boards come online spread out
+    as they do in the field, not in one instant (0 = all at once: a fleet back after an outage)."""
     family, kind, proto, _, address = socket.getaddrinfo(plan.host, plan.port, type=socket.SOCK_STREAM)[0]
     selector = selectors.DefaultSelector()
-    for board in boards:
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
-        if sock.connect_ex(address) not in (0, errno.EINPROGRESS):
-            counters[row + ERRORS] += 1
-            sock.close()
-            continue
-        selector.register(sock, selectors.EVENT_WRITE, board)
+    per_second = plan.connect_rate / plan.procs if plan.connect_rate else 0.0
+    waiting = list(reversed(boards))
     links: list[Link] = []
-    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    started = time.monotonic()
+    begun = 0
     try:
-        while selector.get_map() and not stop.is_set() and time.monotonic() < deadline:
-            for key, _ in selector.select(0.2):
-                sock, board = key.fileobj, key.data
+        while (waiting or selector.get_map()) and not stop.is_set():
+            now = time.monotonic()
+            allowed = len(boards) if not per_second else int((now - started) * per_second) + 1
+            while waiting and begun < allowed:
+                board = waiting.pop()
+                begun += 1
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                if sock.connect_ex(address) not in (0, errno.EINPROGRESS):
+                    counters[row + ERRORS] += 1
+                    sock.close()
+                    continue
+                selector.register(sock, selectors.EVENT_WRITE, (board, now + CONNECT_TIMEOUT_S))
+            if not selector.get_map():
+                time.sleep(0.001)
+                continue
+            for key, _ in selector.select(0.001 if waiting else 0.2):
+                sock, (board, _) = key.fileobj, key.data
                 selector.unregister(sock)
                 if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                     counters[row + ERRORS] += 1
@@ -299,9 +311,12 @@ def _connect_all(plan: Plan, boards: list[Board], chunks: dict[int, list[tuple[b
                     continue
                 links.append(link)
                 counters[row + CONNECTED] += 1
+            for key in [k for k in selector.get_map().values() if k.data[1] < now]:
+                counters[row + ERRORS] += 1                      # never connected in time
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
     finally:
-        for key in list(selector.get_map().values()):      # never connected in time
-            counters[row + ERRORS] += 1
+        for key in list(selector.get_map().values()):
             key.fileobj.close()
         selector.close()
     return links
@@ -671,7 +686,8 @@ def make_plan(args: argparse.Namespace, default_target: Callable[[str], tuple[st
         target = default_target(fmt)
     return Plan(devices=args.devices, total=total, rate=rate, fmt=fmt, host=target[0], port=target[1],
                 procs=procs, prefix=args.prefix, measurement=args.measurement, start_ms=start_ms,
-                step_ms=step_ms, chunk=chunk, qos=args.qos, hold_s=args.hold, ack_timeout_s=args.ack_timeout,
+                step_ms=step_ms, chunk=chunk, qos=args.qos, hold_s=args.hold, connect_rate=args.connect_rate,
+                ack_timeout_s=args.ack_timeout,
                 seed=args.seed)
 
 
@@ -691,6 +707,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, help=f"readings per send (default {MAX_CHUNK} at full speed)")
     p.add_argument("--qos", type=int, choices=(0, 1), default=0, help="MQTT QoS (1 counts PUBACKs as acks)")
     p.add_argument("--hold", type=float, default=0.0, help="keep the connections open S seconds after sending")
+    p.add_argument("--connect-rate", type=float, default=DEFAULT_CONNECT_RATE,
+                   help=f"boards coming online a second before sending starts (default {DEFAULT_CONNECT_RATE:g};"
+                        " 0 = all at once, like a fleet back after an outage)")
     p.add_argument("--ack-timeout", type=float, default=30.0,
                    help="seconds to wait for the last acks, and for the target to take the last bytes")
     p.add_argument("--seed", type=int, default=1)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from workers.decoders import DecodeError  # defined before the registry imports this module
-from workers.decoders.timestamps import to_ns
+from workers.decoders.timestamps import epoch_to_ns, to_ns
 from workers.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
@@ -34,8 +34,13 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
         doc = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"invalid JSON: {exc}", frame) from None
+    if type(doc) is dict:
+        out = _decode_object(doc, ctx, frame)
+        if not out:
+            raise DecodeError("no objects in frame", frame)
+        return out
     objects = doc if isinstance(doc, list) else [doc]
-    out: list[Reading | Event] = []
+    out = []
     for obj in objects:
         if not isinstance(obj, dict):
             raise DecodeError(f"expected a JSON object, got {type(obj).__name__}", frame)
@@ -46,32 +51,45 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
 
 
 def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Event]:
+    # Every frame of a JSON board comes through here: membership tests run in C (isdisjoint) and the
+    # common shapes (a string device id, an epoch timestamp) take the short path.
     opts = ctx.config.decoders.json
     device = ctx.device
     used: set[str] = set()
     for key in opts.device_keys:
         value = obj.get(key)
-        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
-            device, _ = str(value), used.add(key)
+        if value is None:
+            continue
+        if type(value) is str:
+            if value:
+                device = value
+                used.add(key)
+                break
+        elif isinstance(value, int) and not isinstance(value, bool):
+            device = str(value)
+            used.add(key)
             break
     ts = ctx.recv_ts
     for key in opts.time_keys:
         if key in obj:
+            raw = obj[key]
             try:
-                ts = to_ns(obj[key])
+                ts = epoch_to_ns(raw) if type(raw) is int else to_ns(raw)
             except ValueError as exc:
                 raise DecodeError(f"{key}: {exc}", frame) from None
             used.add(key)
             break
-    for key in opts.event_keys:
-        if key in obj:
-            return [Event(device, ts, str(obj[key]), obj)]
+    if not obj.keys().isdisjoint(opts.event_keys):
+        for key in opts.event_keys:
+            if key in obj:
+                return [Event(device, ts, str(obj[key]), obj)]
 
     source = obj
-    for key in opts.fields_keys:
-        if isinstance(obj.get(key), dict):
-            source, used = obj[key], set()
-            break
+    if not obj.keys().isdisjoint(opts.fields_keys):
+        for key in opts.fields_keys:
+            if isinstance(obj.get(key), dict):
+                source, used = obj[key], set()
+                break
     fields: dict[str, FieldValue] = {}
     failed: list[str] = []
     for key, value in source.items():
