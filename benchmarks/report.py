@@ -103,8 +103,10 @@ def render(results: dict[str, Any]) -> str:
                 if other is sp or other["group"].startswith("parsers"):
                     continue
                 t = sp["rate"] / other["rate"] if other["rate"] else float("inf")
-                c = (sp["cpu_per_100k"] / other["cpu_per_100k"]) if other["cpu_per_100k"] else float("nan")
-                ratio_rows.append([other["system"], f"{t:.2f}×", "–" if math.isnan(c) else f"{c:.2f}×"])
+                c = (sp["cpu_per_100k"] / other["cpu_per_100k"]) if other["cpu_per_100k"] and sp["cpu_per_100k"] \
+                    else float("nan")
+                ratio_rows.append([other["system"], f"{t:.2f}×" if other["rate"] else "∞ (it stored nothing)",
+                                   "–" if math.isnan(c) else f"{c:.2f}×"])
             out += ["", f"{ref} against each, {devices:,} devices (throughput: higher is better; CPU "
                         "per 100k readings: lower is better):", "",
                     table(["compared with", "throughput ratio", "CPU per 100k ratio"], ratio_rows)]
@@ -189,7 +191,7 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
             ratio = sp["rate"] / ceiling["rate"]
             check(f"≥ {TARGET_VS_CEILING}× the direct-to-VictoriaMetrics ceiling ({devices} devices)", f"{ratio:.2f}×",
                   ratio >= TARGET_VS_CEILING)
-        if sp and tuned and tuned["cpu_per_100k"]:
+        if sp and tuned and tuned["cpu_per_100k"] and sp["cpu_per_100k"]:
             ratio = sp["cpu_per_100k"] / tuned["cpu_per_100k"]
             both = _find(results, "sensorpipe (InfluxDB + SQLite)", devices)
             extra = f"; with SQLite on as well {both['cpu_per_100k']:.2f} s" if both else ""

@@ -450,14 +450,14 @@ class Run:
     duplicates: int = 0
     unexpected: int = 0
     fields_complete: bool = True
-    seconds: float = 0.0               # first send -> last stored
+    seconds: float | None = None       # first send -> last stored (None: nothing was stored)
     rate: float = 0.0                  # stored readings / seconds
     sim_rate: float = 0.0              # the simulator's own sending rate
     sim_cpu_s: float = 0.0
     capped: bool = False               # stopped at the time cap, counted as it was
     processes: dict[str, dict[str, float]] = field(default_factory=dict)
     server_cpu_s: float = 0.0          # all processes of the system under test
-    cpu_per_100k: float = 0.0
+    cpu_per_100k: float | None = None
     db_cpu_s: float = 0.0              # VictoriaMetrics (or 0 for SQLite, which lives in the sink)
     note: str = ""
 
@@ -533,11 +533,11 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
     run.stored, run.duplicates, run.unexpected = count.stored, count.duplicates, count.unexpected
     run.fields_complete = count.fields_complete
     run.lost = max(0, run.sent - run.stored)
-    run.seconds = round(last_change - summary["first_send"], 3)
-    run.rate = round(run.stored / run.seconds, 1) if run.seconds > 0 else 0.0
+    run.seconds = round(last_change - summary["first_send"], 3) if run.stored else None
+    run.rate = round(run.stored / run.seconds, 1) if run.seconds else 0.0
     run.server_cpu_s = round(sum(p["cpu_s"] for p in run.processes.values()), 2)
-    run.cpu_per_100k = round(run.server_cpu_s / run.stored * 100_000, 2) if run.stored else 0.0
-    log(f"{system.label}, {devices} devices: stored {run.stored:,}/{run.sent:,} in {run.seconds:.2f} s = "
+    run.cpu_per_100k = round(run.server_cpu_s / run.stored * 100_000, 2) if run.stored else None
+    log(f"{system.label}, {devices} devices: stored {run.stored:,}/{run.sent:,} in {run.seconds or 0:.2f} s = "
         f"{run.rate:,.0f}/s; lost {run.lost:,}, duplicates {run.duplicates:,}; CPU {run.server_cpu_s} s "
         f"({run.cpu_per_100k} s/100k); VM CPU {run.db_cpu_s} s" + (" [capped]" if run.capped else ""))
     return run
