@@ -47,7 +47,8 @@ class App:
         self.clock_synced = False
         self.read_now = False
         self.reboot = False
-        self.next_at = hw.ticks_ms()
+        self.outputs_restored = False
+        self.started_at = self.next_at = hw.ticks_ms()
 
     # ------------------------------------------------------------ readings
 
@@ -117,19 +118,20 @@ class App:
     # ------------------------------------------------------------ always on
 
     def run(self, cycles=None):
-        # Forever, or `cycles` readings (tests).
-        self.restore_outputs()
+        # Forever, or `cycles` readings (tests: the connection stays open for the next call).
+        if not self.outputs_restored:
+            self.restore_outputs()
         done = 0
-        try:
-            while cycles is None or done < cycles:
-                self.idle(self.next_at)
-                self.read_now = False
-                self.next_at = self.hw.ticks_add(self.hw.ticks_ms(), int(self.conf.MEASURE_S * 1000))
-                self.queue(self.measure())
-                self.flush()
-                done += 1
-        finally:
-            self.text.close()
+        while cycles is None or done < cycles:
+            self.idle(self.next_at)
+            self.read_now = False
+            self.next_at = self.hw.ticks_add(self.hw.ticks_ms(), int(self.conf.MEASURE_S * 1000))
+            self.queue(self.measure())
+            self.flush()
+            done += 1
+
+    def close(self):
+        self.text.close()
 
     def idle(self, until):
         hw = self.hw
@@ -160,14 +162,10 @@ class App:
         try:
             if c.TRANSPORT == "binary":
                 self.send_buffer(self.buffer)
-                self.text.open()
+                self.open_text()
                 self.text.send(self.status_line(self.buffer.dropped))
             else:
-                self.text.open()
-                try:
-                    self.take_commands(0)
-                except OSError:  # the server closed it while we were idle
-                    self.text.open()
+                self.open_text()
                 while len(self.backlog):
                     self.text.send(self.backlog.peek())
                     self.backlog.pop()
@@ -178,6 +176,13 @@ class App:
             log("server: %r; %d waiting, next try in %d ms" % (
                 e, len(self.buffer or self.backlog), self.server_backoff.delay_ms))
         self.maybe_reboot()
+
+    def open_text(self):
+        self.text.open()
+        try:
+            self.take_commands(0)
+        except OSError:  # the server closed it while we were idle: one fresh connection
+            self.text.open()
 
     def send_buffer(self, buf):
         # Raises OSError unless the server acknowledged; clears buf only then.
@@ -259,6 +264,7 @@ class App:
             log("settings: %r" % (e,))
 
     def restore_outputs(self):
+        self.outputs_restored = True
         c = self.conf
         pins = self.settings.get("pins") or {}
         for pin in pins:
@@ -295,7 +301,7 @@ class App:
             self.battery_send(buf)
             hw.rtc_save(buf.to_bytes())
         self.maybe_reboot()
-        spent = hw.ticks_diff(hw.ticks_ms(), self.next_at)
+        spent = hw.ticks_diff(hw.ticks_ms(), self.started_at)
         hw.deepsleep(max(int(self.conf.MEASURE_S * 1000) - spent, MIN_SLEEP_MS))
 
     def battery_send(self, buf):

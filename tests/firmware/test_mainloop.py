@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from tests.firmware.harness import FIRMWARE, Board, config
+from tests.firmware.harness import FIRMWARE, HERE, Board, config
 from tests.pipeline import Pipeline, wait_for
 
 LAYOUT_TOML = (FIRMWARE / "server-config-example.toml").read_text() \
@@ -64,7 +64,9 @@ def test_text_board(server: Pipeline, board: Board, transport: str, device: str)
     board.state.networks = {"home": "secret"}
     cfg = config(DEVICE_ID=device, TRANSPORT=transport, TEXT_PORT=server.text_port, MEASURE_S=0.2,
                  WIFI=[("office", "nope", 0.3), ("home", "secret")])
-    board.app(cfg).run(cycles=4)
+    app = board.app(cfg)
+    app.run(cycles=4)
+    app.close()
 
     wait_for(lambda: server.latest(device).get("temp") == 21.2, message="the last reading")
     assert server.latest(device) == {"temp": 21.2, "humi": 42.0, "soil": 498, "rssi": -61}
@@ -80,7 +82,9 @@ def test_binary_board_always_on(server: Pipeline, board: Board) -> None:
     cfg = config(DEVICE_ID="plot-7", TRANSPORT="binary", DEVICE_NUMBER=7, TEXT_PORT=server.text_port,
                  BINARY_PORT=server.binary_port, MEASURE_S=1, VBAT_ADC=0, VBAT_SCALE=0.0075)
     board.state.adc = {0: 500}
-    board.app(cfg).run(cycles=3)
+    app = board.app(cfg)
+    app.run(cycles=3)
+    app.close()
     wait_for(lambda: len(rows(server, "plot-7", "temp")) == 3, message="three binary readings")
     assert [v for _, v in rows(server, "plot-7", "temp")] == pytest.approx([18.0, 18.1, 18.2])
     latest = server.latest("plot-7")
@@ -111,6 +115,7 @@ def test_server_and_wifi_away_for_a_while(server: Pipeline, board: Board) -> Non
         sent += 1
         deadline_cycles -= 1
     assert not len(app.backlog), "the backlog was never delivered"
+    app.close()
     wait_for(lambda: len(rows(server, "greenhouse-1", "temp")) == sent, message="every reading")
     values = [v for _, v in rows(server, "greenhouse-1", "temp")]
     assert values[:12] == [t for t, _ in temps(10.0, 12)]
@@ -130,6 +135,7 @@ def test_backlog_bound_drops_oldest_and_says_so(server: Pipeline, board: Board) 
         app.run(cycles=1)
         taken += 1
     dropped = app.backlog.dropped
+    app.close()
     assert not len(app.backlog) and dropped >= 2
     wait_for(lambda: len(rows(server, "greenhouse-1", "temp")) == taken - dropped, message="what was kept")
     values = [v for _, v in rows(server, "greenhouse-1", "temp")]
@@ -182,3 +188,43 @@ def test_battery_board_keeps_readings_while_the_server_is_down(server: Pipeline,
     wait_for(lambda: len(rows(server, "plot-7", "temp")) == 5, message="five readings")
     assert sorted(v for _, v in rows(server, "plot-7", "temp")) == pytest.approx([5.0, 5.7, 5.8, 5.9, 6.0])
     wait_for(lambda: server.latest("plot-7").get("dropped") == 6, message="six dropped, reported")
+
+
+# ------------------------------------------------------------------ MicroPython's unix port
+
+def test_unchanged_on_the_unix_port(server: Pipeline, micropython_unix, tmp_path) -> None:
+    """The same firmware files under real MicroPython (unix port), against the same real pipeline."""
+    script = HERE / "unix_board.py"
+    ports = ("127.0.0.1", str(server.text_port), str(server.binary_port))
+    output = micropython_unix.run(script, "json", *ports, cwd=tmp_path).splitlines()
+    assert output[-1] == "json 0" and "wifi: connected to home" in output
+    wait_for(lambda: len(rows(server, "unix-1", "temp")) == 5, message="five readings from the unix port")
+    assert [v for _, v in rows(server, "unix-1", "temp")] == [20.0, 20.1, 20.2, 20.3, 20.4]
+    latest = server.latest("unix-1")
+    assert latest["humi"] == 54 and latest["rssi"] == -61 and latest["mem_free"] > 0   # gc.mem_free is real here
+
+    output = micropython_unix.run(script, "battery", *ports, cwd=tmp_path).splitlines()
+    sleeps = [line for line in output if line.startswith("slept ")]
+    assert len(sleeps) == 5 and all(55_000 <= int(line.split()[1]) <= 60_000 for line in sleeps), sleeps
+    wait_for(lambda: len(rows(server, "plot-7", "temp")) == 5, message="five battery readings")
+    assert sorted(v for _, v in rows(server, "plot-7", "temp")) == pytest.approx([10.0, 10.1, 10.2, 10.3, 10.4])
+    assert server.latest("plot-7")["dropped"] == 0
+
+
+def test_boot_and_main_on_the_unix_port(server: Pipeline, micropython_unix, tmp_path) -> None:
+    """boot.py and main.py as a board runs them after power-on, with a config.py as deploy writes it."""
+    (tmp_path / "config.py").write_text(
+        f'DEVICE_ID = "plot-7"\nSERVER_HOST = "127.0.0.1"\nTEXT_PORT = {server.text_port}\n'
+        f'BINARY_PORT = {server.binary_port}\nTRANSPORT = "binary"\nBATTERY = True\nDEVICE_NUMBER = 7\n'
+        'WIFI = [("home", "secret")]\nBOOT_GRACE_S = 0\nCMD_WAIT_MS = 100\n')
+    (tmp_path / "power_on.py").write_text(
+        f'exec(open("{FIRMWARE}/boot.py").read())\n'
+        "try:\n"
+        f'    exec(open("{FIRMWARE}/main.py").read())\n'
+        "except BaseException as e:\n"
+        '    print("ended with", type(e).__name__, e.args[0])\n')
+    output = micropython_unix.run(tmp_path / "power_on.py", cwd=tmp_path,
+                                  path=(FIRMWARE / "lib", HERE / "fakes", tmp_path)).splitlines()
+    assert output[-1].startswith("ended with DeepSleep 5") and "wifi: connected to home" in output, output
+    wait_for(lambda: server.latest("plot-7").get("dropped") == 0, message="the first reading and status line")
+    assert server.latest("plot-7")["temp"] == 21.5

@@ -1,0 +1,278 @@
+"""``sensorpipe firmware``: put the sensorpipe firmware on a board, open its REPL (both with mpremote).
+
+    sensorpipe firmware deploy --port /dev/ttyUSB0 --device-id greenhouse-1 --server 192.168.1.10:7000 \\
+        --wifi home:secret [--wifi office:pass2 ...] [--transport json|kv|binary] [--battery] [--dry-run]
+    sensorpipe firmware console --port /dev/ttyUSB0
+
+``deploy`` writes the board's config.py from firmware/config_example.py (the values given replace the
+example's, everything else keeps its documented default), checks it with the firmware's own
+lib/conf.py, stages the files in one directory and runs one mpremote command::
+
+    python -m mpremote connect PORT fs cp -r STAGE/lib : + fs cp STAGE/boot.py :boot.py \\
+        + fs cp STAGE/main.py :main.py + fs cp STAGE/config.py :config.py + reset
+
+``--dry-run`` stages the files and prints that command instead of running it. Every failure is one
+line ``sensorpipe: <message>`` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
+CONFIG_TEMPLATE = "config_example.py"
+BOARD_FILES = ("boot.py", "main.py")
+EXIT_ERROR = 2
+_SETTING = re.compile(r"^(?P<key>[A-Z][A-Z0-9_]*) = (?P<value>.*?)(?P<comment>\s+# .*)?$")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+DEEP_SLEEP_HINT = ("a board in deep sleep does not answer: press its reset button, then run this again "
+                   "within its BOOT_GRACE_S (3 s)")
+
+
+class FirmwareError(Exception):
+    """Printed as ``sensorpipe: <message>``; exit status 2."""
+
+
+# --------------------------------------------------------------------------- config.py
+
+
+def board_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The config.py values the command line gives, by key."""
+    host, sep, port = args.server.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise FirmwareError(f"--server: expected HOST:PORT (the text port, 7000 by default), got {args.server!r}")
+    values: dict[str, Any] = {"DEVICE_ID": args.device_id, "SERVER_HOST": host, "TEXT_PORT": int(port)}
+    # no --wifi: the board keeps to the network it already knows (an ESP reconnects to it by itself)
+    values["WIFI"] = [_wifi(text) for text in args.wifi or ()]
+    if args.battery:
+        if args.transport not in (None, "binary"):
+            raise FirmwareError("--battery sends binary packets: leave out --transport or give --transport binary")
+        values["BATTERY"] = True
+        values["TRANSPORT"] = "binary"
+    elif args.transport:
+        values["TRANSPORT"] = args.transport
+    for option, key in (("binary_port", "BINARY_PORT"), ("device_number", "DEVICE_NUMBER"),
+                        ("measure_interval", "MEASURE_S"), ("wake_interval", "WAKE_S")):
+        if getattr(args, option) is not None:
+            values[key] = getattr(args, option)
+    for item in args.set or ():
+        key, sep, text = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
+            raise FirmwareError(f"--set: expected KEY=VALUE with an upper-case key, got {item!r}")
+        try:
+            values[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            values[key] = text          # a bare word is a string: --set NTP_HOST=pool.ntp.org
+    return values
+
+
+def _wifi(text: str) -> tuple[str, str]:
+    ssid, _, password = text.partition(":")
+    if not ssid:
+        raise FirmwareError(f"--wifi: expected SSID:PASSWORD, got {text!r}")
+    return (ssid, password)
+
+
+def render_config(template: str, values: dict[str, Any]) -> str:
+    """The template with the given values in place of its examples (comments kept)."""
+    lines = []
+    seen = set()
+    for line in template.splitlines():
+        match = _SETTING.match(line)
+        if match and match["key"] in values:
+            key = match["key"]
+            seen.add(key)
+            line = f"{key} = {values[key]!r}{match['comment'] or ''}"
+        lines.append(line)
+    unknown = sorted(set(values) - seen)
+    if unknown:
+        raise FirmwareError(f"unknown setting {unknown[0]} (the settings are listed in firmware/{CONFIG_TEMPLATE})")
+    return "\n".join(lines) + "\n"
+
+
+def check_config(text: str, firmware: Path) -> None:
+    """Check config.py with the firmware's own lib/conf.py, as the board will at boot."""
+    spec = importlib.util.spec_from_file_location("_sensorpipe_firmware_conf", firmware / "lib" / "conf.py")
+    if spec is None or spec.loader is None:
+        raise FirmwareError(f"no firmware at {firmware} (lib/conf.py is missing)")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    namespace: dict[str, Any] = {}
+    exec(compile(text, "config.py", "exec"), namespace)  # noqa: S102 - our own rendering of literals
+    try:
+        conf.build(types.SimpleNamespace(**namespace))
+    except ValueError as exc:
+        raise FirmwareError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- staging and mpremote
+
+
+def default_stage(device_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"sensorpipe-firmware-{_SAFE_NAME.sub('_', device_id)}"
+
+
+def stage_files(firmware: Path, stage: Path, config_text: str) -> None:
+    """stage/ = boot.py, main.py, config.py and lib/*.py, exactly what goes on the board."""
+    lib = stage / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    modules = sorted(p for p in (firmware / "lib").glob("*.py"))
+    if not modules:
+        raise FirmwareError(f"no firmware modules in {firmware / 'lib'}")
+    wanted = {p.name for p in modules}
+    for old in lib.glob("*.py"):
+        if old.name not in wanted:
+            old.unlink()
+    for path in modules:
+        shutil.copyfile(path, lib / path.name)
+    for name in BOARD_FILES:
+        shutil.copyfile(firmware / name, stage / name)
+    (stage / "config.py").write_text(config_text)
+
+
+def mpremote(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mpremote", *args]
+
+
+def deploy_command(port: str, stage: Path) -> list[str]:
+    return mpremote("connect", port,
+                    "fs", "cp", "-r", str(stage / "lib"), ":",
+                    "+", "fs", "cp", str(stage / "boot.py"), ":boot.py",
+                    "+", "fs", "cp", str(stage / "main.py"), ":main.py",
+                    "+", "fs", "cp", str(stage / "config.py"), ":config.py",
+                    "+", "reset")
+
+
+def console_command(port: str) -> list[str]:
+    return mpremote("connect", port, "repl")
+
+
+def check_board(port: str) -> None:
+    if importlib.util.find_spec("mpremote") is None:
+        raise FirmwareError(f"mpremote is not installed for {sys.executable}: pip install mpremote")
+    path = port[len("port:"):] if port.startswith("port:") else port
+    if "/" in path and not os.path.exists(path):
+        raise FirmwareError(f"no board at {path}: is it plugged in? (`mpremote devs` lists the serial ports)")
+
+
+def run_mpremote(command: list[str], port: str, interactive: bool = False) -> None:
+    # stdout (progress, the REPL) goes to the terminal; stderr is read for the one-line error.
+    try:
+        result = subprocess.run(command, stderr=subprocess.PIPE, text=True, check=False,
+                                stdin=None if interactive else subprocess.DEVNULL)
+    except OSError as exc:
+        raise FirmwareError(f"could not run mpremote: {exc}") from None
+    if result.returncode != 0:
+        lines = [line.strip() for line in (result.stderr or "").splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        reason = reason.removeprefix("mpremote: ")
+        hint = f"; {DEEP_SLEEP_HINT}" if "raw repl" in reason.lower() else ""
+        raise FirmwareError(f"mpremote failed on {port}: {reason}{hint}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Write the board's config.py, copy the firmware with mpremote, reset the board."""
+    firmware = Path(args.firmware_dir)
+    try:
+        template = (firmware / CONFIG_TEMPLATE).read_text()
+    except OSError as exc:
+        raise FirmwareError(f"no firmware at {firmware}: {exc.strerror}") from None
+    config_text = render_config(template, board_settings(args))
+    check_config(config_text, firmware)
+    stage = Path(args.stage) if args.stage else default_stage(args.device_id)
+    stage_files(firmware, stage, config_text)
+    command = deploy_command(args.port, stage)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    check_board(args.port)
+    print(f"sensorpipe: deploying {args.device_id} to {args.port} (files staged in {stage})", flush=True)
+    run_mpremote(command, args.port)
+    print(f"sensorpipe: {args.device_id} deployed; `sensorpipe firmware console --port {args.port}` shows its log")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """Open the board's REPL (Ctrl-] leaves it)."""
+    command = console_command(args.port)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    check_board(args.port)
+    run_mpremote(command, args.port, interactive=True)
+    return 0
+
+
+def _deploy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", default="auto", help="the board's serial port, e.g. /dev/ttyUSB0 (default: auto)")
+    p.add_argument("--device-id", required=True, help="the board's device id, as the server shows it")
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's text port, e.g. 192.168.1.10:7000")
+    p.add_argument("--wifi", action="append", metavar="SSID:PASS", help="a Wi-Fi network (repeatable; tried in order)")
+    p.add_argument("--transport", choices=("json", "kv", "binary"), help="how readings are sent (default: json)")
+    p.add_argument("--battery", action="store_true", help="deep sleep between readings; send every --wake-interval")
+    p.add_argument("--binary-port", type=int, help="the server's binary port (default: 7002)")
+    p.add_argument("--device-number", type=int, help="binary packets: the server's [binary.devices.N]")
+    p.add_argument("--measure-interval", type=int, metavar="S", help="seconds between readings (default: 60)")
+    p.add_argument("--wake-interval", type=int, metavar="S", help="battery: seconds between sends (default: 600)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other config.py setting, e.g. --set DHT_TYPE=11 --set OUTPUT_PINS=(5,)")
+    p.add_argument("--stage", help="directory to stage the board's files in (default: a temp directory)")
+    p.add_argument("--firmware-dir", default=str(FIRMWARE_DIR), help=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true", help="stage the files and print the mpremote command only")
+
+
+def _console_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", default="auto", help="the board's serial port (default: auto)")
+    p.add_argument("--dry-run", action="store_true", help="print the mpremote command only")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
+    "deploy": (cmd_deploy, _deploy_args),
+    "console": (cmd_console, _console_args),
+}
+
+
+def _reporting(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except FirmwareError as exc:
+            print(f"sensorpipe: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    return run
+
+
+def register(subparsers: Any) -> None:
+    """Add ``firmware deploy`` and ``firmware console`` to the ``sensorpipe`` command line."""
+    firmware = subparsers.add_parser("firmware", help="put the firmware on a board, open its REPL (mpremote)",
+                                     description="Put the sensorpipe firmware on a board and open its REPL, with mpremote.")
+    sub = firmware.add_subparsers(dest="firmware_command", required=True, metavar="COMMAND")
+    for name, (handler, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=(handler.__doc__ or "").strip().split("\n")[0])
+        add_args(p)
+        p.set_defaults(handler=_reporting(handler))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sensorpipe")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
