@@ -92,9 +92,13 @@ def render(results: dict[str, Any]) -> str:
                          fmt(r["server_cpu_s"], 1), fmt(r["cpu_per_100k"], 2), fmt(_peak(r), 0),
                          fmt(r["db_cpu_s"], 1), fmt(r["sim_rate"])])
         out += ["", f"## {devices:,} devices", "",
-                table(["system", "sent", "stored", "lost", "dup", "s (first send → last stored)", "readings/s",
+                table(["system", "sent", "stored", "lost (not stored)", "dup", "s (first send → last stored)", "readings/s",
                        "CPU s (server)", "CPU s / 100k", "peak RSS MB (largest process)", "VM CPU s",
                        "simulator sent/s"], rows)]
+        notes = [f"- {r['system']}: {r['note']}" for r in _runs(results, devices)
+                 if r["note"] and not r["group"].startswith("parsers")]
+        if notes:
+            out += ["", "What their logs say:", "", *notes]
         ref = reference(results)
         sp = _find(results, ref, devices)
         if sp:

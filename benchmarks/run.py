@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -244,6 +245,21 @@ class System:
 
     def pids(self) -> dict[str, int]:
         return {c.name: c.pid for c in self.children if c.pid}
+
+    def errors(self) -> str:
+        """The most frequent error lines in the system's logs, numbers masked: what went wrong."""
+        counts: dict[str, int] = {}
+        for c in self.children:
+            try:
+                text = c.log_path.read_text(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if re.search(r"error|exception|EMFILE|refused|reset", line, re.IGNORECASE) and "WARN" not in line:
+                    key = re.sub(r"\d+", "N", line.split("] ", 1)[-1])[:120]
+                    counts[key] = counts.get(key, 0) + 1
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:2]
+        return "; ".join(f"{n:,}× {line.strip()}" for line, n in top)
 
     def stop(self) -> None:
         for c in reversed(self.children):
@@ -533,13 +549,15 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
     run.stored, run.duplicates, run.unexpected = count.stored, count.duplicates, count.unexpected
     run.fields_complete = count.fields_complete
     run.lost = max(0, run.sent - run.stored)
+    run.note = system.errors()
     run.seconds = round(last_change - summary["first_send"], 3) if run.stored else None
     run.rate = round(run.stored / run.seconds, 1) if run.seconds else 0.0
     run.server_cpu_s = round(sum(p["cpu_s"] for p in run.processes.values()), 2)
     run.cpu_per_100k = round(run.server_cpu_s / run.stored * 100_000, 2) if run.stored else None
     log(f"{system.label}, {devices} devices: stored {run.stored:,}/{run.sent:,} in {run.seconds or 0:.2f} s = "
         f"{run.rate:,.0f}/s; lost {run.lost:,}, duplicates {run.duplicates:,}; CPU {run.server_cpu_s} s "
-        f"({run.cpu_per_100k} s/100k); VM CPU {run.db_cpu_s} s" + (" [capped]" if run.capped else ""))
+        f"({run.cpu_per_100k} s/100k); VM CPU {run.db_cpu_s} s" + (" [capped]" if run.capped else "")
+        + (f"; in its log: {run.note}" if run.note else ""))
     return run
 
 
