@@ -34,7 +34,8 @@ def fmt(value: float, digits: int = 0) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    align = "|".join("---" if i == 0 else "---:" for i in range(len(header)))
+    lines = ["| " + " | ".join(header) + " |", "|" + align + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -86,14 +87,13 @@ def render(results: dict[str, Any]) -> str:
         for r in _runs(results, devices):
             if r["group"].startswith("parsers"):
                 continue
-            procs = " ".join(f"{k} {v['cpu_s']:.1f}" for k, v in r["processes"].items())
             rows.append([r["system"], fmt(r["sent"]), fmt(r["stored"]), fmt(r["lost"]), fmt(r["duplicates"]),
                          fmt(r["seconds"], 2) + (" (cap)" if r["capped"] else ""), f"**{fmt(r['rate'])}**",
                          fmt(r["server_cpu_s"], 1), fmt(r["cpu_per_100k"], 2), fmt(_peak(r), 0),
                          fmt(r["db_cpu_s"], 1), fmt(r["sim_rate"])])
         out += ["", f"## {devices:,} devices", "",
-                table(["system", "sent", "stored", "lost (not stored)", "dup", "s (first send → last stored)", "readings/s",
-                       "CPU s (server)", "CPU s / 100k", "peak RSS MB (largest process)", "VM CPU s",
+                table(["system", "sent", "stored", "lost (not stored)", "dup", "s (first send → last stored)",
+                       "readings/s", "CPU s (server)", "CPU s / 100k", "peak RSS MB (largest process)", "VM CPU s",
                        "simulator sent/s"], rows)]
         notes = [f"- {r['system']}: {r['note']}" for r in _runs(results, devices)
                  if r["note"] and not r["group"].startswith("parsers")]
@@ -148,7 +148,8 @@ def render(results: dict[str, Any]) -> str:
         out += ["", "## Concurrent connections on one edge", "",
                 table(["connections", "held", "stored", "edge RSS idle MB", "edge RSS held MB", "edge peak RSS MB",
                        "kB per connection"],
-                      [[fmt(conn["connections"]), fmt(conn["held"]), f"{conn.get('stored', 0):,}/{conn.get('sent', 0):,}",
+                      [[fmt(conn["connections"]), fmt(conn["held"]),
+                        f"{conn.get('stored', 0):,}/{conn.get('sent', 0):,}",
                         fmt(conn["edge_rss_idle_mb"], 1), fmt(conn["edge_rss_mb"], 1), fmt(conn["edge_peak_rss_mb"], 1),
                         fmt(conn["kb_per_connection"], 1)]])]
     q = results.get("query")
@@ -168,7 +169,8 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
         rows.append([name, measured, "–" if ok is None else ("yes" if ok else "**no**")])
 
     runs = _runs(results)
-    loss = [(r["system"], r["devices"], r["lost"], r["duplicates"]) for r in runs if r["system"].startswith("sensorpipe")]
+    loss = [(r["system"], r["devices"], r["lost"], r["duplicates"])
+            for r in runs if r["system"].startswith("sensorpipe")]
     lat = results.get("latency")
     if lat:
         loss.append(("latency run", 100, lat["background_lost"], lat["duplicates"]))

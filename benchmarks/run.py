@@ -33,8 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -278,7 +276,8 @@ class SensorPipe(System):
         self.parsers = parsers
         self.data = workdir / "data"
         self.port = free_port()
-        self.ports = {n: free_port() for n in ("binary", "frames", "acks", "live", "inject", "query", "sqlite", "influx")}
+        self.ports = {n: free_port()
+                      for n in ("binary", "frames", "acks", "live", "inject", "query", "sqlite", "influx")}
         self.query_endpoint = f"tcp://127.0.0.1:{self.ports['query']}"
         self.config = workdir / "sensorpipe.toml"
         p = self.ports

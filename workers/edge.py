@@ -19,8 +19,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import zmq

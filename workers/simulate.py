@@ -603,7 +603,8 @@ def _summarise(plan: Plan, counters, interrupted: bool) -> Summary:
         devices=plan.devices, format=plan.fmt, target=f"{plan.host}:{plan.port}", procs=plan.procs,
         planned=plan.total, sent=sent, unsent=plan.total - sent, bytes=_total(counters, plan, BYTES),
         acks=_total(counters, plan, ACKS) if plan.acked else None, errors=_total(counters, plan, ERRORS),
-        connected=_total(counters, plan, CONNECTED), reconnects=_total(counters, plan, RECONNECTS), seconds=round(seconds, 4),
+        connected=_total(counters, plan, CONNECTED), reconnects=_total(counters, plan, RECONNECTS),
+        seconds=round(seconds, 4),
         rate=round(sent / seconds, 1) if seconds > 0 else 0.0, first_send=first / 1e9, last_send=last / 1e9,
         start_ms=plan.start_ms, step_ms=plan.step_ms, prefix=plan.prefix, measurement=plan.measurement,
         interrupted=interrupted)
