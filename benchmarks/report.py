@@ -1,6 +1,8 @@
 """The benchmark's Markdown report, from the results benchmarks/run.py collects.
 
     python benchmarks/report.py benchmarks/results/last-run.json     # render a saved run again
+    python benchmarks/report.py benchmarks/results/last-run.json --into BENCHMARKS.md
+        # put it between BENCHMARKS.md's results markers, so the document shows a real run verbatim
 """
 from __future__ import annotations
 
@@ -222,5 +224,25 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+BEGIN = "<!-- results: written by benchmarks/report.py --into; do not edit by hand -->"
+END = "<!-- end of results -->"
+
+
+def into(document: Path, text: str) -> None:
+    """Replace what is between the results markers of ``document`` with the report (its title dropped)."""
+    content = document.read_text()
+    if BEGIN not in content or END not in content:
+        raise SystemExit(f"{document}: no results markers ({BEGIN} ... {END})")
+    body = text.split("\n", 1)[1].strip()
+    body = body.replace("\n## ", "\n### ")                  # one level down inside the document
+    head, rest = content.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    document.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+
+
 if __name__ == "__main__":
-    print(render(json.loads(Path(sys.argv[1]).read_text())))
+    text = render(json.loads(Path(sys.argv[1]).read_text()))
+    if len(sys.argv) > 3 and sys.argv[2] == "--into":
+        into(Path(sys.argv[3]), text)
+    else:
+        print(text)
