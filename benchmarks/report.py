@@ -54,8 +54,8 @@ def _find(results: dict[str, Any], system: str, devices: int, group: str | None 
     return None
 
 
-def _peak(run: dict[str, Any]) -> float:
-    return max((p["peak_rss_mb"] for p in run["processes"].values()), default=0.0)
+def _peak(run: dict[str, Any]) -> float | None:
+    return max((p["peak_rss_mb"] for p in run["processes"].values()), default=None)
 
 
 def render(results: dict[str, Any]) -> str:

@@ -253,7 +253,7 @@ class System:
             except OSError:
                 continue
             for line in text.splitlines():
-                if re.search(r"error|exception|EMFILE|refused|reset", line, re.IGNORECASE) and "WARN" not in line:
+                if re.search(r"\w(Error|Exception): |\[error\]|EMFILE|ECONNRESET", line) and "WARN" not in line:
                     key = re.sub(r"\d+", "N", line.split("] ", 1)[-1])[:120]
                     counts[key] = counts.get(key, 0) + 1
         top = sorted(counts.items(), key=lambda kv: -kv[1])[:2]
@@ -471,7 +471,7 @@ class Run:
     sim_cpu_s: float = 0.0
     capped: bool = False               # stopped at the time cap, counted as it was
     processes: dict[str, dict[str, float]] = field(default_factory=dict)
-    server_cpu_s: float = 0.0          # all processes of the system under test
+    server_cpu_s: float | None = None  # all processes of the system under test (None: it has none)
     cpu_per_100k: float | None = None
     db_cpu_s: float = 0.0              # VictoriaMetrics (or 0 for SQLite, which lives in the sink)
     note: str = ""
@@ -551,8 +551,8 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
     run.note = system.errors()
     run.seconds = round(last_change - summary["first_send"], 3) if run.stored else None
     run.rate = round(run.stored / run.seconds, 1) if run.seconds else 0.0
-    run.server_cpu_s = round(sum(p["cpu_s"] for p in run.processes.values()), 2)
-    run.cpu_per_100k = round(run.server_cpu_s / run.stored * 100_000, 2) if run.stored else None
+    run.server_cpu_s = round(sum(p["cpu_s"] for p in run.processes.values()), 2) if run.processes else None
+    run.cpu_per_100k = round(run.server_cpu_s / run.stored * 100_000, 2) if run.stored and run.processes else None
     log(f"{system.label}, {devices} devices: stored {run.stored:,}/{run.sent:,} in {run.seconds or 0:.2f} s = "
         f"{run.rate:,.0f}/s; lost {run.lost:,}, duplicates {run.duplicates:,}; CPU {run.server_cpu_s} s "
         f"({run.cpu_per_100k} s/100k); VM CPU {run.db_cpu_s} s" + (" [capped]" if run.capped else "")
