@@ -46,7 +46,9 @@ from tests.servers import ServerProcess, Victoria, free_port, port_accepts  # no
 
 PYTHON = sys.executable
 BENCH = REPO / "benchmarks"
-RESULTS = BENCH / "results"
+RESULTS = BENCH / "results"                    # the published full run (BENCHMARKS.md)
+PARTIAL = REPO / ".cache" / "bench"            # quick and partial runs
+DEFAULT_DEVICES = "100,1000"
 NODERED_DIR = REPO / ".cache" / "nodered"
 NODERED_RED = NODERED_DIR / "node_modules" / "node-red" / "red.js"
 POLL_S = 0.05                      # how often the store is counted while a workload runs
@@ -948,11 +950,12 @@ def report(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller workloads (about 3 minutes)")
-    parser.add_argument("--devices", default="100,1000", help="board counts for the throughput runs")
+    parser.add_argument("--devices", default=DEFAULT_DEVICES, help="board counts for the throughput runs")
     parser.add_argument("--readings", type=int, help="readings per throughput run (overrides the mode's)")
     parser.add_argument("--only", help="comma-separated parts: simulator, ceiling, sensorpipe, nodered, threaded, "
                                        "parsers, latency, connections, query")
-    parser.add_argument("--out", default=str(RESULTS), help="where to write last-run.md and last-run.json")
+    parser.add_argument("--out", help=f"where to write last-run.md and last-run.json (default: {RESULTS} for a "
+                                      f"full run, {PARTIAL} for --quick, --only, --devices or --readings)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     parser.add_argument("--profile", metavar="DIR", help="py-spy every Python process of the systems under test "
                                                         "(collapsed stacks in DIR; see benchmarks/profile_top.py)")
@@ -964,7 +967,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(bench.work, ignore_errors=True)
-    out = Path(args.out)
+    full = not (args.quick or args.only or args.readings or args.devices != DEFAULT_DEVICES)
+    out = Path(args.out or (RESULTS if full else PARTIAL))
     out.mkdir(parents=True, exist_ok=True)
     (out / "last-run.json").write_text(json.dumps(results, indent=1, default=str))
     text = report(results)
