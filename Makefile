@@ -1,6 +1,7 @@
 # The two commands a new user needs:
 #   make run    install into .venv if needed, start the whole pipeline (SQLite default) in the foreground
 #   make test   install what the tests need (test servers included) and run the tests
+#   make bench  the end-to-end benchmark against Node-RED and the others (BENCHMARKS.md); BENCH_ARGS=--quick
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -23,6 +24,10 @@ test-servers:
 
 test: $(STAMP) test-servers
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) test-servers
+	benchmarks/install-nodered.sh
+	$(VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache data

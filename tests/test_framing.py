@@ -49,6 +49,37 @@ def test_json_lines_switch_to_line_mode() -> None:
     assert frames == [b'{"a":1}', b'{"b":2}'] and framer.mode == "lines"
 
 
+def test_json_lines_switch_to_line_mode_when_reads_end_mid_object() -> None:
+    # A busy board's reads rarely end on an object boundary; the switch must not wait for one.
+    framer = AutoFramer(1024)
+    data = b"".join(b'{"device":"d","n":%d}\n' % i for i in range(50))
+    frames, _ = framer.feed(data[:37])
+    assert framer.mode == "lines"
+    more, _ = framer.feed(data[37:])
+    assert frames + more == [b'{"device":"d","n":%d}' % i for i in range(50)]
+
+
+def test_json_lines_switch_to_line_mode_within_one_large_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # All of a board's backlog in one read: only its first object is scanned as a JSON stream.
+    from workers import framing
+    scanned = []
+    original = framing.JsonStreamFramer._scan
+    monkeypatch.setattr(framing.JsonStreamFramer, "_scan", lambda self, buf: scanned.append(1) or original(self, buf))
+    framer = AutoFramer(1024)
+    data = b"".join(b'{"device":"d","n":%d}\n' % i for i in range(300))
+    frames, _ = framer.feed(data)
+    assert framer.mode == "lines" and frames == [b'{"device":"d","n":%d}' % i for i in range(300)]
+    assert len(scanned) == 1
+
+
+def test_pretty_printed_objects_stay_json_stream() -> None:
+    framer = AutoFramer(1024)
+    data = b'{\n  "a": 1\n}\n{\n  "b": 2\n}\n{\n  "c": 3\n}\n'
+    frames, rejects = feed_in_pieces(framer, data, iter(lambda: 5, None))
+    assert frames == [b'{\n  "a": 1\n}', b'{\n  "b": 2\n}', b'{\n  "c": 3\n}'] and rejects == []
+    assert framer.mode == "json-stream"
+
+
 def test_last_line_without_newline_is_a_frame_at_hangup() -> None:
     framer = AutoFramer(1024)
     assert framer.feed(b"temp: 22") == ([], [])

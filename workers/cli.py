@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10000)
     p.add_argument("--timeout", type=float, default=3.0)
     add("check-config", cmd_check_config)
-    for module_name in ("workers.firmware_cli",):
+    for module_name in ("workers.firmware_cli", "workers.simulate"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ImportError:

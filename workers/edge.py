@@ -27,6 +27,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import zmq
@@ -107,9 +108,14 @@ class DeviceConnection(asyncio.Protocol):
     def next_ts(self) -> int:
         """Arrival time in ns, strictly increasing per connection (1 ms apart at least), so that two
         frames of one device never share the (device, field, timestamp) key readings are stored by."""
+        return self.next_stamps(1)[0]
+
+    def next_stamps(self, count: int) -> range:
+        """``next_ts`` for ``count`` frames that arrived in one read, in one step."""
         now_ms = time.time_ns() // 1_000_000
-        self.last_ts_ms = now_ms if now_ms > self.last_ts_ms else self.last_ts_ms + 1
-        return self.last_ts_ms * 1_000_000
+        first = now_ms if now_ms > self.last_ts_ms else self.last_ts_ms + 1
+        self.last_ts_ms = first + count - 1
+        return range(first * 1_000_000, (first + count) * 1_000_000, 1_000_000)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -125,6 +131,7 @@ class Edge:
         self.journal = Journal(Path(cfg.data_dir) / "journal", cfg.edge.journal_segment_bytes,
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)
         self.connections: set[DeviceConnection] = set()
+        self.per_listener: dict[str, int] = {}
         self.inflight: OrderedDict[int, InFlight] = OrderedDict()
         self.outq: asyncio.Queue[tuple[int, list[bytes]]] = asyncio.Queue()   # (seq, frames message)
         self.paused = False
@@ -154,12 +161,13 @@ class Edge:
         return self._conn_ids
 
     def opened(self, conn: DeviceConnection) -> None:
-        count = sum(1 for c in self.connections if c.listener is conn.listener)
-        if count >= conn.listener.max_connections or self.stop.is_set():
+        name = conn.listener.name
+        if self.per_listener.get(name, 0) >= conn.listener.max_connections or self.stop.is_set():
             self.counters.add("refused_connections")
             conn.close()
             return
         self.connections.add(conn)
+        self.per_listener[name] = self.per_listener.get(name, 0) + 1
         if conn.conn is not None:
             self.by_id[conn.conn.conn_id] = conn
         self.counters.add("connections_opened")
@@ -167,7 +175,9 @@ class Edge:
             conn.transport.pause_reading()
 
     def closed(self, conn: DeviceConnection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.per_listener[conn.listener.name] -= 1
         if conn.conn is not None:
             self.by_id.pop(conn.conn.conn_id, None)
 
@@ -193,8 +203,8 @@ class Edge:
             index = self._batch_conns[conn.conn.conn_id] = len(self._batch_conn_list)
             self._batch_conn_list.append(conn.conn)
         pending = self._pending
-        for frame in frames:
-            pending.append((frame, conn.next_ts(), index))
+        if frames:
+            pending.extend(zip(frames, conn.next_stamps(len(frames)), repeat(index)))
         for reason, raw in rejects:
             pending.append(envelope.reject_frame(reason, raw, conn.next_ts(), index))
         if rejects:

@@ -129,7 +129,12 @@ class EnvelopeError(ValueError):
 def pack_frames(frames: Sequence[tuple[bytes, int, int]]) -> bytes:
     """``frames`` are (payload, recv_ts_ns, conn_index) triples; see ``reject_frame`` for rejects."""
     head = _FRAME_HEAD.pack
-    return b"".join(head(len(p), ts, ci) + p for p, ts, ci in frames)
+    parts: list[bytes] = []
+    add = parts.append
+    for payload, ts, ci in frames:
+        add(head(len(payload), ts, ci))
+        add(payload)
+    return b"".join(parts)
 
 
 def reject_frame(reason: str, raw: bytes, recv_ts: int, conn_index: int) -> tuple[bytes, int, int]:
@@ -201,7 +206,6 @@ def parse_frames_header(raw: bytes) -> tuple[int | None, list[str] | None, list[
 
 
 def iter_frames(body: bytes, conns: Sequence[Conn]) -> Iterator[Frame]:
-    view = memoryview(body)
     pos, end, size = 0, len(body), _FRAME_HEAD.size
     unpack = _FRAME_HEAD.unpack_from
     while pos < end:
@@ -213,7 +217,7 @@ def iter_frames(body: bytes, conns: Sequence[Conn]) -> Iterator[Frame]:
         ci &= ~REJECTED
         if pos + length > end or ci >= len(conns):
             raise EnvelopeError("truncated frame or bad connection index")
-        payload = bytes(view[pos:pos + length])
+        payload = body[pos:pos + length]
         pos += length
         if rejected:
             reason, _, raw = payload.partition(b"\n")
@@ -244,6 +248,17 @@ def parse_seen(header: bytes) -> list[Seen]:
                 for d, ts, lst, ci, peer in orjson.loads(header).get("seen", ())]
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
         raise EnvelopeError(f"bad seen list: {exc}") from None
+
+
+def parse_readings_rows(header: bytes, body: bytes) -> tuple[list[int], list[list], list[list]]:
+    """``parse_readings`` without building Reading/Event objects: ``[device, ts_ns, fields, tags]``
+    lists, for a consumer that only reads them (the query worker's latest values)."""
+    try:
+        seqs = orjson.loads(header)["seqs"]
+        raw_readings, raw_events = orjson.loads(body)
+        return seqs, raw_readings, raw_events
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise EnvelopeError(f"bad readings message: {exc}") from None
 
 
 def parse_readings(header: bytes, body: bytes) -> tuple[list[int], list[Reading], list[Event]]:

@@ -79,6 +79,7 @@ class JsonStreamFramer:
         self.in_string = False
         self.fatal: str | None = None
         self.newline_after_object = False   # the device turned out to write JSON lines
+        self.multiline_objects = False      # an object spanned lines (pretty-printed): never JSON lines
         self.objects = 0
 
     def feed(self, data: bytes) -> tuple[Frames, Rejects]:
@@ -93,6 +94,8 @@ class JsonStreamFramer:
                     if self.objects and b"\n" in buf[:start]:
                         self.newline_after_object = True
                     del buf[:start]
+                    if self.newline_after_object and not self.multiline_objects:
+                        break      # JSON lines after all: AutoFramer hands the rest to the line framer
                 if not buf:
                     break
                 if buf[0] != 0x7B:                      # "{": anything else at depth 0 is garbage
@@ -113,7 +116,10 @@ class JsonStreamFramer:
                     self.fatal = "oversized JSON object with no delimiter to resynchronise on"
                     buf.clear()
                 break
-            frames.append(bytes(buf[:end]))
+            frame = bytes(buf[:end])
+            if b"\n" in frame:
+                self.multiline_objects = True
+            frames.append(frame)
             del buf[:end]
             self.depth = 0
             self.objects += 1
@@ -186,8 +192,9 @@ class AutoFramer:
             self.inner = JsonStreamFramer(self.max_frame) if head[:1] == b"{" else LineFramer(self.max_frame)
         frames, rejects = self.inner.feed(data)
         inner = self.inner
-        if isinstance(inner, JsonStreamFramer) and inner.newline_after_object and inner.depth == 0:
-            # JSON lines: hand over to the (much faster) line framer with what is left unparsed.
+        if isinstance(inner, JsonStreamFramer) and inner.newline_after_object and not inner.multiline_objects:
+            # JSON lines: hand over to the (much faster) line framer with what is left unparsed. The
+            # buffer starts at the object being read (if any), so a read ending mid-object is fine.
             rest = bytes(inner.buffer)
             self.inner = LineFramer(self.max_frame)
             more, more_rejects = self.inner.feed(rest) if rest else ([], [])

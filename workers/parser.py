@@ -28,7 +28,7 @@ import zmq
 from workers import envelope, runtime
 from workers.config import Config
 from workers.deadletters import DeadLetter, DeadLetterStore
-from workers.decoders import REGISTRY, Context, DecodeError
+from workers.decoders import REGISTRY, Context, DecodeError, Decoder
 from workers.envelope import Ack, Downlink, Event, Reading, Seen
 from workers.templates import TemplateError, TopicTemplate, matches, render_reply
 
@@ -72,18 +72,18 @@ class Parser:
         devices = self.cfg.devices
         max_event = self.cfg.events.max_event_bytes
         last: dict[str, tuple[int, envelope.Conn]] = {}      # device -> its newest frame's (arrival, conn)
-        sources: dict[int, tuple[str, str]] = {}
+        sources: dict[int, tuple[str, str, Decoder]] = {}     # id(conn) -> decoder name, device, decoder
         for frame in envelope.iter_frames(body, conns):
             conn = frame.conn
             source = sources.get(id(conn))                    # conns are shared by a batch's frames
             if source is None:
-                source = sources[id(conn)] = self.source(conn)
-            decoder_name, default_device = source
+                name, device = self.source(conn)
+                source = sources[id(conn)] = (name, device, REGISTRY[name])
+            decoder_name, default_device, decoder = source
             if frame.reject is not None:
                 dead.append(DeadLetter(frame.recv_ts, "edge", conn.listener, conn.peer, default_device,
                                        frame.reject, frame.payload))
                 continue
-            decoder = REGISTRY[decoder_name]
             try:
                 items = decoder(frame.payload, Context(default_device, frame.recv_ts, self.cfg))
             except DecodeError as exc:

@@ -75,10 +75,18 @@ class LatestValues:
             self.last_seen[device] = ts
 
     def apply_readings(self, readings: list) -> None:
-        update = self.update
+        """``update`` for every field of every reading, inlined: this runs for every reading."""
+        devices, last_seen = self.devices, self.last_seen
         for device, ts, fields, _tags in readings:
+            known = devices.get(device)
+            if known is None:
+                known = devices[device] = {}
             for field, value in fields.items():
-                update(device, field, value, ts)
+                seen = known.get(field)
+                if seen is None or ts >= seen[1]:
+                    known[field] = (value, ts)
+            if ts > last_seen.get(device, 0):
+                last_seen[device] = ts
 
 
 def restore_from_sqlite(cfg: Config, latest: LatestValues) -> int:
@@ -266,7 +274,7 @@ class QueryWorker:
         try:
             kind = message[0]
             if kind == envelope.READINGS:
-                _, readings, _ = envelope.parse_readings(message[1], message[2])
+                _, readings, _ = envelope.parse_readings_rows(message[1], message[2])
                 self.latest.apply_readings(readings)
                 for entry in envelope.parse_seen(message[1]):
                     self.latest.seen(entry)

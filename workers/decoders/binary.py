@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from workers.config import BINARY_TYPES, BinaryDevice
+from workers.decoders import DecodeError  # defined before the registry imports this module
 from workers.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ def parse_header(packet: bytes) -> tuple[int, int, int, int, int, int]:
 
 
 def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
-    from workers.decoders import DecodeError
-
     if len(frame) < HEADER.size:
         raise DecodeError(f"packet shorter than its {HEADER.size}-byte header", frame)
     length, wake_s, measure_s, per_record, number, count = parse_header(frame)

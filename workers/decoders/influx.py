@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from workers.decoders import DecodeError  # defined before the registry imports this module
 from workers.decoders.timestamps import epoch_to_ns
 from workers.envelope import FieldValue, Reading
 
@@ -29,8 +30,6 @@ class LineError(ValueError):
 
 
 def decode(frame: bytes, ctx: "Context") -> list["Reading | Event"]:
-    from workers.decoders import DecodeError
-
     try:
         text = frame.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from workers.decoders.timestamps import to_ns
+from workers.decoders import DecodeError  # defined before the registry imports this module
+from workers.decoders.timestamps import epoch_to_ns, to_ns
 from workers.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
@@ -32,14 +33,17 @@ ACK_KEY = "cmd_ack"       # a device's answer to a command (docs/commands.md)
 
 
 def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
-    from workers.decoders import DecodeError
-
     try:
         doc = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"invalid JSON: {exc}", frame) from None
+    if type(doc) is dict:
+        out = _decode_object(doc, ctx, frame)
+        if not out:
+            raise DecodeError("no objects in frame", frame)
+        return out
     objects = doc if isinstance(doc, list) else [doc]
-    out: list[Reading | Event] = []
+    out = []
     for obj in objects:
         if not isinstance(obj, dict):
             raise DecodeError(f"expected a JSON object, got {type(obj).__name__}", frame)
@@ -50,39 +54,55 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
 
 
 def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Event]:
-    from workers.decoders import DecodeError
-
+    # Every frame of a JSON board comes through here: membership tests run in C (isdisjoint) and the
+    # common shapes (a string device id, an epoch timestamp) take the short path.
     opts = ctx.config.decoders.json
     device = ctx.device
     used: set[str] = set()
     for key in opts.device_keys:
         value = obj.get(key)
-        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
-            device, _ = str(value), used.add(key)
+        if value is None:
+            continue
+        if type(value) is str:
+            if value:
+                device = value
+                used.add(key)
+                break
+        elif isinstance(value, int) and not isinstance(value, bool):
+            device = str(value)
+            used.add(key)
             break
     ts = ctx.recv_ts
     for key in opts.time_keys:
         if key in obj:
+            raw = obj[key]
             try:
-                ts = to_ns(obj[key])
+                ts = epoch_to_ns(raw) if type(raw) is int else to_ns(raw)
             except ValueError as exc:
                 raise DecodeError(f"{key}: {exc}", frame) from None
             used.add(key)
             break
-    for key in opts.event_keys:
-        if key in obj:
-            # {"cmd":"heartU"} is a "heartU" event; a command ack {"cmd_ack":"c42",...} a "cmd_ack" one
-            return [Event(device, ts, key if key == ACK_KEY else str(obj[key]), obj)]
+    if not obj.keys().isdisjoint(opts.event_keys):
+        for key in opts.event_keys:
+            if key in obj:
+                # {"cmd":"heartU"} is a "heartU" event; a command ack {"cmd_ack":"c42",...} a "cmd_ack" one
+                return [Event(device, ts, key if key == ACK_KEY else str(obj[key]), obj)]
 
     source = obj
-    for key in opts.fields_keys:
-        if isinstance(obj.get(key), dict):
-            source, used = obj[key], set()
-            break
+    if not obj.keys().isdisjoint(opts.fields_keys):
+        for key in opts.fields_keys:
+            if isinstance(obj.get(key), dict):
+                source, used = obj[key], set()
+                break
     fields: dict[str, FieldValue] = {}
     failed: list[str] = []
     for key, value in source.items():
-        if key not in used:
+        if key in used:
+            continue
+        kind = type(value)
+        if kind is float or kind is int or kind is str or kind is bool:     # the common case, inline
+            fields[key] = value
+        else:
             _flatten(key, value, fields, failed, 0)
     out: list[Reading | Event] = []
     if fields:

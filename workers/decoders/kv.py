@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from workers.decoders import DecodeError  # defined before the registry imports this module
 from workers.decoders.timestamps import to_ns
 from workers.envelope import Event, FieldValue, Reading
 
@@ -26,8 +27,6 @@ FAILED = {"nan", "null", "none", "err", "error", ""}
 
 
 def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
-    from workers.decoders import DecodeError
-
     try:
         text = frame.decode("utf-8")
     except UnicodeDecodeError as exc:

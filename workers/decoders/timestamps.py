@@ -11,6 +11,14 @@ _US_MAX = 1e17
 
 def epoch_to_ns(value: float | int) -> int:
     """1732260000 (s), 1732260000123 (ms), ...us, ...ns -> ns."""
+    if type(value) is int and value >= 0:         # the usual case, without rounding a float
+        if value < _S_MAX:
+            return value * 1_000_000_000
+        if value < _MS_MAX:
+            return value * 1_000_000
+        if value < _US_MAX:
+            return value * 1_000
+        return value
     if isinstance(value, bool) or value < 0:
         raise ValueError(f"not an epoch time: {value!r}")
     if value < _S_MAX:
