@@ -67,6 +67,13 @@ acks = "tcp://127.0.0.1:{acks}"
 live = "tcp://127.0.0.1:{live}"
 inject = "tcp://127.0.0.1:{inject}"
 query = "tcp://127.0.0.1:{query}"
+command = "tcp://127.0.0.1:{command}"
+seen = "tcp://127.0.0.1:{seen}"
+downlink = "tcp://127.0.0.1:{downlink}"
+
+[rollups]                         # what is measured is the journal's cost: no rollup worker
+enabled = false
+endpoint = "tcp://127.0.0.1:{rollup}"
 
 [edge]
 fsync = "{policy}"
@@ -93,7 +100,8 @@ class Run:
     def __init__(self, base: Path, policy: str, roles: list[str]) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"fsync-{policy}-", dir=base))
         self.ports = {name: free_port() for name in ("text", "binary", "frames", "acks", "live", "inject",
-                                                      "query", "sqlite")}
+                                                      "query", "sqlite", "command", "seen", "downlink",
+                                                      "rollup")}
         self.config = self.dir / "sensorpipe.toml"
         self.config.write_text(CONFIG.format(data=self.dir / "data", policy=policy, **self.ports))
         self.ctx = zmq.Context()

@@ -279,7 +279,8 @@ class SensorPipe(System):
         self.data = workdir / "data"
         self.port = free_port()
         self.ports = {n: free_port()
-                      for n in ("binary", "frames", "acks", "live", "inject", "query", "sqlite", "influx")}
+                      for n in ("binary", "frames", "acks", "live", "inject", "query", "sqlite", "influx",
+                                "command", "seen", "downlink", "rollup")}
         self.query_endpoint = f"tcp://127.0.0.1:{self.ports['query']}"
         self.config = workdir / "sensorpipe.toml"
         p = self.ports
@@ -304,6 +305,14 @@ acks = "tcp://127.0.0.1:{p['acks']}"
 live = "tcp://127.0.0.1:{p['live']}"
 inject = "tcp://127.0.0.1:{p['inject']}"
 query = "tcp://127.0.0.1:{p['query']}"
+command = "tcp://127.0.0.1:{p['command']}"
+seen = "tcp://127.0.0.1:{p['seen']}"
+downlink = "tcp://127.0.0.1:{p['downlink']}"
+
+# Ingestion is what is compared (the baselines keep no aggregates): no rollup worker to feed.
+[rollups]
+enabled = false
+endpoint = "tcp://127.0.0.1:{p['rollup']}"
 
 [sinks.sqlite]
 enabled = {str('sqlite' in sinks).lower()}

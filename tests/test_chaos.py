@@ -5,7 +5,8 @@ supervisord.conf (its ``.venv/bin/sensorpipe`` pointed at the interpreter runnin
 ``%(here)s`` at the repository; nothing else changes), a test configuration with free ports passed
 through SENSORPIPE_CONFIG / SENSORPIPE_DATA. While 50 text devices stream JSON lines and 5 battery
 boards send binary packets, the test kills with SIGKILL (the PID from ``sensorpipe ctl pid NAME``,
-i.e. supervisorctl) a parser, each enabled sink, the query worker and the edge, one after another,
+i.e. supervisorctl) a parser, each enabled sink, the rollup worker, the query worker and the edge, one
+after another,
 waiting each time for supervisord to restart it and for readings to flow again.
 
 What counts as accepted (docs/durability.md):
@@ -398,7 +399,7 @@ def edge_settled(pipeline: Pipeline) -> bool:
 def test_sigkill_each_worker_under_supervisord_loses_no_accepted_reading(tmp_path: Path) -> None:
     pipeline = Pipeline(tmp_path, extra_toml=BOARD_TOML, redeliver=REDELIVER_S)
     sinks = ["sink-" + name for name in config_mod.load(pipeline.config_path).sinks.enabled()]
-    workers = ["edge", *PARSERS, "query", *sinks]
+    workers = ["edge", *PARSERS, "query", *sinks, "rollup"]
     started = time.monotonic()
     supervisor = Supervisor(pipeline, tmp_path)
     devices = Devices(pipeline)
@@ -436,7 +437,7 @@ def test_sigkill_each_worker_under_supervisord_loses_no_accepted_reading(tmp_pat
         # Each other worker is stalled while the edge keeps taking input, so that it dies holding work:
         # batches queued to a parser, a sink's inbox and unwritten batch, the query's live feed. What they
         # held comes back through the edge's redelivery.
-        for name in [PARSERS[0], *sinks, "query"]:
+        for name in [PARSERS[0], *sinks, "rollup", "query"]:
             supervisor.signal(name, signal.SIGSTOP)
             edge_takes(STALL_PACKETS)
             supervisor.kill(name)
