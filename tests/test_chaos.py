@@ -6,8 +6,7 @@ supervisord.conf (its ``.venv/bin/sensorpipe`` pointed at the interpreter runnin
 through SENSORPIPE_CONFIG / SENSORPIPE_DATA. While 50 text devices stream JSON lines and 5 battery
 boards send binary packets, the test kills with SIGKILL (the PID from ``sensorpipe ctl pid NAME``,
 i.e. supervisorctl) a parser, each enabled sink, the rollup worker, the query worker and the edge, one
-after another,
-waiting each time for supervisord to restart it and for readings to flow again.
+after another, waiting each time for supervisord to restart it and for readings to flow again.
 
 What counts as accepted (docs/durability.md):
 
