@@ -72,3 +72,41 @@ def test_decoders_never_raise_anything_but_decode_error() -> None:
                 decoder(frame, Context("peer", RECV_TS, CONFIG))
             except DecodeError:
                 pass
+
+
+# --------------------------------------------------------------------------- the parser around them
+
+
+class Captured:
+    """A PUSH/PUB socket stand-in that keeps what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+
+    def send_multipart(self, parts: list, *args: object, **kwargs: object) -> None:
+        self.sent.append([bytes(p) for p in parts])
+
+
+def test_a_value_the_envelope_cannot_carry_costs_only_its_own_frame(tmp_path: Path, monkeypatch) -> None:
+    from workers import envelope
+    from workers.envelope import Reading
+    from workers.parser import Parser
+
+    def decode(frame: bytes, ctx: Context) -> list:      # a decoder that lets an integer beyond 64 bits through
+        return [Reading(frame.decode(), ctx.recv_ts, {"n": 2 ** 70 if frame == b"big" else 1}, {})]
+
+    monkeypatch.setitem(REGISTRY, "lenient", decode)
+    cfg = from_dict({"data_dir": str(tmp_path), "sinks": {"sqlite": {"enabled": True}},
+                     "listeners": [{"name": "text", "bind": "127.0.0.1:7000", "decoder": "lenient"}]})
+    parser = Parser(cfg)
+    sink, live = Captured(), Captured()
+    conn = envelope.Conn(1, "text", "10.0.0.7:5000")
+    body = envelope.pack_frames([(b"a", RECV_TS, 0), (b"big", RECV_TS, 0), (b"c", RECV_TS, 0)])
+    parser.handle(envelope.frames_message(7, [conn], body), {"sqlite": sink}, live)  # type: ignore[dict-item]
+    (message,) = sink.sent
+    seqs, readings, _ = envelope.parse_readings(message[1], message[2])
+    assert seqs == [7] and [r.device for r in readings] == ["a", "c"]
+    (letter,) = parser.deadletters.list()
+    assert letter.raw == b"big" and "cannot be carried" in letter.reason
+    assert parser.counters["uncarriable_frames"] == 1
+    parser.deadletters.close()

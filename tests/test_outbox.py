@@ -190,14 +190,16 @@ def test_sqlite_stores_a_batch_delivered_twice_once(tmp_path: Path) -> None:
     sink.connect()
     b = Batch([Reading("d1", 2_000, {"t": 21.5, "h": 40}, {"room": "a"}),
                Reading("d1", 1_000, {"t": 20.0}, {})],
-              [Event("d1", 1_500, "failed_read", {"fields": ["h"]})])
+              [Event("d1", 1_500, "failed_read", {"fields": ["h"]}),
+               Event("door", 1_500, "verifiedRecordU", {"card": 1}),      # two scans in one message:
+               Event("door", 1_500, "verifiedRecordU", {"card": 2})])     # same instant, two events
     sink.write(b)
     sink.write(b)                                             # redelivered after a kill
     sink.write(Batch([Reading("d1", 500, {"t": 5.0}, {})], []))  # an older reading arriving late
     db = sink.db
     assert db is not None
     assert db.execute("SELECT count(*) FROM readings").fetchone() == (4,)
-    assert db.execute("SELECT count(*) FROM events").fetchone() == (1,)
+    assert db.execute("SELECT count(*) FROM events").fetchone() == (3,)
     assert db.execute("SELECT value, ts FROM latest WHERE field = 't'").fetchone() == (21.5, 2_000)
     sink.close()
 

@@ -64,8 +64,10 @@ class Parser:
             return mqtt[0].decoder, mqtt[1].device(conn.peer) or conn.peer
         return "auto", conn.peer.rsplit(":", 1)[0]
 
-    def decode_batch(self, conns: list[envelope.Conn], body: bytes) -> tuple[list[Reading], list[Event],
-                                                                               list[DeadLetter]]:
+    def decode_batch(self, conns: list[envelope.Conn], body: bytes, check: bool = False
+                     ) -> tuple[list[Reading], list[Event], list[DeadLetter]]:
+        """Decode every frame of a batch. ``check``: also set aside a frame whose values the envelope
+        cannot carry (the slow path, taken only after a batch failed to serialize)."""
         readings: list[Reading] = []
         events: list[Event] = []
         dead: list[DeadLetter] = []
@@ -102,6 +104,15 @@ class Parser:
                     dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
                                            f"event of {size} bytes is over events.max_event_bytes ({max_event});"
                                            " raise it and replay", frame.payload))
+                    continue
+            if check:
+                try:
+                    envelope.readings_body([i for i in items if isinstance(i, Reading)],
+                                           [i for i in items if isinstance(i, Event)])
+                except TypeError as exc:          # orjson: an integer beyond 64 bits, a type it has no form for
+                    self.counters.add("uncarriable_frames")
+                    dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
+                                           f"a value cannot be carried: {exc}"[:200], frame.payload))
                     continue
             for item in items:
                 last[item.device] = (frame.recv_ts, conn)
@@ -187,6 +198,12 @@ class Parser:
                 raise envelope.EnvelopeError(f"expected a frames message, got {message[:1]!r}")
             seq, targets, conns = envelope.parse_frames_header(message[1])
             readings, events, dead = self.decode_batch(conns, message[2])
+            try:
+                body = envelope.readings_body(readings, events)
+            except TypeError:         # some frame decoded to a value JSON cannot carry: find it, set it aside
+                self.seen, self.acks, self.replies = {}, [], []
+                readings, events, dead = self.decode_batch(conns, message[2], check=True)
+                body = envelope.readings_body(readings, events)
         except envelope.EnvelopeError as exc:
             self.counters.add("bad_messages")
             log.warning("ignoring a bad message: %s", exc)
@@ -202,8 +219,7 @@ class Parser:
         self.counters.add("batches")
         self.counters.add("readings", len(readings))
         self.counters.add("events", len(events))
-        out = envelope.readings_message([seq] if seq is not None else [],
-                                        envelope.readings_body(readings, events), seen)
+        out = envelope.readings_message([seq] if seq is not None else [], body, seen)
         # Live first: a batch sent again to some sinks only (``targets``) is not published again, so
         # the query worker must have seen it before any sink could acknowledge it.
         if targets is None and (readings or events or seen):

@@ -89,6 +89,8 @@ def parse_line(line: str) -> tuple[str, dict[str, str], dict[str, FieldValue], i
                 ts = int(rest)
             except ValueError:
                 raise LineError(f"bad timestamp {rest[:30]!r}") from None
+            if not -(2 ** 63) <= ts < 2 ** 63:
+                raise LineError(f"timestamp {rest[:30]!r} is out of range (64 bits)")
     return measurement, tags, fields, ts
 
 
@@ -149,8 +151,12 @@ def _field_value(text: str) -> FieldValue:
     if text in _FALSE:
         return False
     try:
-        if text[-1] in "iu":
-            return int(text[:-1])
-        return float(text)
+        if text[-1] not in "iu":
+            return float(text)
+        number = int(text[:-1])
     except ValueError:
         raise LineError(f"bad field value {text[:40]!r}") from None
+    low, high = (-(2 ** 63), 2 ** 63 - 1) if text[-1] == "i" else (0, 2 ** 64 - 1)
+    if not low <= number <= high:
+        raise LineError(f"{text[:40]!r} does not fit a 64-bit {'integer' if text[-1] == 'i' else 'unsigned'} field")
+    return number

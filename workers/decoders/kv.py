@@ -62,9 +62,14 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
     return out
 
 
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
 def _number(text: str) -> FieldValue:
     try:
-        return int(text)
+        number = int(text)
+        if INT64_MIN <= number <= INT64_MAX:
+            return number                  # beyond 64 bits: a float, as the JSON decoder makes it
     except ValueError:
         pass
     try:

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS latest (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     device TEXT NOT NULL, ts INTEGER NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL,
-    PRIMARY KEY (device, ts, kind)
+    PRIMARY KEY (device, ts, kind, body)    -- two scans in one message are two events; a redelivered one, one
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rollups (
     device TEXT NOT NULL, field TEXT NOT NULL, window TEXT NOT NULL, start INTEGER NOT NULL,
