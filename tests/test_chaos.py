@@ -19,9 +19,11 @@ What counts as accepted (docs/durability.md):
   frames in order, what is stored of a connection the edge's death cut is a prefix of what was sent
   on it; everything sent on a connection that ended normally is stored.
 
-Then, in the store: every accepted reading is present exactly once per (device, field, timestamp)
-with the values sent, nothing else is, the latest values are the newest readings, the query worker
-answers the same latest values, and the edge has nothing left in flight.
+Then, in every store: every accepted reading is present exactly once per (device, field, timestamp)
+with the values sent, nothing else is, and the latest values are the newest readings: in SQLite, in
+InfluxDB (VictoriaMetrics, read back with its export API) and in MongoDB's ``latest`` (mongoeco; its
+optional readings history stays off). The query worker answers the same latest values, and the edge
+has nothing left in flight.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ import orjson
 import pytest
 from supervisor.xmlrpc import SupervisorTransport
 
-from tests.pipeline import REPO, Pipeline, wait_for
+from tests.pipeline import REPO, Pipeline, free_port, wait_for
+from tests.servers import Mongo, Victoria, unique_name
 from workers import config as config_mod
 
 BIN = Path(sys.executable).parent
@@ -290,6 +293,31 @@ def stored_rows(pipeline: Pipeline) -> dict[str, list[tuple[str, int, Any]]]:
         db.close()
 
 
+def influx_rows(victoria: Victoria, measurement: str) -> dict[str, list[tuple[str, int, Any]]]:
+    """What VictoriaMetrics holds, as ``stored_rows`` (timestamps are milliseconds there)."""
+    rows: dict[str, list[tuple[str, int, Any]]] = {}
+    for item in victoria.export(f'{{__name__=~"{measurement}_.*"}}'):
+        name = item["metric"]["__name__"][len(measurement) + 1:]
+        out = rows.setdefault(item["metric"].get("device", ""), [])
+        out.extend((name, ms * 1_000_000, value) for ms, value in zip(item["timestamps"], item["values"]))
+    return rows
+
+
+def newest_of(rows: dict[str, list[tuple[str, int, Any]]]) -> dict[tuple[str, str], tuple[int, Any]]:
+    latest: dict[tuple[str, str], tuple[int, Any]] = {}
+    for device, items in rows.items():
+        for name, ts, value in items:
+            if (device, name) not in latest or ts >= latest[(device, name)][0]:
+                latest[(device, name)] = (ts, value)
+    return latest
+
+
+def mongo_latest(mongo: Mongo, database: str) -> dict[tuple[str, str], tuple[int, Any]]:
+    with mongo.client() as client:
+        return {(doc["_id"], name): (entry["ts"], entry["value"])
+                for doc in client[database]["latest"].find() for name, entry in doc["fields"].items()}
+
+
 def stored_latest(pipeline: Pipeline) -> dict[tuple[str, str], tuple[int, Any]]:
     db = pipeline.db()
     try:
@@ -314,10 +342,10 @@ class Verdict:
             self.problems.append(message)
 
 
-def verify(pipeline: Pipeline, devices: Devices, edge_killed_at: float) -> Verdict:
+def verify(rows: dict[str, list[tuple[str, int, Any]]], latest: dict[tuple[str, str], tuple[int, Any]],
+           devices: Devices, edge_killed_at: float) -> Verdict:
+    """Every accepted reading in ``rows`` once, nothing else, ``latest`` the newest (one store's view)."""
     verdict = Verdict()
-    rows = stored_rows(pipeline)
-    latest = stored_latest(pipeline)
     for d in devices.text:
         lines: dict[int, dict[str, Any]] = {}
         for name, ts, value in rows.get(d.name, []):
@@ -394,9 +422,20 @@ def edge_settled(pipeline: Pipeline) -> bool:
 # --------------------------------------------------------------------------- the test
 
 
-@pytest.mark.timeout(240)
-def test_sigkill_each_worker_under_supervisord_loses_no_accepted_reading(tmp_path: Path) -> None:
-    pipeline = Pipeline(tmp_path, extra_toml=BOARD_TOML, redeliver=REDELIVER_S)
+def sinks_toml(victoria: Victoria, measurement: str, mongo: Mongo, database: str) -> str:
+    common = ("flush_interval_ms = 100\nretry_initial_s = 0.2\nretry_max_s = 1.0\nconnect_timeout_s = 1.0\n")
+    return (f'\n[sinks.influx]\nenabled = true\nendpoint = "tcp://127.0.0.1:{free_port()}"\nurl = "{victoria.url}"\n'
+            f'measurement = "{measurement}"\n{common}'
+            f'\n[sinks.mongo]\nenabled = true\nendpoint = "tcp://127.0.0.1:{free_port()}"\nurl = "{mongo.url}"\n'
+            f'database = "{database}"\n{common}')
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_each_worker_under_supervisord_loses_no_accepted_reading(tmp_path: Path, victoria: Victoria,
+                                                                         mongo: Mongo) -> None:
+    measurement, database = unique_name("chaos"), unique_name("chaos")
+    pipeline = Pipeline(tmp_path, extra_toml=BOARD_TOML + sinks_toml(victoria, measurement, mongo, database),
+                        redeliver=REDELIVER_S)
     sinks = ["sink-" + name for name in config_mod.load(pipeline.config_path).sinks.enabled()]
     workers = ["edge", *PARSERS, "query", *sinks, "rollup"]
     started = time.monotonic()
@@ -450,8 +489,21 @@ def test_sigkill_each_worker_under_supervisord_loses_no_accepted_reading(tmp_pat
 
         def settled() -> bool:
             nonlocal verdict
-            verdict = verify(pipeline, devices, edge_killed_at)
-            return not verdict.problems and edge_settled(pipeline)
+            verdict = verify(stored_rows(pipeline), stored_latest(pipeline), devices, edge_killed_at)
+            if verdict.problems or not edge_settled(pipeline):
+                return False
+            in_sqlite = verdict
+            rows = influx_rows(victoria, measurement)
+            verdict = verify(rows, newest_of(rows), devices, edge_killed_at)
+            verdict.problems = [f"InfluxDB: {p}" for p in verdict.problems]
+            if verdict.readings != in_sqlite.readings:
+                verdict.fail(f"InfluxDB: {verdict.readings} readings, SQLite {in_sqlite.readings}")
+            if not verdict.problems and mongo_latest(mongo, database) != stored_latest(pipeline):
+                verdict.fail("MongoDB: latest differs from the newest readings (SQLite's latest)")
+            if verdict.problems:
+                return False
+            verdict = in_sqlite
+            return True
 
         try:
             wait_for(settled, timeout=40, interval=0.5, message="every accepted reading in the store")
