@@ -47,7 +47,6 @@ from workers.envelope import Ack, Downlink, Seen
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 64 * 1024
 DELIVERY_TIMEOUT_S = 30.0        # a transport that has not answered by then is taken as not having delivered
 MAX_WAIT_S = 3600.0
 ROUTE_FLUSH_S = 10.0             # last_seen of known devices is written down this often
@@ -71,7 +70,7 @@ CREATE TABLE IF NOT EXISTS devices (
 """
 
 
-class RequestError(Exception):
+class RequestError(runtime.RequestError):
     """A bad request: answered ``{"ok": false, "error": ...}``."""
 
 
@@ -227,27 +226,7 @@ class Commands:
     def answer(self, route: list[bytes], raw: bytes) -> dict | None:
         """The reply to a request, or None when it is answered later (a send waiting for its transport).
         Never raises: a bad request gets ``{"ok": false, "error": ...}``."""
-        self.counters.add("requests")
-        try:
-            if len(raw) > MAX_REQUEST_BYTES:
-                raise RequestError(f"request larger than {MAX_REQUEST_BYTES} bytes")
-            try:
-                request = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise RequestError(f"request is not JSON: {exc}") from None
-            if not isinstance(request, dict):
-                raise RequestError("request must be a JSON object")
-            op = request.get("op")
-            handler = self.ops.get(op) if isinstance(op, str) else None
-            if handler is None:
-                raise RequestError(f"unknown op {op!r}; known: {sorted(self.ops)}")
-            return handler(request, route)
-        except RequestError as exc:
-            self.counters.add("bad_requests")
-            return {"ok": False, "error": str(exc)}
-        except Exception as exc:  # a bug answering one request must not take the worker down
-            log.exception("request failed: %r", raw[:200])
-            return {"ok": False, "error": f"internal error: {exc!r}"}
+        return runtime.dispatch(raw, self.ops, self.counters, route)
 
     def op_send(self, request: dict, route: list[bytes]) -> dict | None:
         device = request.get("device")

@@ -40,7 +40,6 @@ from workers.config import Config, parse_window, window_label
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 64 * 1024
 DEFAULT_TIMEOUT_S = 2.5
 STATS_STALE_S = 30.0
 DEFAULT_HISTORY_SPAN_MS = 24 * 3600 * 1000     # "from" defaults to a day before "to"
@@ -49,7 +48,7 @@ ROLLUP_COLUMNS = ["ts", "count", "min", "max", "mean", "last"]
 Latest = dict[str, dict[str, tuple[Any, int]]]      # device -> field -> (value, ts ns)
 
 
-class QueryError(Exception):
+class QueryError(runtime.RequestError):
     """The pipeline did not answer, or answered with an error. The message says what to do."""
 
 
@@ -154,28 +153,7 @@ class QueryWorker:
 
     def answer(self, raw: bytes) -> bytes:
         """Never raises: a bad request gets ``{"ok": false, "error": ...}``."""
-        self.counters.add("requests")
-        try:
-            if len(raw) > MAX_REQUEST_BYTES:
-                raise QueryError(f"request larger than {MAX_REQUEST_BYTES} bytes")
-            try:
-                request = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise QueryError(f"request is not JSON: {exc}") from None
-            if not isinstance(request, dict):
-                raise QueryError("request must be a JSON object")
-            op = request.get("op")
-            handler = self.ops.get(op) if isinstance(op, str) else None
-            if handler is None:
-                raise QueryError(f"unknown op {op!r}; known: {sorted(self.ops)}")
-            reply = handler(request)
-        except QueryError as exc:
-            self.counters.add("bad_requests")
-            reply = {"ok": False, "error": str(exc)}
-        except Exception as exc:  # a bug answering one request must not take the worker down
-            log.exception("query failed: %r", raw[:200])
-            reply = {"ok": False, "error": f"internal error: {exc!r}"}
-        return orjson.dumps(reply)
+        return orjson.dumps(runtime.dispatch(raw, self.ops, self.counters))
 
     def op_latest(self, request: dict) -> dict:
         device = request.get("device")

@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any, Callable
 
+import orjson
 import zmq
 
 from workers import envelope
@@ -25,6 +27,9 @@ STATS_INTERVAL_S = 2.0
 EXIT_OK = 0
 EXIT_CONFIG = 2                    # the configuration is wrong: supervisord should not retry forever
 EXIT_FAILURE = 1
+MAX_REQUEST_BYTES = 64 * 1024      # a JSON request to the query or commands worker
+
+log = logging.getLogger(__name__)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -119,3 +124,34 @@ def worker_name(role: str) -> str:
     """``parser`` -> ``parser:2`` under supervisord's numprocs (process_num), else ``parser:<pid>``."""
     num = os.environ.get("SUPERVISOR_PROCESS_NAME", "")
     return f"{role}:{num.rsplit('_', 1)[-1]}" if num else f"{role}:{os.getpid()}"
+
+
+class RequestError(Exception):
+    """A request that cannot be answered; the client gets ``{"ok": false, "error": <the message>}``."""
+
+
+def dispatch(raw: bytes, ops: dict[str, Callable[..., Any]], counters: Counters, *args: Any) -> Any:
+    """Parse the JSON request ``raw`` and return what its op's handler returns for ``(request, *args)``.
+    Never raises: a bad request (RequestError) or a bug in a handler becomes ``{"ok": false, ...}``, so
+    one request can never take a worker down."""
+    counters.add("requests")
+    try:
+        if len(raw) > MAX_REQUEST_BYTES:
+            raise RequestError(f"request larger than {MAX_REQUEST_BYTES} bytes")
+        try:
+            request = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(f"request is not JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise RequestError("request must be a JSON object")
+        op = request.get("op")
+        handler = ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise RequestError(f"unknown op {op!r}; known: {sorted(ops)}")
+        return handler(request, *args)
+    except RequestError as exc:
+        counters.add("bad_requests")
+        return {"ok": False, "error": str(exc)}
+    except Exception as exc:
+        log.exception("request failed: %r", raw[:200])
+        return {"ok": False, "error": f"internal error: {exc!r}"}
