@@ -1,7 +1,8 @@
 """Rollups end to end: real worker processes (two parsers), readings with explicit timestamps in a
 window that is still open, the rollups in the SQLite store, a late reading correcting a closed window,
 a restart of the rollup worker in the middle of a window while the edge delivers batches twice, and
-``history`` through the query endpoint and the CLI."""
+``history`` through the query endpoint and the CLI; rollups in InfluxDB (VictoriaMetrics) and MongoDB
+(mongoeco) through the real sinks."""
 from __future__ import annotations
 
 import socket
@@ -9,7 +10,8 @@ import sqlite3
 import time
 from typing import Callable
 
-from tests.pipeline import Pipeline, wait_for
+from tests.pipeline import Pipeline, free_port, wait_for
+from tests.servers import Mongo, Victoria, unique_name
 
 NS_PER_MS = 1_000_000
 
@@ -151,3 +153,37 @@ def test_restart_in_the_middle_of_a_window_with_batches_delivered_twice(
              timeout=40, message="the window, exact")
     wait_for(lambda: pipeline.count_rows("readings", "WHERE device = 'g-restart'") == 50, message="raw readings")
     assert counters(pipeline, "rollup").get("corrected_windows", 0) == 0
+
+
+def test_rollups_reach_influxdb_and_mongodb_through_the_pipeline(
+        pipeline_factory: Callable[..., Pipeline], victoria: Victoria, mongo: Mongo) -> None:
+    measurement, database = unique_name("rollup_e2e"), unique_name("rollup_e2e")
+    sinks = "".join(f"""
+[sinks.{name}]
+enabled = true
+endpoint = "tcp://127.0.0.1:{free_port()}"
+{where}
+flush_interval_ms = 50
+""" for name, where in (("influx", f'url = "{victoria.url}"\nmeasurement = "{measurement}"'),
+                        ("mongo", f'url = "{mongo.url}"\ndatabase = "{database}"')))
+    pipeline = pipeline_factory(rollups='windows = ["5s"]\ngrace_s = 1', extra_toml=sinks)
+    pipeline.start_all(("query", "sink-sqlite", "sink-influx", "sink-mongo", "rollup", "parser", "edge"))
+    start = next_window_ms(5, 3)
+    send_lines(pipeline, [line("g-db", start + i * 500, float(i)) for i in range(10)])    # 0..9: mean 4.5
+
+    def in_influx() -> dict[str, list[float]]:
+        return {item["metric"]["__name__"][len(measurement) + 4:]: item["values"]
+                for item in victoria.export(f'{{__name__=~"{measurement}_5s_.*",device="g-db"}}')}
+
+    wait_for(lambda: in_influx() == {"temp_count": [10], "temp_min": [0], "temp_max": [9], "temp_mean": [4.5],
+                                     "temp_last": [9]}, timeout=30, message="the 5s rollup in InfluxDB")
+    assert [item["timestamps"] for item in victoria.export(f'{{__name__="{measurement}_5s_temp_count"}}')] == [[start]]
+
+    def in_mongo() -> list[dict]:
+        with mongo.client() as client:
+            return list(client[database]["rollups"].find({"device": "g-db"}, {"_id": 0, "time": 0, "tags": 0}))
+
+    wait_for(lambda: in_mongo() == [{"device": "g-db", "field": "temp", "window": "5s", "start": start * NS_PER_MS,
+                                     "count": 10, "min": 0.0, "max": 9.0, "mean": 4.5, "last": 9.0}],
+             timeout=30, message="the 5s rollup in MongoDB")
+    assert rollup_rows(pipeline, "g-db") == {("5s", start): (10, 0.0, 9.0, 4.5, 9.0)}
