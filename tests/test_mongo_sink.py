@@ -15,7 +15,7 @@ from tests.servers import Mongo, unique_name
 from tests.sinktools import BASE_TS_MS, OutboxHarness, restart_with_full_spool, send_readings, sink_status
 from workers import config as config_mod
 from workers.config import MongoSink as MongoOptions
-from workers.envelope import Event, Reading, Stats, rollup_reading
+from workers.envelope import Event, Reading, Seen, Stats, rollup_reading
 from workers.query import LatestValues, restore_from_mongo
 from workers.sinks import Batch, PermanentError, TransientError
 from workers.sinks.mongo import MongoSink, escape_document, escape_key, unescape_document, unescape_key
@@ -136,6 +136,23 @@ def test_rollups_one_document_per_window_and_a_correction_replaces_it(mongo: Mon
         assert db["latest"].count_documents({}) == 0                  # a rollup is not a device's reading
         keys = {tuple(i["key"].items()) for i in db["rollups"].list_indexes()}
     assert (("device", 1), ("field", 1), ("window", 1), ("time", -1)) in keys
+
+
+def test_presence_is_the_newest_arrival_whatever_the_order(mongo: Mongo) -> None:
+    database = unique_name("presence")
+    sink = MongoSink(MongoOptions(enabled=True, url=mongo.url, database=database, connect_timeout_s=1.0),
+                     offline_after_s=lambda device: 60.0 if device == "door-1" else 900.0)
+    sink.connect()
+    newer = Seen("door-1", T0 + S, "mqtt:doors", 0, "fungxi_door-1_upLink")
+    older = Seen("door-1", T0, "text", 7, "10.0.0.7:51234")
+    sink.write(Batch([], [], [newer, Seen("gh-1", T0, "text", 8, "10.0.0.8:4000")]))
+    sink.write(Batch([], [], [older]))                                  # a batch redelivered late
+    with mongo.client() as client:
+        docs = {d["_id"]: d for d in client[database]["devices"].find()}
+    assert {k: docs["door-1"][k] for k in ("seen_ts", "via", "peer", "offline_after_s")} == {
+        "seen_ts": T0 + S, "via": "mqtt:doors", "peer": "fungxi_door-1_upLink", "offline_after_s": 60.0}
+    assert docs["door-1"]["last_seen"].timestamp() * 1000 == BASE_TS_MS + 1000
+    assert docs["gh-1"]["via"] == "text" and docs["gh-1"]["offline_after_s"] == 900.0
 
 
 def test_readings_history_is_off_by_default(mongo: Mongo) -> None:

@@ -8,13 +8,15 @@ Collections in ``[sinks.mongo] database``::
                ts: 1732260000000000000, time: Date, kind: "verifiedRecordU", body: {...the message...}}
     readings  {_id: '["balcony",1732260000000000000]', device: "balcony", ts: ..., time: Date,
                fields: {"temperature": 21.5, ...}, tags: {"place": "balcony"}}     (store_readings = true)
+    devices   {_id: "balcony", seen_ts: 1732260000000000000, last_seen: Date, via: "text",
+               peer: "10.0.0.7:51234", offline_after_s: 900}     (presence: the newest frame's arrival)
     rollups   {_id: '["balcony","temperature","1m",1732260000000000000]', device: "balcony",
                field: "temperature", window: "1m", start: ..., time: Date,
                count: 60, min: 21.1, max: 21.6, mean: 21.34, last: 21.5, tags: {...}}   (docs/rollups.md)
 
 ``ts`` is Unix nanoseconds (int64, exact); ``time`` and ``last_seen`` are the same instant as a BSON
 date (milliseconds) for queries and TTL indexes. Indexes, created at start: latest ``last_seen``;
-events ``(device, time)`` and ``(kind, time)``; readings ``(device, time)``; rollups
+events ``(device, time)`` and ``(kind, time)``; readings ``(device, time)``; devices ``last_seen``; rollups
 ``(device, field, window, time)``.
 
 latest: one update per device per batch (``bulk_write``), the batch's readings coalesced first. The
@@ -41,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import orjson
 from bson import Int64
@@ -63,11 +65,13 @@ LATEST = "latest"
 EVENTS = "events"
 READINGS = "readings"
 ROLLUPS = "rollups"
+DEVICES = "devices"
 INDEXES: dict[str, list[list[tuple[str, int]]]] = {
     LATEST: [[("last_seen", DESCENDING)]],
     EVENTS: [[("device", ASCENDING), ("time", DESCENDING)], [("kind", ASCENDING), ("time", DESCENDING)]],
     READINGS: [[("device", ASCENDING), ("time", DESCENDING)]],
     ROLLUPS: [[("device", ASCENDING), ("field", ASCENDING), ("window", ASCENDING), ("time", DESCENDING)]],
+    DEVICES: [[("last_seen", DESCENDING)]],
 }
 # Server error codes that say "try again later", not "this document is wrong".
 TRANSIENT_CODES = {
@@ -166,14 +170,15 @@ class MongoSink:
     name = "mongo"
     takes_rollups = True
 
-    def __init__(self, opts: MongoOptions) -> None:
+    def __init__(self, opts: MongoOptions, offline_after_s: Callable[[str], float] | None = None) -> None:
         self.opts = opts
+        self.offline_after_s = offline_after_s or (lambda device: 900.0)
         self.client: MongoClient | None = None
         self.indexed = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> "MongoSink":
-        return cls(cfg.sinks.mongo)
+        return cls(cfg.sinks.mongo, cfg.offline_after_s)
 
     def connect(self) -> None:
         self.client = client_for(self.opts)
@@ -199,6 +204,8 @@ class MongoSink:
                     db[READINGS].bulk_write(self.reading_upserts(readings), ordered=False)
             if batch.events:
                 db[EVENTS].bulk_write(self.event_upserts(batch.events), ordered=False)
+            if batch.seen:
+                db[DEVICES].bulk_write(self.presence_updates(batch.seen), ordered=False)
         except BulkWriteError as exc:
             raise _classify_bulk(exc) from None
         except (AutoReconnect, ConnectionFailure, WriteConcernError) as exc:
@@ -261,6 +268,22 @@ class MongoSink:
                           upsert=True)
                 for (device, ts), (fields, tags) in merged.items()]
 
+    def presence_updates(self, seen: list) -> list[UpdateOne]:
+        """One update per device: set only when this arrival is not older than the stored one."""
+        newest: dict[str, Any] = {}
+        for entry in seen:
+            if entry.device not in newest or entry.ts >= newest[entry.device].ts:
+                newest[entry.device] = entry
+        updates = []
+        for device, entry in newest.items():
+            newer = {"$gte": [Int64(entry.ts), {"$ifNull": ["$seen_ts", Int64(-2 ** 63)]}]}
+            values = {"seen_ts": Int64(entry.ts), "last_seen": _date(entry.ts), "via": entry.listener,
+                      "peer": entry.peer, "offline_after_s": float(self.offline_after_s(device))}
+            updates.append(UpdateOne({"_id": device}, [{"$set": {
+                key: {"$cond": [newer, {"$literal": value}, "$" + key]} for key, value in values.items()}}],
+                upsert=True))
+        return updates
+
     @staticmethod
     def rollup_upserts(rollups: list) -> list[UpdateOne]:
         updates = []
@@ -295,7 +318,7 @@ class MongoSink:
             return
         assert self.client is not None
         db = self.client[self.opts.database]
-        collections = [LATEST, EVENTS, ROLLUPS] + ([READINGS] if self.opts.store_readings else [])
+        collections = [LATEST, EVENTS, ROLLUPS, DEVICES] + ([READINGS] if self.opts.store_readings else [])
         try:
             for collection in collections:
                 for keys in INDEXES[collection]:
