@@ -192,6 +192,39 @@ def test_command_protocol_answers_bad_requests() -> None:
             worker.store.close()
 
 
+def test_a_reply_waits_for_a_transport_that_is_still_connecting(tmp_path) -> None:
+    import zmq
+
+    from workers.commands import REPLY_HOLD_S, Commands
+    from workers.config import from_dict
+    from workers.envelope import Downlink
+
+    class Downlink_:                    # the ROUTER: EHOSTUNREACH until the edge's DEALER has connected
+        connected = False
+        sent: list = []
+
+        def send_multipart(self, parts: list, flags: int = 0) -> None:
+            if not self.connected:
+                raise zmq.ZMQError(zmq.EHOSTUNREACH)
+            self.sent.append(parts)
+
+    worker = Commands(from_dict({"data_dir": str(tmp_path)}))
+    worker.downlink = socket_ = Downlink_()  # type: ignore[assignment]
+    try:
+        worker.on_seen([], [], [Downlink("door-7", "text", 3, "10.0.0.7:5000", b'{"cmd":"heartD"}')])
+        assert socket_.sent == [] and len(worker.held_replies) == 1
+        socket_.connected = True
+        worker.tick(time.monotonic())
+        assert len(socket_.sent) == 1 and worker.held_replies == []
+        worker.on_seen([], [], [Downlink("door-8", "text", 4, "10.0.0.8:5000", b'{"cmd":"heartD"}')])
+        socket_.connected = False                                # (sent at once: not held)
+        worker.on_seen([], [], [Downlink("door-9", "text", 5, "10.0.0.9:5000", b'{"cmd":"heartD"}')])
+        worker.tick(time.monotonic() + REPLY_HOLD_S + 1)        # never connected in time: counted, dropped
+        assert worker.held_replies == [] and worker.counters["replies_not_delivered"] == 1
+    finally:
+        worker.store.close()
+
+
 def test_heartbeat_is_answered_on_the_same_connection_and_not_stored(p: Pipeline) -> None:
     board = Device(p.text_port)
     try:

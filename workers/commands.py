@@ -47,6 +47,8 @@ from workers.envelope import Ack, Downlink, Seen
 
 log = logging.getLogger(__name__)
 
+REPLY_HOLD_S = 5.0              # an automatic reply waits this long for its transport's downlink
+MAX_HELD_REPLIES = 10_000
 DELIVERY_TIMEOUT_S = 30.0        # a transport that has not answered by then is taken as not having delivered
 MAX_WAIT_S = 3600.0
 ROUTE_FLUSH_S = 10.0             # last_seen of known devices is written down this often
@@ -211,6 +213,7 @@ class Commands:
         self.devices = self.store.devices()
         self.open: dict[str, Command] = {c.id: c for c in self.store.open_commands()}
         self.pending: dict[int, Pending] = {}
+        self.held_replies: list[tuple[float, Route, Downlink]] = []   # transport not connected yet: retried
         self.waiters: list[Waiter] = []
         self.binary_listeners = {lst.name for lst in cfg.listeners if lst.framing == "binary"}
         self._ref = 0
@@ -418,8 +421,12 @@ class Commands:
             self.on_ack(ack)
         for line in replies:
             route = Route(line.listener, line.conn_id, line.peer)
-            if route.listener in self.binary_listeners or not self.send_downlink(route, line.device, line.payload, None):
+            if route.listener in self.binary_listeners or len(self.held_replies) >= MAX_HELD_REPLIES:
                 self.counters.add("replies_not_delivered")
+            elif not self.send_downlink(route, line.device, line.payload, None):
+                # the transport is starting or restarting (its downlink not connected yet): try again
+                # for a little while rather than leave a heartbeat unanswered
+                self.held_replies.append((time.monotonic() + REPLY_HOLD_S, route, line))
         if came_back and self.open:
             for cmd in sorted(self.open.values(), key=lambda c: c.created_ms):
                 if cmd.device in came_back:
@@ -454,6 +461,15 @@ class Commands:
     # ------------------------------------------------------------------ time
 
     def tick(self, now: float) -> None:
+        if self.held_replies:
+            held, self.held_replies = self.held_replies, []
+            for deadline, route, line in held:
+                if self.send_downlink(route, line.device, line.payload, None):
+                    continue
+                if now < deadline:
+                    self.held_replies.append((deadline, route, line))
+                else:
+                    self.counters.add("replies_not_delivered")
         for ref, pending in list(self.pending.items()):
             if now >= pending.deadline:
                 self.delivered(ref, "the transport did not answer")
