@@ -32,6 +32,17 @@ class Context(NamedTuple):
 
 Decoder = Callable[[bytes, Context], list[Reading | Event]]
 
+
+def measurement(device: str, ts: int, fields: dict, failed: list[str]) -> list[Reading | Event]:
+    """What one measurement becomes: a reading of the fields that were read, and a ``failed_read``
+    event naming those the sensor could not read (never a zero). Empty when there is neither."""
+    out: list[Reading | Event] = []
+    if fields:
+        out.append(Reading(device, ts, fields, {}))
+    if failed:
+        out.append(Event(device, ts, "failed_read", {"fields": failed}))
+    return out
+
 from workers.decoders import auto, binary, influx, json, kv  # noqa: E402  (registry below)
 
 REGISTRY: dict[str, Decoder] = {

@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from workers.config import BINARY_TYPES, BinaryDevice
-from workers.decoders import DecodeError  # defined before the registry imports this module
+from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
 from workers.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
@@ -65,10 +65,7 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
                 fields[spec.name] = value
             else:
                 fields[spec.name] = value * spec.scale + spec.offset
-        if fields:
-            out.append(Reading(layout.device, ts, fields, {}))
-        if failed:
-            out.append(Event(layout.device, ts, "failed_read", {"fields": failed}))
+        out.extend(measurement(layout.device, ts, fields, failed))
     return out
 
 

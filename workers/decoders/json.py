@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from workers.decoders import DecodeError  # defined before the registry imports this module
+from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
 from workers.decoders.timestamps import epoch_to_ns, to_ns
 from workers.envelope import Event, FieldValue, Reading
 
@@ -104,11 +104,7 @@ def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Ev
             fields[key] = value
         else:
             _flatten(key, value, fields, failed, 0)
-    out: list[Reading | Event] = []
-    if fields:
-        out.append(Reading(device, ts, fields, {}))
-    if failed:
-        out.append(Event(device, ts, "failed_read", {"fields": failed}))
+    out = measurement(device, ts, fields, failed)
     if not out:
         raise DecodeError("object has no fields", frame)
     return out

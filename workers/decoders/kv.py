@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from workers.decoders import DecodeError  # defined before the registry imports this module
+from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
 from workers.decoders.timestamps import to_ns
 from workers.envelope import Event, FieldValue, Reading
 
@@ -52,11 +52,7 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
             failed.append(key)
         else:
             fields[key] = _number(value)
-    out: list[Reading | Event] = []
-    if fields:
-        out.append(Reading(device, ts, fields, {}))
-    if failed:
-        out.append(Event(device, ts, "failed_read", {"fields": failed}))
+    out = measurement(device, ts, fields, failed)
     if not out:
         raise DecodeError("no key/value pairs", frame)
     return out
