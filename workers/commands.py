@@ -591,21 +591,10 @@ def _number(request: dict, key: str, default: float, zero_ok: bool = False) -> f
 def request(endpoint: str, message: dict, timeout_s: float = 2.5) -> dict:
     """Ask the commands worker; raise ``QueryError`` if it does not answer (one try: a send is not
     repeated blindly, though sending the same id again is safe)."""
-    from workers.query import QueryError
+    from workers import query
 
-    ctx = zmq.Context()
-    try:
-        sock = runtime.socket(ctx, zmq.REQ, connect=endpoint)
-        try:
-            sock.send(orjson.dumps(message))
-            if sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-                return orjson.loads(sock.recv())
-        finally:
-            sock.close(linger=0)
-        raise QueryError(f"no answer from the commands worker at {endpoint} in {timeout_s:g} s: is the"
-                         " pipeline running? (`sensorpipe ctl status` shows the commands worker)")
-    finally:
-        ctx.term()
+    return query.request(endpoint, message, timeout_s, retries=0, worker="commands worker",
+                         hint="`sensorpipe ctl status` shows the commands worker")
 
 
 def main(cfg: Config) -> int:

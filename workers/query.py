@@ -320,8 +320,10 @@ class QueryWorker:
 # --------------------------------------------------------------------------- client
 
 
-def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = 1) -> dict:
-    """Ask the query worker (Lazy Pirate: a REQ socket that timed out is closed, never reused)."""
+def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = 1,
+            worker: str = "query worker", hint: str = "start it with `make run`") -> dict:
+    """Ask the query worker, or another REQ/REP worker (Lazy Pirate: a REQ socket that timed out is
+    closed, never reused). Raises ``QueryError`` naming ``worker`` when nothing answers."""
     ctx = zmq.Context()
     try:
         payload = orjson.dumps(message)
@@ -333,8 +335,8 @@ def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, 
                     return orjson.loads(sock.recv())
             finally:
                 sock.close(linger=0)
-        raise QueryError(f"no answer from the query worker at {endpoint} after {retries + 1} tries of "
-                         f"{timeout_s:g} s: is the pipeline running? (start it with `make run`)")
+        tries = f"after {retries + 1} tries of {timeout_s:g} s" if retries else f"in {timeout_s:g} s"
+        raise QueryError(f"no answer from the {worker} at {endpoint} {tries}: is the pipeline running? ({hint})")
     finally:
         ctx.term()
 
