@@ -300,7 +300,7 @@ def test_every_reading_survives_an_influx_outage_and_a_sink_restart(pipeline_fac
     wait_for(lambda: sink_status(pipeline, "influx").get("spooled", 0) >= 300, timeout=30,
              message="readings spooled while VictoriaMetrics is away")
     assert sink_status(pipeline, "influx")["state"].startswith("spooling")
-    assert pipeline.count_rows("readings") == 1200        # SQLite kept flowing meanwhile (2 fields x 600)
+    wait_for(lambda: pipeline.count_rows("readings") == 1200, message="SQLite kept flowing meanwhile (2 fields x 600)")
 
     restart_with_full_spool(pipeline, "influx")           # the spool survives a restart of the worker
     send_readings(pipeline, devices, range(200, 300))

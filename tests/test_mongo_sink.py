@@ -237,7 +237,7 @@ def test_every_reading_survives_a_mongo_outage_and_a_sink_restart(pipeline_facto
     send_readings(pipeline, devices, range(40, 80))
     wait_for(lambda: sink_status(pipeline, "mongo").get("spooled", 0) >= 80, timeout=30,
              message="readings spooled while MongoDB is away")
-    assert pipeline.count_rows("readings") == 320          # SQLite kept flowing meanwhile (2 fields x 160)
+    wait_for(lambda: pipeline.count_rows("readings") == 320, message="SQLite kept flowing meanwhile (2 fields x 160)")
 
     restart_with_full_spool(pipeline, "mongo")
     send_readings(pipeline, devices, range(80, 120))
