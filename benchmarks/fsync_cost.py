@@ -35,7 +35,7 @@ from pathlib import Path
 import orjson
 import zmq
 
-from workers import envelope
+from workers.core import envelope
 
 POLICIES = ("never", "interval", "batch")
 SENDERS = 16

@@ -351,7 +351,7 @@ measurement = "{measurement}"
         return port_accepts(self.port)
 
     def request(self, message: dict, timeout: float = 2.0) -> dict:
-        from workers.query import request
+        from workers.processes.query import request
         return request(self.query_endpoint, message, timeout_s=timeout, retries=0)
 
     def status(self) -> dict:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from workers import query as query_mod
+from workers.processes import query as query_mod
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROLES = ("query", "sink-sqlite", "rollup", "parser", "parser", "edge")

@@ -12,10 +12,10 @@ import urllib.parse
 from pathlib import Path
 import orjson
 
-from workers.config import SinkCommon
-from workers.deadletters import DeadLetterStore
-from workers.outbox import Outbox
-from workers.runtime import Counters
+from workers.core.config import SinkCommon
+from workers.core.deadletters import DeadLetterStore
+from workers.core.outbox import Outbox
+from workers.core.runtime import Counters
 from workers.sinks import Sink
 from tests.pipeline import Pipeline, free_port
 

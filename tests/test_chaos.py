@@ -47,7 +47,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from tests.pipeline import REPO, Pipeline, free_port, wait_for
 from tests.servers import Mongo, Victoria, unique_name
-from workers import config as config_mod
+from workers.core import config as config_mod
 
 BIN = Path(sys.executable).parent
 TEXT_DEVICES = 50
@@ -72,13 +72,11 @@ fields = [ {{ name = "n", type = "u32" }} ]
 
 
 def supervisord_conf(tmp: Path) -> Path:
-    """The repository's supervisord.conf, run from this interpreter's bin directory."""
-    text = (REPO / "supervisord.conf").read_text()
-    command = "%(here)s/.venv/bin/sensorpipe"
-    assert command in text, "supervisord.conf no longer runs %(here)s/.venv/bin/sensorpipe: update this test"
-    assert (BIN / "sensorpipe").exists(), f"{BIN / 'sensorpipe'} missing: pip install -e . into this environment"
+    """The supervisord template sensorpipe ships, unchanged: it takes the interpreter from the environment."""
+    from workers.core import paths
+
     path = tmp / "supervisord.conf"
-    path.write_text(text.replace(command, str(BIN / "sensorpipe")).replace("%(here)s", str(REPO)))
+    path.write_text(paths.supervisord_template().read_text())
     return path
 
 
@@ -87,7 +85,8 @@ class Supervisor:
         self.pipeline = pipeline
         self.conf = supervisord_conf(tmp)
         self.env = {**os.environ, "SENSORPIPE_CONFIG": str(pipeline.config_path),
-                    "SENSORPIPE_DATA": str(pipeline.data), "PYTHONUNBUFFERED": "1"}
+                    "SENSORPIPE_DATA": str(pipeline.data), "PYTHONUNBUFFERED": "1",
+                    "SENSORPIPE_PYTHON": sys.executable}
         (pipeline.data / "logs").mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([str(BIN / "supervisord"), "-n", "-c", str(self.conf)], env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

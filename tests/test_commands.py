@@ -175,8 +175,8 @@ def test_send_says_unknown_device_expired_and_errors(p: Pipeline) -> None:
 
 
 def test_command_protocol_answers_bad_requests() -> None:
-    from workers.commands import Commands
-    from workers.config import from_dict
+    from workers.processes.commands import Commands
+    from workers.core.config import from_dict
 
     import tempfile
     with tempfile.TemporaryDirectory() as data:
@@ -195,9 +195,9 @@ def test_command_protocol_answers_bad_requests() -> None:
 def test_a_reply_waits_for_a_transport_that_is_still_connecting(tmp_path) -> None:
     import zmq
 
-    from workers.commands import REPLY_HOLD_S, Commands
-    from workers.config import from_dict
-    from workers.envelope import Downlink
+    from workers.processes.commands import REPLY_HOLD_S, Commands
+    from workers.core.config import from_dict
+    from workers.core.envelope import Downlink
 
     class Downlink_:                    # the ROUTER: EHOSTUNREACH until the edge's DEALER has connected
         connected = False

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from workers.config import from_dict
+from workers.core.config import from_dict
 from workers.decoders import REGISTRY, Context, DecodeError
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -88,9 +88,9 @@ class Captured:
 
 
 def test_a_value_the_envelope_cannot_carry_costs_only_its_own_frame(tmp_path: Path, monkeypatch) -> None:
-    from workers import envelope
-    from workers.envelope import Reading
-    from workers.parser import Parser
+    from workers.core import envelope
+    from workers.core.envelope import Reading
+    from workers.processes.parser import Parser
 
     def decode(frame: bytes, ctx: Context) -> list:      # a decoder that lets an integer beyond 64 bits through
         return [Reading(frame.decode(), ctx.recv_ts, {"n": 2 ** 70 if frame == b"big" else 1}, {})]

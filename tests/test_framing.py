@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from workers.framing import AutoFramer, LineFramer, PacketFramer
+from workers.core.framing import AutoFramer, LineFramer, PacketFramer
 
 OBJECTS = [b'{"temp":22.6,"humi":52}', b'{"s":"}{\\"","n":{"a":[1,{"b":2}]}}', b'{"x":"\\\\"}']
 
@@ -61,7 +61,7 @@ def test_json_lines_switch_to_line_mode_when_reads_end_mid_object() -> None:
 
 def test_json_lines_switch_to_line_mode_within_one_large_read(monkeypatch: pytest.MonkeyPatch) -> None:
     # All of a board's backlog in one read: only its first object is scanned as a JSON stream.
-    from workers import framing
+    from workers.core import framing
     scanned = []
     original = framing.JsonStreamFramer._scan
     monkeypatch.setattr(framing.JsonStreamFramer, "_scan", lambda self, buf: scanned.append(1) or original(self, buf))

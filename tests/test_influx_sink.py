@@ -17,9 +17,9 @@ from tests.pipeline import Pipeline, free_port, wait_for
 from tests.servers import Victoria, unique_name
 from tests.sinktools import (BASE_TS_MS, FakeInflux, OutboxHarness, closed_port_url, restart_with_full_spool,
                              send_readings, sink_status)
-from workers.config import InfluxSink as InfluxOptions
+from workers.core.config import InfluxSink as InfluxOptions
 from workers.decoders.influx import parse_line
-from workers.envelope import Event, Reading, Stats, rollup_reading
+from workers.core.envelope import Event, Reading, Stats, rollup_reading
 from workers.sinks import Batch, BatchTooLarge, PermanentError, TransientError
 from workers.sinks.influx import InfluxSink, LineBuilder, precision_of, retry_after
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from workers import config as config_mod
-from workers import envelope, journal as journal_mod
-from workers.edge import Edge
-from workers.journal import CHECKPOINT, RECORD, SUFFIX, Journal
+from workers.core import config as config_mod
+from workers.core import envelope, journal as journal_mod
+from workers.processes.edge import Edge
+from workers.core.journal import CHECKPOINT, RECORD, SUFFIX, Journal
 
 SINKS = {"sqlite", "influx"}
 
@@ -257,7 +257,7 @@ def make_edge(tmp_path: Path, sinks: tuple[str, ...] = ("sqlite", "influx"), red
         table["sinks"]["sqlite"] = {"enabled": False}
     edge = Edge(config_mod.from_dict(table), None)  # type: ignore[arg-type]   # no sockets used here
     for seq, location, missing in edge.journal.recover(edge.sinks):
-        from workers.edge import InFlight
+        from workers.processes.edge import InFlight
         edge.inflight[seq] = InFlight(location, set(missing), 0.0)
     return edge
 

@@ -13,10 +13,10 @@ import pytest
 from tests.pipeline import Pipeline, free_port, wait_for
 from tests.servers import Mongo, unique_name
 from tests.sinktools import BASE_TS_MS, OutboxHarness, restart_with_full_spool, send_readings, sink_status
-from workers import config as config_mod
-from workers.config import MongoSink as MongoOptions
-from workers.envelope import Event, Reading, Seen, Stats, rollup_reading
-from workers.query import LatestValues, restore_from_mongo
+from workers.core import config as config_mod
+from workers.core.config import MongoSink as MongoOptions
+from workers.core.envelope import Event, Reading, Seen, Stats, rollup_reading
+from workers.processes.query import LatestValues, restore_from_mongo
 from workers.sinks import Batch, PermanentError, TransientError
 from workers.sinks.mongo import MongoSink, escape_document, escape_key, unescape_document, unescape_key
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from workers import outbox as outbox_mod
-from workers.config import SinkCommon
-from workers.deadletters import DeadLetterStore
-from workers.envelope import Event, Reading
-from workers.outbox import Outbox, Spool
-from workers.runtime import Counters
+from workers.core import outbox as outbox_mod
+from workers.core.config import SinkCommon
+from workers.core.deadletters import DeadLetterStore
+from workers.core.envelope import Event, Reading
+from workers.core.outbox import Outbox, Spool
+from workers.core.runtime import Counters
 from workers.sinks import Batch, PermanentError, TransientError
 from workers.sinks.sqlite import SqliteSink
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from workers import config as config_mod
-from workers import envelope
-from workers.cli import sparkline
-from workers.envelope import Reading, Stats
-from workers.rollup import NS, RollupStore, RollupWorker
-from workers.runtime import Counters
+from workers.core import config as config_mod
+from workers.core import envelope
+from workers.tools.cli import sparkline
+from workers.core.envelope import Reading, Stats
+from workers.processes.rollup import NS, RollupStore, RollupWorker
+from workers.core.runtime import Counters
 
 UTC = timezone.utc
 
@@ -324,7 +324,7 @@ def test_with_no_sink_that_stores_rollups_nothing_waits(tmp_path: Path) -> None:
 
 
 def test_history_op(tmp_path: Path) -> None:
-    from workers.query import QueryWorker
+    from workers.processes.query import QueryWorker
     from workers.sinks import Batch
     from workers.sinks.sqlite import SqliteSink
 

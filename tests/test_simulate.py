@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline import REPO, Pipeline, free_port, wait_for
-from workers import config
+from workers.core import config
 from workers.decoders import REGISTRY, Context
-from workers.envelope import Reading
-from workers.framing import AutoFramer, PacketFramer
-from workers.simulate import Board, Plan
+from workers.core.envelope import Reading
+from workers.core.framing import AutoFramer, PacketFramer
+from workers.tools.simulate import Board, Plan
 
 START_MS = 1_732_260_000_000
 

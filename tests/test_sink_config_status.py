@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from workers import config as config_mod
-from workers.config import ConfigError, redact_url
-from workers.envelope import Event, Reading
-from workers.outbox import Spool, encode_batch, sink_summary
+from workers.core import config as config_mod
+from workers.core.config import ConfigError, redact_url
+from workers.core.envelope import Event, Reading
+from workers.core.outbox import Spool, encode_batch, sink_summary
 from workers.sinks import Batch
 
 

@@ -8,10 +8,10 @@ from datetime import datetime
 import orjson
 import pytest
 
-from workers import envelope
-from workers.config import ConfigError, from_dict
-from workers.envelope import Ack, Conn, Downlink, Seen
-from workers.templates import TemplateError, TopicTemplate, matches, render_reply
+from workers.core import envelope
+from workers.core.config import ConfigError, from_dict
+from workers.core.envelope import Ack, Conn, Downlink, Seen
+from workers.core.templates import TemplateError, TopicTemplate, matches, render_reply
 
 
 @pytest.mark.parametrize("template, filter_, topic, device", [

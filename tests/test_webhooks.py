@@ -14,11 +14,11 @@ from typing import Iterator
 import pytest
 
 from tests.pipeline import DEFAULT_ROLES, Pipeline, free_port, wait_for
-from workers.config import SinkCommon
-from workers.deadletters import DeadLetterStore
-from workers.envelope import Event
-from workers.outbox import Outbox
-from workers.runtime import Counters
+from workers.core.config import SinkCommon
+from workers.core.deadletters import DeadLetterStore
+from workers.core.envelope import Event
+from workers.core.outbox import Outbox
+from workers.core.runtime import Counters
 from workers.sinks import Batch, TransientError
 from workers.sinks.webhook import event_id, parse_condition, retry_after
 

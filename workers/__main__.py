@@ -1,5 +1,5 @@
 import sys
 
-from workers.cli import main
+from workers.tools.cli import main
 
 sys.exit(main())

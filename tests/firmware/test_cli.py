@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.firmware.harness import FIRMWARE, HERE, REPO
-from workers import firmware_cli
+from workers.tools import firmware as firmware_cli
 
 FAKE_MPREMOTE = HERE / "fake_mpremote"
 

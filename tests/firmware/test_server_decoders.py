@@ -13,9 +13,9 @@ import tomllib
 import pytest
 
 from tests.firmware.harness import FIRMWARE, REPO
-from workers import config as config_mod
+from workers.core import config as config_mod
 from workers.decoders import REGISTRY, Context
-from workers.envelope import Event, Reading
+from workers.core.envelope import Event, Reading
 
 RECV_TS = 1_732_260_000_000_000_000
 EXAMPLE_TOML = FIRMWARE / "server-config-example.toml"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from workers.envelope import Event, Reading
+from workers.core.envelope import Event, Reading
 
 if TYPE_CHECKING:
-    from workers.config import Config
+    from workers.core.config import Config
 
 
 class DecodeError(ValueError):

@@ -13,7 +13,7 @@ from workers.decoders import influx, json, kv
 
 if TYPE_CHECKING:
     from workers.decoders import Context
-    from workers.envelope import Event, Reading
+    from workers.core.envelope import Event, Reading
 
 # measurement (no ':' ';' '='), optional tags, a space, then a key=value field
 _LINE_PROTOCOL = re.compile(rb"^[^\s,:;=\\]+(?:\\.[^\s,:;=\\]*)*(?:,\S+)? +[^\s=]+=")

@@ -18,9 +18,9 @@ import struct
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from workers.config import BINARY_TYPES, BinaryDevice
+from workers.core.config import BINARY_TYPES, BinaryDevice
 from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
-from workers.envelope import Event, FieldValue, Reading
+from workers.core.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
     from workers.decoders import Context

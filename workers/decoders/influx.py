@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 from workers.decoders import DecodeError  # defined before the registry imports this module
 from workers.decoders.timestamps import epoch_to_ns
-from workers.envelope import FieldValue, Reading
+from workers.core.envelope import FieldValue, Reading
 
 if TYPE_CHECKING:
     from workers.decoders import Context
-    from workers.envelope import Event
+    from workers.core.envelope import Event
 
 _TRUE = {"t", "T", "true", "True", "TRUE"}
 _FALSE = {"f", "F", "false", "False", "FALSE"}

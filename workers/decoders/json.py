@@ -23,7 +23,7 @@ import orjson
 
 from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
 from workers.decoders.timestamps import epoch_to_ns, to_ns
-from workers.envelope import Event, FieldValue, Reading
+from workers.core.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
     from workers.decoders import Context

@@ -1,7 +1,7 @@
 """Sinks write batches of readings to a store. They only connect, write and close.
 
 Batching, the disk spool, retries with backoff and splitting refused batches all live in one place,
-``workers.outbox``, so every sink behaves the same when its server is away or refuses data. A sink tells
+``workers.core.outbox``, so every sink behaves the same when its server is away or refuses data. A sink tells
 the outbox what kind of failure it met by the exception it raises:
 
 - ``TransientError``: the server is away, slow or throttling; keep the batch and retry (``retry_after``
@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
 
-from workers.envelope import Event, Reading, Seen
+from workers.core.envelope import Event, Reading, Seen
 
 if TYPE_CHECKING:
-    from workers.config import Config
+    from workers.core.config import Config
 
 
 class Batch(NamedTuple):

@@ -47,9 +47,9 @@ import urllib3
 from influxdb_client import InfluxDBClient, WriteService
 from influxdb_client.rest import ApiException
 
-from workers.config import Config
-from workers.config import InfluxSink as InfluxOptions
-from workers.envelope import ROLLUP_TAG
+from workers.core.config import Config
+from workers.core.config import InfluxSink as InfluxOptions
+from workers.core.envelope import ROLLUP_TAG
 from workers.sinks import Batch, BatchTooLarge, PermanentError, TransientError
 
 log = logging.getLogger(__name__)

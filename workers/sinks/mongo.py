@@ -53,10 +53,10 @@ from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
 from pymongo.errors import (AutoReconnect, BulkWriteError, ConnectionFailure, DocumentTooLarge, OperationFailure,
                             PyMongoError, WriteConcernError)
 
-from workers.config import Config
-from workers.config import MongoSink as MongoOptions
-from workers.config import redact_url
-from workers.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
+from workers.core.config import Config
+from workers.core.config import MongoSink as MongoOptions
+from workers.core.config import redact_url
+from workers.core.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
 from workers.sinks import Batch, PermanentError, TransientError
 
 log = logging.getLogger(__name__)

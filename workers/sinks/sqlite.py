@@ -17,9 +17,9 @@ from typing import Callable
 
 import orjson
 
-from workers.config import Config
-from workers.runtime import open_wal_db
-from workers.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
+from workers.core.config import Config
+from workers.core.runtime import open_wal_db
+from workers.core.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
 from workers.sinks import Batch, PermanentError, TransientError
 
 SCHEMA = """

@@ -37,8 +37,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import httpx
 import orjson
 
-from workers.config import Config, Hook
-from workers.envelope import Event
+from workers.core.config import Config, Hook
+from workers.core.envelope import Event
 from workers.sinks import Batch, BatchTooLarge, PermanentError, TransientError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-from workers.runtime import open_wal_db
+from workers.core.runtime import open_wal_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deadletters (

@@ -35,10 +35,10 @@ from typing import Callable
 
 import orjson
 
-from workers.config import SinkCommon
-from workers.deadletters import DeadLetter, DeadLetterStore
-from workers.envelope import Event, Reading, Seen
-from workers.runtime import Counters
+from workers.core.config import SinkCommon
+from workers.core.deadletters import DeadLetter, DeadLetterStore
+from workers.core.envelope import Event, Reading, Seen
+from workers.core.runtime import Counters
 from workers.sinks import Batch, BatchTooLarge, PermanentError, Sink, TransientError
 
 log = logging.getLogger(__name__)

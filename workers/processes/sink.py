@@ -16,10 +16,10 @@ from pathlib import Path
 
 import zmq
 
-from workers import envelope, runtime
-from workers.config import Config
-from workers.deadletters import DeadLetterStore
-from workers.outbox import Outbox
+from workers.core import envelope, runtime
+from workers.core.config import Config
+from workers.core.deadletters import DeadLetterStore
+from workers.core.outbox import Outbox
 from workers.sinks import make_sink
 
 log = logging.getLogger(__name__)

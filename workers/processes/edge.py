@@ -33,11 +33,11 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
-from workers import envelope, runtime
-from workers.config import Config, Listener
-from workers.envelope import Conn
-from workers.framing import make_framer
-from workers.journal import Journal, JournalError, Location
+from workers.core import envelope, runtime
+from workers.core.config import Config, Listener
+from workers.core.envelope import Conn
+from workers.core.framing import make_framer
+from workers.core.journal import Journal, JournalError, Location
 
 log = logging.getLogger(__name__)
 

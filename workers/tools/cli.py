@@ -5,6 +5,7 @@ Every failure the user can act on is one line ``sensorpipe: <message>`` and exit
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -13,10 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from workers import config as config_mod
-from workers import runtime
+from workers.core import config as config_mod
+from workers.core import paths, runtime
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 class CommandError(Exception):
@@ -52,6 +52,7 @@ def _supervisor_env(cfg: config_mod.Config) -> dict[str, str]:
     env = dict(os.environ)
     env["SENSORPIPE_CONFIG"] = str(Path(cfg.source).resolve())
     env["SENSORPIPE_DATA"] = str(Path(cfg.data_dir).resolve())
+    env["SENSORPIPE_PYTHON"] = sys.executable        # the template runs ``$SENSORPIPE_PYTHON -m workers worker ROLE``
     return env
 
 
@@ -70,19 +71,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     runtime.setup_logging(cfg.log_level)
     role = args.role
     if role == "edge":
-        from workers import edge
+        from workers.processes import edge
         return edge.main(cfg)
     if role == "parser":
-        from workers import parser
+        from workers.processes import parser
         return parser.main(cfg)
     if role == "query":
-        from workers import query
+        from workers.processes import query
         return query.main(cfg)
     if role == "rollup":
-        from workers import rollup
+        from workers.processes import rollup
         return rollup.main(cfg)
     if role.startswith("sink-"):
-        from workers import sinkworker
+        from workers.processes import sink as sinkworker
         name = role[len("sink-"):]
         if not hasattr(cfg.sinks, name):
             raise CommandError(f"no sink called {name!r}")
@@ -95,7 +96,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace, message: dict) -> dict:
-    from workers.query import QueryError, request
+    from workers.processes.query import QueryError, request
 
     cfg = _load(args)
     try:
@@ -157,8 +158,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def _commands(args: argparse.Namespace, message: dict, timeout: float) -> dict:
-    from workers.commands import request
-    from workers.query import QueryError
+    from workers.processes.commands import request
+    from workers.processes.query import QueryError
 
     cfg = _load(args)
     try:
@@ -332,7 +333,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
     """List frames and readings set aside: raw bytes, where from, why."""
-    from workers.deadletters import DeadLetterStore
+    from workers.core.deadletters import DeadLetterStore
 
     cfg = _load(args)
     path = Path(cfg.data_dir) / "deadletters.db"
@@ -367,8 +368,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Feed dead letters through the pipeline again (after a configuration fix)."""
     import zmq
 
-    from workers import envelope
-    from workers.deadletters import DeadLetterStore
+    from workers.core import envelope
+    from workers.core.deadletters import DeadLetterStore
 
     cfg = _load(args)
     path = Path(cfg.data_dir) / "deadletters.db"
@@ -425,18 +426,62 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented configuration (and its data dir) to edit: DIR/sensorpipe.toml."""
+    target = Path(args.dir).resolve()
+    config = target / paths.CONFIG_NAME
+    if config.exists() and not args.force:
+        raise CommandError(f"{config} exists; --force writes over it")
+    data = target / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    text = paths.default_config().read_text()
+    line = next((ln for ln in text.splitlines() if ln.startswith("data_dir")), None)
+    if line is None:
+        raise CommandError("the shipped configuration has no data_dir line")   # a packaging mistake
+    text = text.replace(line, f"data_dir = {json.dumps(str(data)):<22}# journal, spool, SQLite store, dead letters, logs", 1)
+    config.write_text(text)
+    config_mod.load(config, env={})            # what init writes must load
+    print(f"sensorpipe: wrote {config} (data in {data})")
+    print(f"sensorpipe: edit it, then: cd {target} && sensorpipe run   (or sensorpipe --config {config} run)")
+    return 0
+
+
+def cmd_feed(args: argparse.Namespace) -> int:
+    """Send frames to a device port as a board would: the arguments, or the lines of stdin."""
+    import socket
+
+    cfg = _load(args)
+    try:
+        listener = cfg.listener(args.listener)
+    except KeyError:
+        raise CommandError(f"no listener {args.listener!r}; configured: "
+                           f"{', '.join(lst.name for lst in cfg.listeners)}") from None
+    lines = args.frames or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    host = "127.0.0.1" if listener.host in ("0.0.0.0", "", "::") else listener.host
+    try:
+        with socket.create_connection((host, listener.port), timeout=args.timeout) as sock:
+            sock.sendall("".join(line + "\n" for line in lines).encode())
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(4096):       # wait for the edge to close our side: everything was read
+                pass
+    except OSError as exc:
+        raise CommandError(f"cannot send to {host}:{listener.port} ({exc}); is the pipeline running?") from None
+    print(f"sensorpipe: sent {len(lines)} frame(s) to {listener.name} {host}:{listener.port}")
+    return 0
+
+
 # --------------------------------------------------------------------------- table
 
 WORKERS: dict[str, Callable[[config_mod.Config], int]] = {}   # extra workers added by other modules
 
 
 def _mqtt_worker(cfg: config_mod.Config) -> int:
-    from workers import mqtt
+    from workers.processes import mqtt
     return mqtt.main(cfg)
 
 
 def _commands_worker(cfg: config_mod.Config) -> int:
-    from workers import commands
+    from workers.processes import commands
     return commands.main(cfg)
 
 
@@ -446,7 +491,7 @@ WORKERS["commands"] = _commands_worker
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sensorpipe", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="configuration file (default: $SENSORPIPE_CONFIG or deploy/sensorpipe.toml)")
+    parser.add_argument("--config", help="configuration file (default: $SENSORPIPE_CONFIG, ./sensorpipe.toml, or the shipped default)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -460,9 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=2.5, help="seconds to wait for an answer")
 
     p = add("run", cmd_run)
-    p.add_argument("--supervisord-conf", default=str(REPO / "supervisord.conf"))
+    p.add_argument("--supervisord-conf", default=str(paths.supervisord_template()))
     p = add("ctl", cmd_ctl)
-    p.add_argument("--supervisord-conf", default=str(REPO / "supervisord.conf"))
+    p.add_argument("--supervisord-conf", default=str(paths.supervisord_template()))
     p.add_argument("ctl_args", nargs=argparse.REMAINDER, help="supervisorctl arguments (default: status)")
     p = add("worker", cmd_worker)
     p.add_argument("role", help="edge | parser | query | rollup | sink-sqlite | sink-influx | sink-mongo | ...")
@@ -500,7 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10000)
     p.add_argument("--timeout", type=float, default=3.0)
     add("check-config", cmd_check_config)
-    for module_name in ("workers.firmware_cli", "workers.simulate"):
+    p = add("init", cmd_init)
+    p.add_argument("dir", nargs="?", default=".", help="where to write sensorpipe.toml and data/ (default: here)")
+    p.add_argument("--force", action="store_true", help="write over an existing sensorpipe.toml")
+    p = add("feed", cmd_feed)
+    p.add_argument("frames", nargs="*", help="frames to send, e.g. '{\"device\":\"d1\",\"temp\":22.6}' (default: stdin)")
+    p.add_argument("--listener", default="text", help="the configured listener to send to (default: text)")
+    p.add_argument("--timeout", type=float, default=5.0)
+    for module_name in ("workers.tools.firmware", "workers.tools.simulate"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ImportError:

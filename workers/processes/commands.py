@@ -41,9 +41,9 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers import envelope, runtime
-from workers.config import Config
-from workers.envelope import Ack, Downlink, Seen
+from workers.core import envelope, runtime
+from workers.core.config import Config
+from workers.core.envelope import Ack, Downlink, Seen
 
 log = logging.getLogger(__name__)
 
@@ -591,7 +591,7 @@ def _number(request: dict, key: str, default: float, zero_ok: bool = False) -> f
 def request(endpoint: str, message: dict, timeout_s: float = 2.5) -> dict:
     """Ask the commands worker; raise ``QueryError`` if it does not answer (one try: a send is not
     repeated blindly, though sending the same id again is safe)."""
-    from workers import query
+    from workers.processes import query
 
     return query.request(endpoint, message, timeout_s, retries=0, worker="commands worker",
                          hint="`sensorpipe ctl status` shows the commands worker")

@@ -28,9 +28,11 @@ import sys
 import tempfile
 import types
 from pathlib import Path
+
+from workers.core import paths
 from typing import Any, Callable
 
-FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
+FIRMWARE_DIR = paths.firmware_dir()
 CONFIG_TEMPLATE = "config_example.py"
 BOARD_FILES = ("boot.py", "main.py")
 EXIT_ERROR = 2

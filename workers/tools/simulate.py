@@ -744,7 +744,7 @@ def command(args: argparse.Namespace, load_config: Callable[[], object]) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``simulate`` to the ``sensorpipe`` command table."""
-    from workers import cli
+    from workers.tools import cli
 
     def handler(args: argparse.Namespace) -> int:
         try:

@@ -42,10 +42,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from workers import envelope, runtime
-from workers.config import Config, MqttSubscription
-from workers.envelope import Conn
-from workers.templates import TemplateError, TopicTemplate
+from workers.core import envelope, runtime
+from workers.core.config import Config, MqttSubscription
+from workers.core.envelope import Conn
+from workers.core.templates import TemplateError, TopicTemplate
 
 log = logging.getLogger(__name__)
 

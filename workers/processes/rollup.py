@@ -39,11 +39,11 @@ from typing import Callable, Iterable, NamedTuple
 
 import zmq
 
-from workers import envelope, runtime
-from workers.config import ROLLUP, Config, window_label
-from workers.deadletters import DeadLetterStore
-from workers.envelope import Reading, Stats
-from workers.outbox import Outbox
+from workers.core import envelope, runtime
+from workers.core.config import ROLLUP, Config, window_label
+from workers.core.deadletters import DeadLetterStore
+from workers.core.envelope import Reading, Stats
+from workers.core.outbox import Outbox
 from workers.sinks import make_sink
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers import envelope, runtime
-from workers.config import Config, parse_window, window_label
+from workers.core import envelope, runtime
+from workers.core.config import Config, parse_window, window_label
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class QueryWorker:
         return {"ok": True, "devices": devices}
 
     def op_status(self, request: dict) -> dict:
-        from workers.outbox import sink_summary
+        from workers.core.outbox import sink_summary
 
         now = time.monotonic()
         self.stats["query"] = (now, dict(self.counters))

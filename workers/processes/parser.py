@@ -25,12 +25,12 @@ from pathlib import Path
 import orjson
 import zmq
 
-from workers import envelope, runtime
-from workers.config import Config
-from workers.deadletters import DeadLetter, DeadLetterStore
+from workers.core import envelope, runtime
+from workers.core.config import Config
+from workers.core.deadletters import DeadLetter, DeadLetterStore
 from workers.decoders import REGISTRY, Context, DecodeError, Decoder
-from workers.envelope import Ack, Downlink, Event, Reading, Seen
-from workers.templates import TemplateError, TopicTemplate, matches, render_reply
+from workers.core.envelope import Ack, Downlink, Event, Reading, Seen
+from workers.core.templates import TemplateError, TopicTemplate, matches, render_reply
 
 log = logging.getLogger(__name__)
 

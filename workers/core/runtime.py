@@ -19,7 +19,7 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers import envelope
+from workers.core import envelope
 
 POLL_MS = 200                      # every poll loop wakes at least this often
 STATS_INTERVAL_S = 2.0

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "deploy" / "sensorpipe.toml"
+from workers.core import paths
+
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
 DEFAULT_QUERY_ENDPOINT = "tcp://127.0.0.1:5560"
@@ -360,7 +361,7 @@ class Config:
 def load(path: str | os.PathLike[str] | None = None, env: typing.Mapping[str, str] | None = None) -> Config:
     """Read, check and return the configuration; raise ConfigError naming the bad key."""
     env = os.environ if env is None else env
-    path = Path(path or env.get("SENSORPIPE_CONFIG") or DEFAULT_CONFIG_PATH)
+    path = paths.config_path(path, env)
     try:
         with open(path, "rb") as fh:
             table = tomllib.load(fh)
@@ -556,7 +557,7 @@ def _check_rollups(rollups: Rollups) -> None:
 
 
 def _check_mqtt(cfg: Config, decoders: dict) -> None:
-    from workers.templates import TemplateError, TopicTemplate
+    from workers.core.templates import TemplateError, TopicTemplate
 
     names = [s.name for s in cfg.mqtt.subscriptions]
     if len(set(names)) != len(names):
@@ -592,7 +593,7 @@ def _check_mqtt(cfg: Config, decoders: dict) -> None:
 
 
 def _check_commands(cfg: Config) -> None:
-    from workers.templates import TemplateError, render_reply
+    from workers.core.templates import TemplateError, render_reply
 
     if cfg.presence.offline_after_s <= 0:
         raise ConfigError("presence.offline_after_s: must be more than 0")
