@@ -15,19 +15,46 @@ older one ``measure_interval_s`` earlier.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from workers.core.config import BINARY_TYPES, BinaryDevice
-from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
+from workers.core.options import ConfigError
+from workers.decoders.base import DecodeError, measurement
 from workers.core.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
-    from workers.decoders import Context
+    from workers.decoders.base import Context
 
 HEADER = struct.Struct("<HHHBBB")
 
+BINARY_TYPES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "f32": "f"}
 
+
+@dataclass(frozen=True)
+class BinaryField:
+    name: str
+    type: Literal["u8", "i8", "u16", "i16", "u32", "i32", "f32"]
+    endian: Literal["little", "big"] = "little"
+    scale: float = 1.0
+    offset: float = 0.0
+    missing: int | None = None                    # raw value meaning "sensor read failed"
+
+
+@dataclass(frozen=True)
+class BinaryDevice:
+    """``[binary.devices.N]``: the record layout of device number N."""
+    device: str
+    fields: tuple[BinaryField, ...]
+
+
+def check_layouts(layouts: dict[int, BinaryDevice]) -> None:
+    """The ``[binary.devices.N]`` tables, as the configuration read them."""
+    for number, layout in layouts.items():
+        if not 0 <= number <= 255:
+            raise ConfigError(f"binary.devices.{number}: device numbers are 0..255")
+        if not layout.fields:
+            raise ConfigError(f"binary.devices.{number}.fields: at least one field is needed")
 
 
 def parse_header(packet: bytes) -> tuple[int, int, int, int, int, int]:
