@@ -6,13 +6,10 @@ import re
 from pathlib import Path
 
 import orjson
-import pytest
 
 from workers.core import errors, runtime
 from workers.core.config import from_dict
 from tests.pipeline import REPO
-
-pytestmark = pytest.mark.unit
 
 
 def test_dispatch_sorts_failures_by_code() -> None:

@@ -13,8 +13,6 @@ from workers.decoders import binary
 from workers.tools import simulate
 from tests.pipeline import REPO
 
-pytestmark = pytest.mark.unit
-
 
 def firmware_packet() -> ModuleType:
     # firmware/lib/packet.py imports only struct: it loads under CPython as it is.

@@ -23,6 +23,8 @@ from tests.pipeline import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.servers      # pip and a whole pipeline under supervisord
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
