@@ -101,6 +101,8 @@ def test_installed_wheel_runs_the_pipeline_from_anywhere(installed: Path, tmp_pa
             return fields if "temp" in fields else None
 
         fields = wait_for(latest, timeout=60, interval=0.5, message="the reading from sensorpipe latest")
+        ctl = sensorpipe("ctl", "status")                     # supervisorctl from the installed package
+        assert "edge" in ctl.stdout and "RUNNING" in ctl.stdout, ctl.stdout + ctl.stderr
         assert fields["temp"]["value"] == 22.6 and fields["humi"]["value"] == 52
         assert (home / "data" / "sensorpipe.db").is_file(), "the SQLite store in the data dir init wrote"
     finally:

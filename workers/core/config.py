@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# Each decoder and sink owns its options and their checks; this module composes them (the names it
+# had before stay importable from here).
 from workers.core import paths
 from workers.core.options import ConfigError
 from workers.core.templates import TemplateError, TopicTemplate, render_reply
 from workers.decoders import REGISTRY as DECODERS
-# Each decoder and sink owns its options and their checks; this module composes them. The old names stay.
 from workers.decoders.binary import BINARY_TYPES, BinaryDevice, BinaryField, check_layouts  # noqa: F401
 from workers.decoders.influx import InfluxOptions as InfluxDecoder
 from workers.decoders.json import JsonOptions as JsonDecoder

@@ -322,7 +322,7 @@ class QueryWorker:
 
 
 def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = 1,
-            worker: str = "query worker", hint: str = "start it with `make run`") -> dict:
+            worker: str = "query worker", hint: str = "start it with `sensorpipe run`") -> dict:
     """Ask the query worker, or another REQ/REP worker (Lazy Pirate: a REQ socket that timed out is
     closed, never reused). Raises ``QueryError`` naming ``worker`` when nothing answers."""
     ctx = zmq.Context()
