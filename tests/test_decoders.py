@@ -2,12 +2,12 @@
 
 Every case is decoded with tests/golden/config.toml, the fallback device "peer" and the arrival time
 1732260000123 ms. A case whose input must be rejected has ``{"error": "<part of the reason>"}``.
-Regenerate expected files after a deliberate change with ``SENSORPIPE_GOLDEN_UPDATE=1``.
+A case without its expected.json fails. Write expected files (for a new case, or after a deliberate
+change) only on request: ``pytest tests/test_decoders.py --update-golden``; then read each one and keep it.
 """
 from __future__ import annotations
 
 import math
-import os
 import tomllib
 from pathlib import Path
 
@@ -20,10 +20,12 @@ from workers.decoders import REGISTRY, Context, DecodeError
 GOLDEN = Path(__file__).parent / "golden"
 CONFIG = from_dict({**tomllib.loads((GOLDEN / "config.toml").read_text()), "sinks": {"sqlite": {"enabled": True}}})
 RECV_TS = 1732260000123 * 1_000_000
-CASES = sorted(p for p in GOLDEN.glob("*/*") if (p / "input").exists())
+CASES = sorted(p for p in GOLDEN.glob("*/*") if p.is_dir())
 
 
 def run(case: Path) -> object:
+    if not (case / "input").is_file():
+        pytest.fail(f"{case.relative_to(GOLDEN.parent.parent)} has no input file", pytrace=False)
     decoder = REGISTRY[case.parent.name]
     try:
         items = decoder((case / "input").read_bytes(), Context("peer", RECV_TS, CONFIG))
@@ -33,11 +35,14 @@ def run(case: Path) -> object:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.parent.name}/{c.name}" for c in CASES])
-def test_golden(case: Path) -> None:
+def test_golden(case: Path, request: pytest.FixtureRequest) -> None:
     got = run(case)
     expected_path = case / "expected.json"
-    if os.environ.get("SENSORPIPE_GOLDEN_UPDATE") or not expected_path.exists():
+    if request.config.getoption("--update-golden"):
         expected_path.write_bytes(orjson.dumps(got, option=orjson.OPT_INDENT_2) + b"\n")
+    if not expected_path.exists():
+        pytest.fail(f"{expected_path.relative_to(GOLDEN.parent.parent)} is missing: write it with pytest "
+                    "tests/test_decoders.py --update-golden, read it, keep it", pytrace=False)
     expected = orjson.loads(expected_path.read_bytes())
     if isinstance(expected, dict) and "error" in expected:
         assert isinstance(got, dict), f"expected a rejection, got {got}"

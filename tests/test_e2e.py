@@ -1,11 +1,13 @@
 """End to end: real worker processes, real sockets, readings back through the query endpoint and SQLite."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
 
 from tests.pipeline import Pipeline, wait_for
+from workers.core import framing
 
 
 def balcony_packet(records: list[tuple[int, int, int]], wake: int = 600, measure: int = 60) -> bytes:
@@ -58,6 +60,7 @@ def test_one_byte_at_a_time(pipeline: Pipeline) -> None:
 def test_garbage_does_not_disturb_others(pipeline: Pipeline) -> None:
     good = socket.create_connection(("127.0.0.1", pipeline.text_port))
     bad = socket.create_connection(("127.0.0.1", pipeline.text_port))
+    bad_port = bad.getsockname()[1]
     try:
         for i in range(20):
             bad.sendall(os.urandom(200) + b"\n" + b"\xff\xfe{{{{\n")
@@ -69,9 +72,20 @@ def test_garbage_does_not_disturb_others(pipeline: Pipeline) -> None:
         bad.close()
     wait_for(lambda: pipeline.latest("steady") == {"n": 99}, message="steady device")
     wait_for(lambda: pipeline.count_rows("readings", "WHERE device = 'steady'") == 21, message="steady rows")
-    result = pipeline.cli("deadletters", "--json", "--limit", "1000")
-    assert result.returncode == 0, result.stderr
-    assert '"frame longer than 65536 bytes"' in result.stdout or "longer than" in result.stdout
+    bad_peer = "127.0.0.1:%d" % bad_port
+
+    def letters() -> list[dict]:
+        result = pipeline.cli("deadletters", "--json", "--limit", "1000")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    # The oversized frame is set aside whole in reason and in part in bytes (an excerpt), from the bad
+    # connection; the good device's frames never become dead letters.
+    oversized = wait_for(lambda: [d for d in letters() if d["reason"] == "frame longer than 65536 bytes"],
+                         message="the oversized frame's dead letter")
+    assert len(oversized) == 1
+    assert oversized[0]["peer"] == bad_peer and oversized[0]["raw"] == "x" * framing.REJECT_EXCERPT
+    assert all(d["peer"] == bad_peer for d in letters()), "only the bad connection's frames are dead letters"
 
 
 def test_bad_binary_packet_gets_no_ack(pipeline: Pipeline) -> None:

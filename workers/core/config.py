@@ -21,7 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# Each decoder and sink owns its options and their checks; this module composes them (the names it
+# had before stay importable from here).
 from workers.core import paths
+from workers.core.options import ConfigError
+from workers.core.templates import TemplateError, TopicTemplate, render_reply
+from workers.decoders import REGISTRY as DECODERS
+from workers.decoders.binary import BINARY_TYPES, BinaryDevice, BinaryField, check_layouts  # noqa: F401
+from workers.decoders.influx import InfluxOptions as InfluxDecoder
+from workers.decoders.json import JsonOptions as JsonDecoder
+from workers.sinks.options import Hook  # noqa: F401
+from workers.sinks.options import InfluxOptions as InfluxSink
+from workers.sinks.options import MongoOptions as MongoSink
+from workers.sinks.options import SinkOptions as SinkCommon
+from workers.sinks.options import SqliteOptions as SqliteSink
+from workers.sinks.options import WebhookOptions as WebhookSink
+from workers.sinks.options import redact_url  # noqa: F401
 
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024
@@ -35,13 +50,6 @@ DEFAULT_COMMAND_ENDPOINT = "tcp://127.0.0.1:5561"
 DEFAULT_OFFLINE_AFTER_S = 900.0                  # silent this long: offline (a battery board wakes every 600 s)
 DEFAULT_MQTT_MAX_FRAME_BYTES = 1024 * 1024
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
-
-BINARY_TYPES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "f32": "f"}
-
-
-class ConfigError(ValueError):
-    """The configuration file is wrong; the message names the key."""
-
 
 # --------------------------------------------------------------------------- sections
 
@@ -92,35 +100,6 @@ class Edge:
 
 
 @dataclass(frozen=True)
-class JsonDecoder:
-    device_keys: tuple[str, ...] = ("device", "device_id", "id", "Name", "name")
-    time_keys: tuple[str, ...] = ("ts", "time", "timestamp")
-    fields_keys: tuple[str, ...] = ("Value", "value", "fields", "data")  # nested objects holding fields
-    event_keys: tuple[str, ...] = ("cmd", "event", "cmd_ack")  # objects with one of these are events
-
-
-@dataclass(frozen=True)
-class InfluxDecoder:
-    device_tags: tuple[str, ...] = ("device", "device_id", "host", "id")
-
-
-@dataclass(frozen=True)
-class BinaryField:
-    name: str
-    type: Literal["u8", "i8", "u16", "i16", "u32", "i32", "f32"]
-    endian: Literal["little", "big"] = "little"
-    scale: float = 1.0
-    offset: float = 0.0
-    missing: int | None = None                    # raw value meaning "sensor read failed"
-
-
-@dataclass(frozen=True)
-class BinaryDevice:
-    device: str
-    fields: tuple[BinaryField, ...]
-
-
-@dataclass(frozen=True)
 class Device:
     tags: dict[str, str] = field(default_factory=dict)
     offline_after_s: float | None = None          # None: [presence] offline_after_s
@@ -130,78 +109,6 @@ class Device:
 class Decoders:
     json: JsonDecoder = JsonDecoder()
     influx: InfluxDecoder = InfluxDecoder()
-
-
-@dataclass(frozen=True)
-class SinkCommon:
-    enabled: bool = False
-    endpoint: str = ""                            # PULL endpoint the sink binds
-    batch_size: int = 5000
-    flush_interval_ms: float = 200.0
-    spool_max_bytes: int = 512 * 1024 * 1024
-    spool_full: Literal["block", "drop-oldest"] = "block"
-    retry_initial_s: float = 0.5
-    retry_max_s: float = 30.0
-    fsync: bool = True                            # fsync spool files before acknowledging
-    max_attempts: int = 0                         # a spooled batch failing this often goes to dead letters (0: never)
-
-
-@dataclass(frozen=True)
-class SqliteSink(SinkCommon):
-    enabled: bool = True
-    endpoint: str = "tcp://127.0.0.1:5571"
-    path: str = "sensorpipe.db"                   # relative to the data directory
-
-
-@dataclass(frozen=True)
-class InfluxSink(SinkCommon):
-    """InfluxDB (1.8+, 2.x, 3.x) or VictoriaMetrics through the v2 write API; docs/databases.md."""
-    endpoint: str = "tcp://127.0.0.1:5572"
-    url: str = "http://127.0.0.1:8086"            # env SENSORPIPE_INFLUX_URL
-    token: str = ""                               # env SENSORPIPE_INFLUX_TOKEN; 1.8: "user:password"
-    org: str = "sensorpipe"                       # env SENSORPIPE_INFLUX_ORG; 1.8: ignored
-    bucket: str = "sensors"                       # env SENSORPIPE_INFLUX_BUCKET; 1.8: "db/retention"
-    measurement: str = "sensors"                  # for readings that name no measurement
-    measurement_tag: str = "measurement"          # a reading tag naming its measurement ("" = never)
-    device_tag: str = "device"                    # the tag that carries the device id
-    integers: Literal["float", "integer"] = "float"   # float: a field keeps one type when a device
-                                                      # sends 22 one time and 22.5 the next
-    gzip: bool = True
-    timeout_s: float = 10.0                       # a whole write request
-    connect_timeout_s: float = 2.0
-    verify_ssl: bool = True
-
-
-@dataclass(frozen=True)
-class MongoSink(SinkCommon):
-    """MongoDB through pymongo: collections latest, events, readings (optional); docs/databases.md."""
-    endpoint: str = "tcp://127.0.0.1:5573"
-    url: str = "mongodb://127.0.0.1:27017"        # env SENSORPIPE_MONGO_URL (credentials go here)
-    database: str = "sensorpipe"                  # env SENSORPIPE_MONGO_DATABASE
-    store_readings: bool = False                  # readings history; time series belong in InfluxDB
-    timeout_s: float = 10.0                       # one write
-    connect_timeout_s: float = 2.0                # finding the server: how long a write waits when it is away
-
-
-@dataclass(frozen=True)
-class Hook:
-    """One webhook: the events it takes and where they go (docs/webhooks.md)."""
-    url: str
-    name: str = ""                                # default: the URL
-    devices: tuple[str, ...] = ()                 # empty: every device
-    kinds: tuple[str, ...] = ()                   # event kinds ("verifiedRecordU"); empty: every kind
-    where: tuple[str, ...] = ()                   # conditions that must all hold: "verifiedCode == 0"
-    headers: dict[str, str] = field(default_factory=dict)
-    batch: bool = False                           # false: one POST per event; true: {"events": [...]} per batch
-
-
-@dataclass(frozen=True)
-class WebhookSink(SinkCommon):
-    endpoint: str = "tcp://127.0.0.1:5574"
-    batch_size: int = 100
-    max_attempts: int = 10
-    timeout_s: float = 10.0
-    hooks: tuple[Hook, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -430,8 +337,6 @@ def _apply_env(cfg: Config, env: typing.Mapping[str, str]) -> Config:
 
 
 def _check(cfg: Config) -> None:
-    from workers.decoders import REGISTRY  # late: decoders import this module
-
     names = [listener.name for listener in cfg.listeners]
     if len(set(names)) != len(names):
         raise ConfigError(f"listeners: names must be unique, got {names}")
@@ -440,56 +345,28 @@ def _check(cfg: Config) -> None:
         host, _, port = listener.bind.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ConfigError(f"{key}.bind: expected 'host:port', got {listener.bind!r}")
-        if listener.decoder not in REGISTRY:
-            raise ConfigError(f"{key}.decoder: unknown decoder {listener.decoder!r}; known: {sorted(REGISTRY)}")
+        if listener.decoder not in DECODERS:
+            raise ConfigError(f"{key}.decoder: unknown decoder {listener.decoder!r}; known: {sorted(DECODERS)}")
         if listener.max_frame_bytes < 16:
             raise ConfigError(f"{key}.max_frame_bytes: must be at least 16")
         if listener.name.startswith("mqtt:"):
             raise ConfigError(f"{key}.name: names starting with 'mqtt:' are the MQTT subscriptions'")
-    for number, layout in cfg.binary.items():
-        if not 0 <= number <= 255:
-            raise ConfigError(f"binary.devices.{number}: device numbers are 0..255")
-        if not layout.fields:
-            raise ConfigError(f"binary.devices.{number}.fields: at least one field is needed")
+    check_layouts(cfg.binary)
     if cfg.edge.fsync not in ("batch", "interval", "never"):
         raise ConfigError(f"edge.fsync: expected batch|interval|never, got {cfg.edge.fsync!r}")
     for name, sink in cfg.sinks.enabled().items():
-        if sink.batch_size < 1:
-            raise ConfigError(f"sinks.{name}.batch_size: must be at least 1")
-        if not sink.endpoint:
-            raise ConfigError(f"sinks.{name}.endpoint: required")
+        sink.check_common(f"sinks.{name}")
     if not cfg.sinks.enabled():
         raise ConfigError("sinks: no sink is enabled; readings would have nowhere to go")
-    influx = cfg.sinks.influx
-    if influx.enabled:
-        if not influx.url.startswith(("http://", "https://")):
-            raise ConfigError(f"sinks.influx.url: expected http://host:port or https://..., got {influx.url!r}")
-        if not influx.measurement:
-            raise ConfigError("sinks.influx.measurement: must not be empty")
-        if not influx.device_tag:
-            raise ConfigError("sinks.influx.device_tag: must not be empty")
-        if not influx.bucket:
-            raise ConfigError("sinks.influx.bucket: must not be empty")
-    mongo = cfg.sinks.mongo
-    if mongo.enabled:
-        if not mongo.url.startswith(("mongodb://", "mongodb+srv://")):
-            raise ConfigError(f"sinks.mongo.url: expected mongodb://host:port/..., got {redact_url(mongo.url)!r}")
-        if not mongo.database or any(c in mongo.database for c in '/\\. "$\0'):
-            raise ConfigError(f"sinks.mongo.database: {mongo.database!r} is not a MongoDB database name")
-        if mongo.url.startswith("mongodb://"):      # (+srv needs DNS to check: left to the sink)
-            from pymongo.errors import ConfigurationError, InvalidURI
-            from pymongo.uri_parser import parse_uri
-            try:
-                parse_uri(mongo.url)
-            except (ConfigurationError, InvalidURI, ValueError) as exc:
-                raise ConfigError(f"sinks.mongo.url: {exc}") from None
+    cfg.sinks.influx.check("sinks.influx")
+    cfg.sinks.mongo.check("sinks.mongo")
     _check_rollups(cfg.rollups)
     if cfg.query.history_max_points < 1:
         raise ConfigError("query.history_max_points: must be at least 1")
 
-    _check_mqtt(cfg, REGISTRY)
+    _check_mqtt(cfg, DECODERS)
     _check_commands(cfg)
-    _check_webhook(cfg)
+    cfg.sinks.webhook.check("sinks.webhook")
     _check_endpoints(cfg)
 
 
@@ -504,15 +381,6 @@ def _check_endpoints(cfg: Config) -> None:
         if endpoint in owner:
             raise ConfigError(f"{key}: {endpoint} is {owner[endpoint]} already; each endpoint needs its own port")
         owner[endpoint] = key
-
-
-def redact_url(url: str) -> str:
-    """``url`` without the password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        credentials, _, host = rest.partition("@")
-        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-    return url
 
 
 def parse_window(text: str) -> int:
@@ -557,8 +425,6 @@ def _check_rollups(rollups: Rollups) -> None:
 
 
 def _check_mqtt(cfg: Config, decoders: dict) -> None:
-    from workers.core.templates import TemplateError, TopicTemplate
-
     names = [s.name for s in cfg.mqtt.subscriptions]
     if len(set(names)) != len(names):
         raise ConfigError(f"mqtt.subscriptions: names must be unique, got {names}")
@@ -593,8 +459,6 @@ def _check_mqtt(cfg: Config, decoders: dict) -> None:
 
 
 def _check_commands(cfg: Config) -> None:
-    from workers.core.templates import TemplateError, render_reply
-
     if cfg.presence.offline_after_s <= 0:
         raise ConfigError("presence.offline_after_s: must be more than 0")
     for device, extra in cfg.devices.items():
@@ -613,30 +477,6 @@ def _check_commands(cfg: Config) -> None:
             raise ConfigError(f"replies[{i}].reply: {exc}") from None
     if cfg.events.max_event_bytes < 1:
         raise ConfigError("events.max_event_bytes: must be at least 1")
-
-
-def _check_webhook(cfg: Config) -> None:
-    webhook = cfg.sinks.webhook
-    if webhook.max_attempts < 0:
-        raise ConfigError("sinks.webhook.max_attempts: 0 (retry for ever) or more")
-    if webhook.enabled and not webhook.hooks:
-        raise ConfigError("sinks.webhook.hooks: the webhook sink is enabled but has no [[sinks.webhook.hooks]]")
-    names = [h.name for h in webhook.hooks]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"sinks.webhook.hooks: names must be unique, got {names}")
-    if not webhook.hooks:
-        return
-    from workers.sinks.webhook import ConditionError, parse_condition
-
-    for i, hook in enumerate(webhook.hooks):
-        key = f"sinks.webhook.hooks[{i}]"
-        if not hook.url.startswith(("http://", "https://")):
-            raise ConfigError(f"{key}.url: expected an http:// or https:// URL, got {hook.url!r}")
-        for j, condition in enumerate(hook.where):
-            try:
-                parse_condition(condition)
-            except ConditionError as exc:
-                raise ConfigError(f"{key}.where[{j}]: {exc}") from None
 
 
 def _build(cls: Any, value: Any, key: str) -> Any:

@@ -10,7 +10,8 @@ should be closed.
 from __future__ import annotations
 
 import re
-import struct
+
+from workers.core.packet import HEADER as PACKET_HEADER  # the one definition of the binary header
 
 REJECT_EXCERPT = 4096          # bytes of an oversized frame kept with its dead letter
 
@@ -204,9 +205,6 @@ class AutoFramer:
 
     def finish(self) -> tuple[Frames, Rejects]:
         return self.inner.finish() if self.inner else ([], [])
-
-
-PACKET_HEADER = struct.Struct("<HHHBBB")
 
 
 class PacketFramer:

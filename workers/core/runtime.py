@@ -19,7 +19,7 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers.core import envelope
+from workers.core import envelope, errors
 
 POLL_MS = 200                      # every poll loop wakes at least this often
 STATS_INTERVAL_S = 2.0
@@ -127,7 +127,12 @@ def worker_name(role: str) -> str:
 
 
 class RequestError(Exception):
-    """A request that cannot be answered; the client gets ``{"ok": false, "error": <the message>}``."""
+    """A request that cannot be answered; the client gets ``{"ok": false, "code": <code>, "error": <the
+    message>}``, the code one of ``workers.core.errors``."""
+
+    def __init__(self, message: str, code: str = errors.INVALID_ARGUMENT) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def dispatch(raw: bytes, ops: dict[str, Callable[..., Any]], counters: Counters, *args: Any) -> Any:
@@ -137,21 +142,21 @@ def dispatch(raw: bytes, ops: dict[str, Callable[..., Any]], counters: Counters,
     counters.add("requests")
     try:
         if len(raw) > MAX_REQUEST_BYTES:
-            raise RequestError(f"request larger than {MAX_REQUEST_BYTES} bytes")
+            raise RequestError(f"request larger than {MAX_REQUEST_BYTES} bytes", errors.BAD_REQUEST)
         try:
             request = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise RequestError(f"request is not JSON: {exc}") from None
+            raise RequestError(f"request is not JSON: {exc}", errors.BAD_REQUEST) from None
         if not isinstance(request, dict):
-            raise RequestError("request must be a JSON object")
+            raise RequestError("request must be a JSON object", errors.BAD_REQUEST)
         op = request.get("op")
         handler = ops.get(op) if isinstance(op, str) else None
         if handler is None:
-            raise RequestError(f"unknown op {op!r}; known: {sorted(ops)}")
+            raise RequestError(f"unknown op {op!r}; known: {sorted(ops)}", errors.UNKNOWN_OP)
         return handler(request, *args)
     except RequestError as exc:
         counters.add("bad_requests")
-        return {"ok": False, "error": str(exc)}
+        return errors.failure(exc.code, str(exc))
     except Exception as exc:
         log.exception("request failed: %r", raw[:200])
-        return {"ok": False, "error": f"internal error: {exc!r}"}
+        return errors.failure(errors.INTERNAL, f"internal error: {exc!r}")

@@ -3,47 +3,14 @@
 Registered by name in ``REGISTRY``; a listener's ``decoder`` key chooses one. To add a format, write
 ``workers/decoders/<name>.py`` with a ``decode`` function whose docstring shows one real frame and what it
 becomes, add it here, and add golden cases under ``tests/golden/<name>/``. Decoders raise
-``DecodeError``; they never log.
+``DecodeError``; they never log. What they share is in ``base`` (this registry imports them, so
+they import nothing from here), and each owns its options (``JsonOptions`` in ``json``...), which the
+configuration composes.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple
-
-from workers.core.envelope import Event, Reading
-
-if TYPE_CHECKING:
-    from workers.core.config import Config
-
-
-class DecodeError(ValueError):
-    """A frame that cannot become readings. ``reason`` is short and safe to show to a user."""
-
-    def __init__(self, reason: str, frame: bytes = b"") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.frame = frame
-
-
-class Context(NamedTuple):
-    device: str        # the device id to use when the frame names none
-    recv_ts: int       # arrival time, Unix ns
-    config: "Config"
-
-
-Decoder = Callable[[bytes, Context], list[Reading | Event]]
-
-
-def measurement(device: str, ts: int, fields: dict, failed: list[str]) -> list[Reading | Event]:
-    """What one measurement becomes: a reading of the fields that were read, and a ``failed_read``
-    event naming those the sensor could not read (never a zero). Empty when there is neither."""
-    out: list[Reading | Event] = []
-    if fields:
-        out.append(Reading(device, ts, fields, {}))
-    if failed:
-        out.append(Event(device, ts, "failed_read", {"fields": failed}))
-    return out
-
-from workers.decoders import auto, binary, influx, json, kv  # noqa: E402  (registry below)
+from workers.decoders import auto, binary, influx, json, kv
+from workers.decoders.base import Context, DecodeError, Decoder, measurement
 
 REGISTRY: dict[str, Decoder] = {
     "auto": auto.decode,
@@ -53,4 +20,4 @@ REGISTRY: dict[str, Decoder] = {
     "binary": binary.decode,
 }
 
-__all__ = ["REGISTRY", "Context", "DecodeError", "Decoder"]
+__all__ = ["REGISTRY", "Context", "DecodeError", "Decoder", "measurement"]

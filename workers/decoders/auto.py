@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from workers.decoders import influx, json, kv
 
 if TYPE_CHECKING:
-    from workers.decoders import Context
+    from workers.decoders.base import Context
     from workers.core.envelope import Event, Reading
 
 # measurement (no ':' ';' '='), optional tags, a space, then a key=value field

@@ -1,8 +1,8 @@
 """Length-prefixed binary packets from battery boards; the record layout comes from the config.
 
 A packet is a 9-byte little-endian header ``u16 data_length, u16 wake_interval_s,
-u16 measure_interval_s, u8 bytes_per_record, u8 device_number, u8 record_count`` and then
-``data_length`` bytes of records, oldest first. With the shipped layout for device number 1::
+u16 measure_interval_s, u8 bytes_per_record, u8 device_number, u8 record_count`` (``workers.core.packet``)
+and then ``data_length`` bytes of records, oldest first. With the shipped layout for device number 1::
 
     0c00 5802 3c00 06 01 02 | 2c01 6e75 e264 | 2d01 fd75 e864
         -> Reading("balcony", arrival - 60 s, {"light": 300, "humidity": 51.44..., "temperature": 22.3...})
@@ -15,24 +15,45 @@ older one ``measure_interval_s`` earlier.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from workers.core.config import BINARY_TYPES, BinaryDevice
-from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
+from workers.core.options import ConfigError
+from workers.core.packet import HEADER, parse_header  # noqa: F401 (parse_header: also this decoder's API)
+from workers.decoders.base import DecodeError, measurement
 from workers.core.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
-    from workers.decoders import Context
+    from workers.decoders.base import Context
 
-HEADER = struct.Struct("<HHHBBB")
-
-
+BINARY_TYPES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "f32": "f"}
 
 
-def parse_header(packet: bytes) -> tuple[int, int, int, int, int, int]:
-    """(data_length, wake_interval_s, measure_interval_s, bytes_per_record, device_number, record_count)."""
-    return HEADER.unpack_from(packet, 0)
+@dataclass(frozen=True)
+class BinaryField:
+    name: str
+    type: Literal["u8", "i8", "u16", "i16", "u32", "i32", "f32"]
+    endian: Literal["little", "big"] = "little"
+    scale: float = 1.0
+    offset: float = 0.0
+    missing: int | None = None                    # raw value meaning "sensor read failed"
+
+
+@dataclass(frozen=True)
+class BinaryDevice:
+    """``[binary.devices.N]``: the record layout of device number N."""
+    device: str
+    fields: tuple[BinaryField, ...]
+
+
+def check_layouts(layouts: dict[int, BinaryDevice]) -> None:
+    """The ``[binary.devices.N]`` tables, as the configuration read them."""
+    for number, layout in layouts.items():
+        if not 0 <= number <= 255:
+            raise ConfigError(f"binary.devices.{number}: device numbers are 0..255")
+        if not layout.fields:
+            raise ConfigError(f"binary.devices.{number}.fields: at least one field is needed")
 
 
 def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:

@@ -11,15 +11,24 @@ measurement becomes the ``measurement`` tag; the other tags are kept. A frame ma
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from workers.decoders import DecodeError  # defined before the registry imports this module
+from workers.decoders.base import DecodeError
 from workers.decoders.timestamps import epoch_to_ns
 from workers.core.envelope import FieldValue, Reading
 
 if TYPE_CHECKING:
-    from workers.decoders import Context
+    from workers.decoders.base import Context
     from workers.core.envelope import Event
+
+
+
+@dataclass(frozen=True)
+class InfluxOptions:
+    """``[decoders.influx]``: the tags that may carry the device id, tried in order."""
+    device_tags: tuple[str, ...] = ("device", "device_id", "host", "id")
+
 
 _TRUE = {"t", "T", "true", "True", "TRUE"}
 _FALSE = {"f", "F", "false", "False", "FALSE"}

@@ -17,19 +17,29 @@ objects.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
 
-from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
+from workers.decoders.base import DecodeError, measurement
 from workers.decoders.timestamps import epoch_to_ns, to_ns
 from workers.core.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
-    from workers.decoders import Context
+    from workers.decoders.base import Context
 
 MAX_DEPTH = 8
 ACK_KEY = "cmd_ack"       # a device's answer to a command (docs/commands.md)
+
+
+@dataclass(frozen=True)
+class JsonOptions:
+    """``[decoders.json]``: which members name the device, the time, nested fields and events."""
+    device_keys: tuple[str, ...] = ("device", "device_id", "id", "Name", "name")
+    time_keys: tuple[str, ...] = ("ts", "time", "timestamp")
+    fields_keys: tuple[str, ...] = ("Value", "value", "fields", "data")  # nested objects holding fields
+    event_keys: tuple[str, ...] = ("cmd", "event", "cmd_ack")  # objects with one of these are events
 
 
 def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
+from workers.decoders.base import DecodeError, measurement
 from workers.decoders.timestamps import to_ns
 from workers.core.envelope import Event, FieldValue, Reading
 
 if TYPE_CHECKING:
-    from workers.decoders import Context
+    from workers.decoders.base import Context
 
 _SPLIT = re.compile(r"[;,]")
 _PAIR = re.compile(r"^\s*([^\s:=]+)\s*(?::\s*|=\s*|\s+)(.*?)\s*$")

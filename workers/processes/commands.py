@@ -41,7 +41,7 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers.core import envelope, runtime
+from workers.core import envelope, errors, runtime
 from workers.core.config import Config
 from workers.core.envelope import Ack, Downlink, Seen
 
@@ -247,20 +247,20 @@ class Commands:
         wait_s = min(_number(request, "wait_s", 0.0, zero_ok=True), MAX_WAIT_S)
         if device not in self.devices and device not in self.cfg.devices:
             self.counters.add("unknown_device")
-            return {"ok": False, "device": device, "status": UNKNOWN_DEVICE,
+            return {"ok": False, "device": device, "status": UNKNOWN_DEVICE, "code": errors.UNKNOWN_DEVICE,
                     "error": f"device {device!r} has never been seen and is not in [devices]: nothing queued"}
         payload = orjson.dumps({"id": command_id, **{k: v for k, v in command.items() if k != "id"}})
         command_id = str(command_id)
         existing = self.open.get(command_id) or self.store.get(command_id)
         if existing is not None:
             if existing.device != device or existing.payload != payload:
-                raise RequestError(f"id {command_id!r} is already used by another command")
+                raise RequestError(f"id {command_id!r} is already used by another command", errors.CONFLICT)
             cmd = existing                  # the same send again (its reply was lost): say how it stands
         else:
             queued = sum(1 for c in self.open.values() if c.device == device and c.state == QUEUED)
             if queued >= self.cfg.commands.max_queued_per_device:
                 raise RequestError(f"{queued} commands already queued for {device!r}"
-                                   " ([commands] max_queued_per_device)")
+                                   " ([commands] max_queued_per_device)", errors.LIMIT_EXCEEDED)
             created = now_ms()
             cmd = Command(command_id, device, payload, created, created + int(ttl_s * 1000))
             self.store.save(cmd)                # durable before anything is tried
@@ -292,10 +292,11 @@ class Commands:
         if cmd is None:
             stored = self.store.get(str(command_id))
             if stored is None:
-                raise RequestError(f"no command {command_id!r}")
-            raise RequestError(f"command {command_id!r} is {stored.state}: only a queued one can be cancelled")
+                raise RequestError(f"no command {command_id!r}", errors.NOT_FOUND)
+            raise RequestError(f"command {command_id!r} is {stored.state}: only a queued one can be cancelled",
+                               errors.CONFLICT)
         if cmd.state != QUEUED:
-            raise RequestError(f"command {cmd.id!r} is {cmd.state}: only a queued one can be cancelled")
+            raise RequestError(f"command {cmd.id!r} is {cmd.state}: only a queued one can be cancelled", errors.CONFLICT)
         self.finish(cmd, CANCELLED)
         return self.status_reply(cmd)
 
@@ -308,6 +309,8 @@ class Commands:
                                             " commands can reach it" if state else "never seen yet")
         elif cmd.via:
             reply["via"] = cmd.via
+        if cmd.state == EXPIRED:
+            reply["code"] = errors.EXPIRED
         return reply
 
     # ------------------------------------------------------------------ delivering

@@ -15,7 +15,7 @@ Requests (docs/query-protocol.md)::
     {"op":"history","device":"ID","field":"temp","window":"1m","from":ms,"to":ms}
         -> {"ok":true,...,"columns":["ts","count","min","max","mean","last"],"points":[[ms,30,21.5,...],...]}
         without "window": the raw readings, "columns":["ts","value"]
-    anything else                  -> {"ok":false,"error":"..."}
+    anything else                  -> {"ok":false,"code":"...","error":"..."} (codes: workers.core.errors)
 
 Timestamps in replies are Unix epoch milliseconds. ``last_seen`` is when the device's newest frame
 arrived (heartbeats included); ``online`` is whether that is within its ``offline_after_s``
@@ -35,7 +35,7 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers.core import envelope, runtime
+from workers.core import envelope, errors, runtime
 from workers.core.config import Config, parse_window, window_label
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class QueryWorker:
             raise QueryError('"device" must be a non-empty string')
         fields = self.latest.devices.get(device)
         if fields is None:
-            raise QueryError(f"unknown device {device!r}")
+            raise QueryError(f"unknown device {device!r}", errors.UNKNOWN_DEVICE)
         return {"ok": True, "device": device,
                 "fields": {name: {"value": value, "ts": ts // 1_000_000} for name, (value, ts) in fields.items()}}
 
@@ -204,7 +204,7 @@ class QueryWorker:
             known = [window_label(s) for s in cfg.rollups.window_seconds] if cfg.rollups.enabled else []
             if window not in known:
                 raise QueryError(f"no {window} rollups: the configured windows are {', '.join(known) or 'none'}"
-                                 " ([rollups] windows)")
+                                 " ([rollups] windows)", errors.NOT_FOUND)
         to_ms = request.get("to", time.time_ns() // 1_000_000)
         from_ms = request.get("from", to_ms - DEFAULT_HISTORY_SPAN_MS if isinstance(to_ms, int) else None)
         for name, value in (("from", from_ms), ("to", to_ms)):
@@ -213,12 +213,13 @@ class QueryWorker:
         if from_ms > to_ms:
             raise QueryError('"from" is after "to"')
         if not cfg.sinks.sqlite.enabled:
-            raise QueryError("history is read from the SQLite store, and [sinks.sqlite] is not enabled")
+            raise QueryError("history is read from the SQLite store, and [sinks.sqlite] is not enabled",
+                             errors.UNAVAILABLE)
         from workers.sinks.sqlite import db_path, open_db
 
         path = db_path(cfg)
         if not path.exists():
-            raise QueryError(f"no store yet at {path}: nothing has been written")
+            raise QueryError(f"no store yet at {path}: nothing has been written", errors.UNAVAILABLE)
         cap = cfg.query.history_max_points
         span = (from_ms * 1_000_000, to_ms * 1_000_000)
         db = open_db(path, readonly=True)
@@ -234,14 +235,14 @@ class QueryWorker:
                                   " ORDER BY start LIMIT ?", (device, field, window, *span, cap + 1))
             points = [list(row) for row in rows]
         except sqlite3.OperationalError as exc:
-            raise QueryError(f"the store cannot answer yet ({exc})") from None
+            raise QueryError(f"the store cannot answer yet ({exc})", errors.UNAVAILABLE) from None
         finally:
             db.close()
         if len(points) > cap:
             advice = ("ask for a window (" + ", ".join(window_label(s) for s in cfg.rollups.window_seconds) + ")"
                       if window is None and cfg.rollups.enabled else "ask for a larger window")
             raise QueryError(f"more than {cap} points for {device} {field} between {from_ms} and {to_ms}"
-                             f" ([query] history_max_points): narrow the range or {advice}")
+                             f" ([query] history_max_points): narrow the range or {advice}", errors.LIMIT_EXCEEDED)
         self.counters.add("history_points", len(points))
         return {"ok": True, "device": device, "field": field, "window": window, "from": from_ms, "to": to_ms,
                 "columns": columns, "points": points}
@@ -321,7 +322,7 @@ class QueryWorker:
 
 
 def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = 1,
-            worker: str = "query worker", hint: str = "start it with `make run`") -> dict:
+            worker: str = "query worker", hint: str = "start it with `sensorpipe run`") -> dict:
     """Ask the query worker, or another REQ/REP worker (Lazy Pirate: a REQ socket that timed out is
     closed, never reused). Raises ``QueryError`` naming ``worker`` when nothing answers."""
     ctx = zmq.Context()
@@ -336,7 +337,8 @@ def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, 
             finally:
                 sock.close(linger=0)
         tries = f"after {retries + 1} tries of {timeout_s:g} s" if retries else f"in {timeout_s:g} s"
-        raise QueryError(f"no answer from the {worker} at {endpoint} {tries}: is the pipeline running? ({hint})")
+        raise QueryError(f"no answer from the {worker} at {endpoint} {tries}: is the pipeline running? ({hint})",
+                         errors.UNAVAILABLE)
     finally:
         ctx.term()
 

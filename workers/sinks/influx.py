@@ -42,15 +42,18 @@ import logging
 import math
 import time
 import zlib
+from typing import TYPE_CHECKING
 
 import urllib3
 from influxdb_client import InfluxDBClient, WriteService
 from influxdb_client.rest import ApiException
 
-from workers.core.config import Config
-from workers.core.config import InfluxSink as InfluxOptions
 from workers.core.envelope import ROLLUP_TAG
 from workers.sinks import Batch, BatchTooLarge, PermanentError, TransientError
+from workers.sinks.options import InfluxOptions
+
+if TYPE_CHECKING:
+    from workers.core.config import Config
 
 log = logging.getLogger(__name__)
 

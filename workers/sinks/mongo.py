@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import orjson
 from bson import Int64
@@ -53,11 +53,12 @@ from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
 from pymongo.errors import (AutoReconnect, BulkWriteError, ConnectionFailure, DocumentTooLarge, OperationFailure,
                             PyMongoError, WriteConcernError)
 
-from workers.core.config import Config
-from workers.core.config import MongoSink as MongoOptions
-from workers.core.config import redact_url
 from workers.core.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
 from workers.sinks import Batch, PermanentError, TransientError
+from workers.sinks.options import MongoOptions, redact_url
+
+if TYPE_CHECKING:
+    from workers.core.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import orjson
 
-from workers.core.config import Config
 from workers.core.runtime import open_wal_db
 from workers.core.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
 from workers.sinks import Batch, PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from workers.core.config import Config
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (

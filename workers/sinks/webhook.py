@@ -28,109 +28,26 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import logging
-import re
 import time
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import httpx
 import orjson
 
-from workers.core.config import Config, Hook
 from workers.core.envelope import Event
 from workers.sinks import Batch, BatchTooLarge, PermanentError, TransientError
+from workers.sinks.conditions import Condition, ConditionError, parse_condition  # noqa: F401 (also its API)
+from workers.sinks.options import Hook
+
+if TYPE_CHECKING:
+    from workers.core.config import Config
 
 log = logging.getLogger(__name__)
 
 REMEMBER = 100_000                 # (hook, event id) pairs taken, so a retried batch is not sent twice
-MAX_DEPTH = 8
 USER_AGENT = "sensorpipe-webhook"
-_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(==|!=|<=|>=|<|>)\s*(.+?)\s*$")
-_OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
-    "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
-}
-
-
-class ConditionError(ValueError):
-    pass
-
-
-class Condition(NamedTuple):
-    path: tuple[str, ...]
-    op: str
-    value: Any
-
-    def holds(self, body: dict) -> bool:
-        return any(_compare(found, self.op, self.value) for found in _lookup(body, self.path))
-
-
-def parse_condition(text: str) -> Condition:
-    match = _CONDITION.match(text)
-    if match is None:
-        raise ConditionError(f"{text!r}: expected NAME OP VALUE, e.g. 'verifiedCode == 0' (OP: == != < <= > >=)")
-    name, op, raw = match.groups()
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        value = raw
-    if isinstance(value, (dict, list)):
-        raise ConditionError(f"{text!r}: compare with a number, a string, true, false or null")
-    return Condition(tuple(name.split(".")), op, value)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _compare(found: Any, op: str, want: Any) -> bool:
-    if isinstance(found, (dict, list)):
-        return False
-    if isinstance(found, bool) or isinstance(want, bool) or found is None or want is None:
-        same = found is want or (type(found) is type(want) and found == want)     # 1 is not true
-        return {"==": same, "!=": not same}.get(op, False)
-    a, b = _number(found), _number(want)
-    if a is not None and b is not None and (isinstance(found, (int, float)) or isinstance(want, (int, float))):
-        return _OPS[op](a, b)
-    if isinstance(found, str) and isinstance(want, str):
-        return _OPS[op](found, want)
-    return op == "!="
-
-
-def _anywhere(node: Any, key: str, depth: int = 0) -> Iterator[Any]:
-    if depth > MAX_DEPTH:
-        return
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == key:
-                yield v
-            else:
-                yield from _anywhere(v, key, depth + 1)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _anywhere(v, key, depth + 1)
-
-
-def _lookup(body: dict, path: tuple[str, ...]) -> Iterator[Any]:
-    values = list(_anywhere(body, path[0]))
-    for segment in path[1:]:
-        values = [item[segment] for v in values for item in (v if isinstance(v, list) else [v])
-                  if isinstance(item, dict) and segment in item]
-    for v in values:
-        if isinstance(v, list):
-            yield from v
-        else:
-            yield v
 
 
 def event_id(event: Event) -> str:

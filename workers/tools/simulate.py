@@ -49,6 +49,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from workers.core.packet import HEADER as BINARY_HEADER  # the one definition of the binary header
+
 FORMATS = ("json", "kv", "line", "binary", "mqtt")
 DEFAULT_PREFIX = "sim"
 DEFAULT_MEASUREMENT = "sim"
@@ -64,7 +66,6 @@ BINARY_MAX_DEVICES = 255
 FD_MARGIN = 64
 
 # Binary boards: the balcony layout of deploy/sensorpipe.toml (three u16: light, humidity, temperature).
-BINARY_HEADER = struct.Struct("<HHHBBB")
 BINARY_RECORD = struct.Struct("<HHH")
 BINARY_WAKE_S = 600
 BINARY_MEASURE_S = 60
