@@ -123,7 +123,7 @@ class App:
             self.restore_outputs()
         done = 0
         while cycles is None or done < cycles:
-            self.idle(self.next_at)
+            self.idle()
             self.read_now = False
             self.next_at = self.hw.ticks_add(self.hw.ticks_ms(), int(self.conf.MEASURE_S * 1000))
             self.queue(self.measure())
@@ -133,11 +133,14 @@ class App:
     def close(self):
         self.text.close()
 
-    def idle(self, until):
+    def idle(self):
+        # Until the next reading is due. next_at is read anew on every turn: a
+        # command applied meanwhile (interval, read) moves it, and the board
+        # keeps to the new schedule from that moment, not when the old one ran out.
         hw = self.hw
         while not self.read_now:
             self.maybe_reboot()
-            left = hw.ticks_diff(until, hw.ticks_ms())
+            left = hw.ticks_diff(self.next_at, hw.ticks_ms())
             if left <= 0:
                 return
             if self.text.connected():
