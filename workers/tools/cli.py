@@ -146,6 +146,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     import orjson
 
     reply = _query(args, {"op": "devices"})
+    _add_firmware(args, reply["devices"])
     if args.json:
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -155,6 +156,24 @@ def cmd_devices(args: argparse.Namespace) -> int:
             for d in reply["devices"]]
     print(_table(rows, ["device", "presence", "last seen", "via", *extra_keys]) if rows else "no devices yet")
     return 0
+
+
+def _add_firmware(args: argparse.Namespace, devices: list[dict]) -> None:
+    """Each device's firmware version and update state, from the commands worker (docs/firmware.md); left
+    out when the commands worker does not answer."""
+    from workers.processes.commands import request
+    from workers.processes.query import QueryError
+
+    try:
+        reply = request(_load(args).endpoints.command, {"op": "firmware"}, timeout_s=1.0)
+    except (CommandError, QueryError):
+        return
+    firmware = {s["device"]: s for s in reply.get("devices", [])}
+    for device in devices:
+        st = firmware.get(device["device"])
+        if st is not None:
+            device["firmware"] = st["version"] or "?"
+            device["update"] = (st["state"] or "") + (f" {st['target']}" if st["state"] != "updated" else "")
 
 
 def _commands(args: argparse.Namespace, message: dict, timeout: float) -> dict:
