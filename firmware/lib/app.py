@@ -389,11 +389,17 @@ class App:
             self.text.open()
             self.text.send(self.status_line(buf.dropped))
             self.report_update()
-            deadline = hw.ticks_add(hw.ticks_ms(), c.CMD_WAIT_MS)
+            start = hw.ticks_ms()
+            # a new version on trial waits longer, for the server's confirmation
+            on_trial = self.trial_until is not None
+            deadline = hw.ticks_add(start, max(c.CMD_WAIT_MS, c.OTA_IDLE_MS if on_trial else 0))
             while not self.reboot and not self.swapped:
                 left = hw.ticks_diff(deadline, hw.ticks_ms())
                 if left <= 0:
                     break
+                if on_trial and self.trial_until is None and not self.updater.busy() \
+                        and hw.ticks_diff(hw.ticks_ms(), start) >= c.CMD_WAIT_MS:
+                    break  # confirmed: back to the usual wait
                 if self.take_commands(min(left, POLL_MS)) and self.updater.busy():
                     # an update is coming: stay awake while its chunks do
                     deadline = hw.ticks_add(hw.ticks_ms(), max(c.CMD_WAIT_MS, c.OTA_IDLE_MS))

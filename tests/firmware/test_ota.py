@@ -222,3 +222,35 @@ def test_staged_rollout(server: Pipeline, micropython_unix, tmp_path: Path, boar
         (dirs[d] / "POWER_OFF").touch()
     for board in boards:
         board.finish()
+
+
+def test_battery_board_updates_at_a_wake_and_keeps_measuring(pipeline_factory, micropython_unix, tmp_path: Path,
+                                                             boards) -> None:
+    layout = (FIRMWARE / "server-config-example.toml").read_text() \
+        .replace("[binary.devices.1]", "[binary.devices.7]").replace('"greenhouse-1"', '"bat-1"')
+    server = pipeline_factory(extra_toml=layout)
+    server.start_all(COMMAND_ROLES)
+    # deep sleeps pass at once here: a wake every 1 s of the board's time, each one sending
+    board_dir = flash(tmp_path / "board", server, "bat-1", TRANSPORT="binary", BATTERY=True, DEVICE_NUMBER=7,
+                      MEASURE_S=1, WAKE_S=1, CMD_WAIT_MS=300, OTA_IDLE_MS=2000)
+    (board_dir / "DHT_SEQUENCE").touch()
+    board = power_on(micropython_unix, board_dir, boards)
+    wait_for(lambda: server.latest("bat-1").get("dropped") == 0, message="the first packet and status line")
+    push(server, "2", new_firmware(tmp_path, "v2"), "--device", "bat-1")
+    wait_for(lambda: state_of(server, "bat-1").get("state") == "updated", timeout=60, message="updated")
+    output = board.output()
+    swapped = output.index("ota: swapping in 2")
+    assert output[swapped + 1].startswith("slept "), output[swapped - 2:swapped + 3]   # no reset: a wake, on time
+    assert any(line.startswith("boot ") and line.endswith(" 2") for line in output[swapped:])
+    (board_dir / "POWER_OFF").touch()
+    board.finish()
+    # every reading taken before and after the update (and during it, when the download keeps the board
+    # awake past MEASURE_S) reached the server: the fake sensor counts up by 0.1 per reading
+    taken = [float(line.split()[1]) for line in board.output() if line.startswith("dht ")]
+
+    def stored() -> list[float]:
+        return sorted(round(v, 1) for (v,) in server.db().execute(
+            "SELECT value FROM readings WHERE device = 'bat-1' AND field = 'temp'"))
+
+    wait_for(lambda: len(stored()) >= len(taken), message="every reading stored")
+    assert stored() == taken == [round(i / 10, 1) for i in range(len(taken))]
