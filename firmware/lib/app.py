@@ -17,7 +17,7 @@
 import commands
 import conf as confmod
 import link
-import ota
+import otaboot
 import packet
 import ringbuf
 import wifi
@@ -50,11 +50,12 @@ class App:
         self.reboot = False
         self.outputs_restored = False
         self.started_at = self.next_at = hw.ticks_ms()
-        self.updater = ota.Updater(c.DEVICE_ID, c.DEVICE_KEY, log)
+        # lib/ota.py is imported only when an update needs it (an ESP8266 has little RAM)
+        self.updater = None
         self.swapped = False  # a new version is in place: reset (battery: sleep) into it
+        self.on_trial = otaboot.read_json(otaboot.TRIAL) is not None
         # a new version on trial that the server has not confirmed by then resets (a boot counted)
-        self.trial_until = hw.ticks_add(self.started_at, int(c.OTA_TRIAL_S * 1000)) \
-            if self.updater.on_trial() else None
+        self.trial_until = hw.ticks_add(self.started_at, int(c.OTA_TRIAL_S * 1000)) if self.on_trial else None
 
     # ------------------------------------------------------------ readings
 
@@ -204,13 +205,13 @@ class App:
     def report_update(self):
         # After a swap the new version answers the swap command itself, on every
         # new connection until the server confirms it; a rollback is told once.
-        pending = self.updater.report()
+        pending = otaboot.pending_report()
         if pending is None:
             return
         cmd_id, error, version = pending
         self.ack(cmd_id, error, version)
         if error is not None:
-            self.updater.reported()
+            otaboot.rollback_reported()
 
     def send_buffer(self, buf):
         # Raises OSError unless the server acknowledged; clears buf only then.
@@ -262,10 +263,20 @@ class App:
         except OSError as e:
             log("ack: %r" % (e,))
 
+    def get_updater(self):
+        if self.updater is None:
+            import ota
+            self.updater = ota.Updater(self.conf.DEVICE_ID, self.conf.DEVICE_KEY, log)
+        return self.updater
+
+    def updating(self):
+        # a download under way
+        return self.updater is not None and self.updater.busy()
+
     def handle_update(self, cmd_id, cmd, doc):
         # Each step is idempotent: a command sent again is answered the same way.
         version = doc["v"]
-        updater = self.updater
+        updater = self.get_updater()
         error = None
         try:
             if cmd == "ota":
@@ -275,6 +286,7 @@ class App:
             elif cmd == "ota_confirm":
                 updater.confirm(version)
                 self.trial_until = None
+                self.on_trial = False
             else:
                 done, error = updater.outcome(version)
                 if not done:
@@ -284,7 +296,7 @@ class App:
                     if not self.conf.BATTERY:
                         self.reboot = True
                     return
-        except ota.OtaError as e:
+        except updater.Error as e:
             error = str(e)
         except OSError as e:
             error = "flash: %r" % (e,)
@@ -364,7 +376,7 @@ class App:
         buf.meta = min(buf.meta + 1, 0xFFFF)
         hw.rtc_save(buf.to_bytes())
         # a new version on trial connects at every wake until the server confirms it
-        if buf.meta >= every or self.updater.on_trial():
+        if buf.meta >= every or self.on_trial:
             buf.meta = 0
             self.battery_send(buf)
             hw.rtc_save(buf.to_bytes())
@@ -397,10 +409,10 @@ class App:
                 left = hw.ticks_diff(deadline, hw.ticks_ms())
                 if left <= 0:
                     break
-                if on_trial and self.trial_until is None and not self.updater.busy() \
+                if on_trial and self.trial_until is None and not self.updating() \
                         and hw.ticks_diff(hw.ticks_ms(), start) >= c.CMD_WAIT_MS:
                     break  # confirmed: back to the usual wait
-                if self.take_commands(min(left, POLL_MS)) and self.updater.busy():
+                if self.take_commands(min(left, POLL_MS)) and self.updating():
                     # an update is coming: stay awake while its chunks do
                     deadline = hw.ticks_add(hw.ticks_ms(), max(c.CMD_WAIT_MS, c.OTA_IDLE_MS))
                 self.measure_if_due(buf)

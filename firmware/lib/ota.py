@@ -104,6 +104,8 @@ def check_name(name):
 
 
 class Updater:
+    Error = OtaError  # for callers that import this module lazily
+
     def __init__(self, device_id, key_hex, log=print):
         self.device_id = device_id
         self.key = binascii.unhexlify(key_hex) if key_hex else None
@@ -215,22 +217,3 @@ class Updater:
             return
         if otaboot.running_version() != version:
             raise OtaError("not running %s" % version)
-
-    def report(self):
-        # (swap command id, error or None, version) still to answer after a reset, or None
-        trial = otaboot.read_json(otaboot.TRIAL)
-        if trial is not None:
-            return trial["cmd"], None, trial["version"]
-        result = otaboot.read_json(otaboot.RESULT)
-        if result is not None and result["state"] == "rolled_back" and not result.get("reported"):
-            return result["cmd"], result.get("error"), otaboot.running_version()
-        return None
-
-    def reported(self):
-        result = otaboot.read_json(otaboot.RESULT)
-        if result is not None and result["state"] == "rolled_back":
-            result["reported"] = True
-            otaboot.write_json(otaboot.RESULT, result)
-
-    def on_trial(self):
-        return otaboot.read_json(otaboot.TRIAL) is not None

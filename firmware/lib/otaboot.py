@@ -159,6 +159,26 @@ def confirm(trial):
     remove_tree(OLD)
 
 
+def pending_report():
+    # (swap command id, error or None, version) the board still has to answer
+    # after a reset, or None: a new version on trial answers on every new
+    # connection until confirmed; a rollback is told once.
+    trial = read_json(TRIAL)
+    if trial is not None:
+        return trial["cmd"], None, trial["version"]
+    result = read_json(RESULT)
+    if result is not None and result["state"] == "rolled_back" and not result.get("reported"):
+        return result["cmd"], result.get("error"), running_version()
+    return None
+
+
+def rollback_reported():
+    result = read_json(RESULT)
+    if result is not None and result["state"] == "rolled_back":
+        result["reported"] = True
+        write_json(RESULT, result)
+
+
 def boot(max_boots=MAX_BOOTS, log=print):
     # boot.py, at every reset and wake: finish a cut swap, count a trial boot,
     # roll back a version that used up its boots. Never raises.
