@@ -111,6 +111,8 @@ def test_good_update(server: Pipeline, micropython_unix, tmp_path: Path, boards)
     assert any(a.get("fw") == "2" for a in acks)
     status = server.cli("firmware", "status")
     assert "gh-1" in status.stdout and "updated" in status.stdout, status
+    overall = server.cli("status")
+    assert "firmware" in overall.stdout and "version 2" in overall.stdout, overall.stdout
     devices = server.cli("devices")
     assert "firmware" in devices.stdout and " 2 " in devices.stdout + " ", devices.stdout
     (board_dir / "POWER_OFF").touch()
