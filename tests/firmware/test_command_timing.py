@@ -92,15 +92,25 @@ def test_battery_commands_take_effect_at_the_wake_they_arrive(server: Pipeline, 
         assert send(server, {"cmd": "wake", "value": 90}, "bw1")["status"] == "queued"
         for _ in range(7):
             board.wake()
+        wait_for(lambda: acked(server, "bi1") and acked(server, "bw1"), message="both acknowledged")
+        # read: the wake after the one it came with sends, whatever the count says
+        assert send(server, {"cmd": "read"}, "br1")["status"] == "queued"
+        for _ in range(3):
+            board.wake()
+        # reboot: the wake it comes with ends in a reset, not a deep sleep
+        assert send(server, {"cmd": "reboot"}, "bb1")["status"] == "queued"
+        for _ in range(2):
+            board.wake()
         output = board.finish()
         sleeps = [int(line.split()[1]) for line in output if line.startswith("slept ")]
         # wake 3 applied interval 30: its own sleep is already the new one, and every one after it
         assert all(55_000 <= ms <= 60_000 for ms in sleeps[:2]), sleeps
         assert all(25_000 <= ms <= 30_000 for ms in sleeps[2:]), sleeps
-        # sends at wakes 1 and 3 (every 120 s of 60), then every 90 s of 30: wakes 6 and 9... here 6
-        wakes = [i for i, _ in enumerate(_split_wakes(output), 1) if _ & {"sent"}]
-        assert wakes == [1, 3, 6], (wakes, output)
-        wait_for(lambda: acked(server, "bi1") and acked(server, "bw1"), message="both acknowledged")
+        wakes = _split_wakes(output)
+        # sends at wakes 1 and 3 (every 120 s of 60), then every 90 s of 30: 6 and 9; read: 10 as well
+        assert [i for i, w in enumerate(wakes, 1) if "sent" in w] == [1, 3, 6, 9, 10, 13], output
+        assert [i for i, w in enumerate(wakes, 1) if "applied" in w] == [3, 9, 13]
+        assert [i for i, w in enumerate(wakes, 1) if "reset" in w] == [13] and "slept" not in wakes[12]
     finally:
         board.close()
 
