@@ -422,7 +422,6 @@ class App:
             buf.meta = 0xFFFF
         self.text.close()
 
-
     def measure_if_due(self, buf):
         # Awake longer than MEASURE_S (an update downloading): the readings go on
         # at their times into the buffer, and the sleep after is shortened to match.
