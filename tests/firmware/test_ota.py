@@ -96,6 +96,10 @@ def test_good_update(server: Pipeline, micropython_unix, tmp_path: Path, boards)
         assert "gh-1: sending 2 (11 files, " in out and "ghost: not sent: offline" in out, out
         # the server refuses a second push while this one is under way
         assert "gh-1: not sent: mid-update (sending 2)" in push(server, "2", v2, "--device", "gh-1")
+        # an update's command ids are its own
+        reply = request(server.command_endpoint, {"op": "send", "device": "gh-1", "id": "ota.1.gh-1.s",
+                                                  "command": {"cmd": "ota_swap", "v": "2"}})
+        assert not reply["ok"] and "sensorpipe firmware push" in reply["error"]
     finally:
         board.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: state_of(server, "gh-1").get("state") == "updated", timeout=60, message="updated")

@@ -247,6 +247,8 @@ class Commands:
             command_id = "c" + secrets.token_hex(4)
         if isinstance(command_id, bool) or not isinstance(command_id, (str, int)) or not str(command_id):
             raise RequestError('"id" must be a non-empty string or a number')
+        if updates.parse_command_id(str(command_id)):
+            raise RequestError('ids "ota.*" are those of updates over the air (sensorpipe firmware push)')
         ttl_s = _number(request, "ttl_s", self.cfg.commands.expire_after_s)
         wait_s = min(_number(request, "wait_s", 0.0, zero_ok=True), MAX_WAIT_S)
         if device not in self.devices and device not in self.cfg.devices:
@@ -261,7 +263,8 @@ class Commands:
                 raise RequestError(f"id {command_id!r} is already used by another command")
             cmd = existing                  # the same send again (its reply was lost): say how it stands
         else:
-            queued = sum(1 for c in self.open.values() if c.device == device and c.state == QUEUED)
+            queued = sum(1 for c in self.open.values() if c.device == device and c.state == QUEUED
+                         and not updates.parse_command_id(c.id))     # an update waiting is not the user's
             if queued >= self.cfg.commands.max_queued_per_device:
                 raise RequestError(f"{queued} commands already queued for {device!r}"
                                    " ([commands] max_queued_per_device)")
