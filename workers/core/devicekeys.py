@@ -42,6 +42,10 @@ def key_for(data_dir: Path | str, device: str) -> str | None:
     return _read(_path(data_dir)).get(device)
 
 
+def devices_with_keys(data_dir: Path | str) -> set[str]:
+    return set(_read(_path(data_dir)))
+
+
 def ensure_key(data_dir: Path | str, device: str) -> str:
     """The device's key, made (and kept) on first use."""
     path = _path(data_dir)

@@ -226,7 +226,8 @@ class Updates:
                 raise UpdateError(f"{version} {bad[0].state.replace('_', ' ')} on {bad[0].device} ({bad[0].error}):"
                                   " look into it, or push again with --force")
         if devices is None:
-            ordered = sorted(set(fleet), key=stage_order)
+            # the fleet: the boards the server has heard from and holds a key for (sensorpipe firmware)
+            ordered = sorted(set(fleet) & devicekeys.devices_with_keys(self.data_dir), key=stage_order)
             stage = ordered[:math.ceil(len(ordered) * (percent or 100) / 100)]
         else:
             stage = list(dict.fromkeys(devices))
