@@ -36,3 +36,8 @@ BUFFER_RECORDS = None  # binary: records kept (None = what RTC memory holds, at 
 BOOT_GRACE_S = 3  # after a reset: time to reach the REPL before the firmware starts
 DHT_RETRY_MS = 2000
 SETTINGS_FILE = "settings.json"  # settings changed by server commands
+DEVICE_KEY = None  # 64 hex digits: authenticates updates over the air (deploy writes it)
+OTA_BOOTS = 3  # a new version that has not reached the server in this many boots is rolled back
+OTA_TRIAL_S = 600  # always on: a new version not confirmed by the server this long after boot resets
+OTA_IDLE_MS = 3000  # battery: stay awake for an update while its chunks come at least this often
+CRASH_WAIT_S = 10  # after a crash, wait this long before the reset (the traceback stays readable)

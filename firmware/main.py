@@ -31,5 +31,5 @@ else:
             print("sensorpipe: %r" % (e,))
         if getattr(config, "BATTERY", False):
             hw.deepsleep(getattr(config, "MEASURE_S", 60) * 1000)
-        hw.sleep_ms(10000)
+        hw.sleep_ms(int(getattr(config, "CRASH_WAIT_S", 10) * 1000))
         hw.reset()

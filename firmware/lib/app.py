@@ -17,6 +17,7 @@
 import commands
 import conf as confmod
 import link
+import otaboot
 import packet
 import ringbuf
 import wifi
@@ -49,6 +50,12 @@ class App:
         self.reboot = False
         self.outputs_restored = False
         self.started_at = self.next_at = hw.ticks_ms()
+        # lib/ota.py is imported only when an update needs it (an ESP8266 has little RAM)
+        self.updater = None
+        self.swapped = False  # a new version is in place: reset (battery: sleep) into it
+        self.on_trial = otaboot.read_json(otaboot.TRIAL) is not None
+        # a new version on trial that the server has not confirmed by then resets (a boot counted)
+        self.trial_until = hw.ticks_add(self.started_at, int(c.OTA_TRIAL_S * 1000)) if self.on_trial else None
 
     # ------------------------------------------------------------ readings
 
@@ -123,7 +130,7 @@ class App:
             self.restore_outputs()
         done = 0
         while cycles is None or done < cycles:
-            self.idle(self.next_at)
+            self.idle()
             self.read_now = False
             self.next_at = self.hw.ticks_add(self.hw.ticks_ms(), int(self.conf.MEASURE_S * 1000))
             self.queue(self.measure())
@@ -133,11 +140,18 @@ class App:
     def close(self):
         self.text.close()
 
-    def idle(self, until):
+    def idle(self):
+        # Until the next reading is due. next_at is read anew on every turn: a
+        # command applied meanwhile (interval, read) moves it, and the board
+        # keeps to the new schedule from that moment, not when the old one ran out.
         hw = self.hw
         while not self.read_now:
             self.maybe_reboot()
-            left = hw.ticks_diff(until, hw.ticks_ms())
+            if self.trial_until is not None and hw.ticks_diff(hw.ticks_ms(), self.trial_until) > 0:
+                log("ota: the server has not confirmed this version: reset")
+                self.reboot = True
+                continue
+            left = hw.ticks_diff(self.next_at, hw.ticks_ms())
             if left <= 0:
                 return
             if self.text.connected():
@@ -178,11 +192,26 @@ class App:
         self.maybe_reboot()
 
     def open_text(self):
+        fresh = not self.text.connected()
         self.text.open()
         try:
             self.take_commands(0)
         except OSError:  # the server closed it while we were idle: one fresh connection
             self.text.open()
+            fresh = True
+        if fresh:
+            self.report_update()
+
+    def report_update(self):
+        # After a swap the new version answers the swap command itself, on every
+        # new connection until the server confirms it; a rollback is told once.
+        pending = otaboot.pending_report()
+        if pending is None:
+            return
+        cmd_id, error, version = pending
+        self.ack(cmd_id, error, version)
+        if error is not None:
+            otaboot.rollback_reported()
 
     def send_buffer(self, buf):
         # Raises OSError unless the server acknowledged; clears buf only then.
@@ -198,8 +227,10 @@ class App:
     # ------------------------------------------------------------ commands
 
     def take_commands(self, wait_ms):
-        for line in self.text.lines(wait_ms):
+        lines = self.text.lines(wait_ms)
+        for line in lines:
             self.handle(line)
+        return len(lines)
 
     def handle(self, line):
         c = self.conf
@@ -208,6 +239,8 @@ class App:
         except commands.CommandError as e:
             log("command %r: %s" % (line[:60], e.reason))
             return self.ack(e.cmd_id, e.reason)
+        if cmd in commands.OTA_COMMANDS:
+            return self.handle_update(cmd_id, cmd, arg)
         if self.recent.seen(cmd_id):
             return self.ack(cmd_id)
         try:
@@ -221,11 +254,57 @@ class App:
         log("command %s %s: %s" % (cmd, arg, error or "ok"))
         self.ack(cmd_id, error)
 
-    def ack(self, cmd_id, error=None):
+    def ack(self, cmd_id, error=None, version=None):
+        line = packet.ack_line(self.conf.DEVICE_ID, cmd_id, error)
+        if version is not None:  # the firmware version that answers (updates)
+            line = line[:-2] + (',"fw":"%s"}\n' % version).encode()
         try:
-            self.text.send(packet.ack_line(self.conf.DEVICE_ID, cmd_id, error))
+            self.text.send(line)
         except OSError as e:
             log("ack: %r" % (e,))
+
+    def get_updater(self):
+        if self.updater is None:
+            import ota
+            self.updater = ota.Updater(self.conf.DEVICE_ID, self.conf.DEVICE_KEY, log)
+        return self.updater
+
+    def updating(self):
+        # a download under way
+        return self.updater is not None and self.updater.busy()
+
+    def handle_update(self, cmd_id, cmd, doc):
+        # Each step is idempotent: a command sent again is answered the same way.
+        version = doc["v"]
+        updater = self.get_updater()
+        error = None
+        try:
+            if cmd == "ota":
+                updater.manifest(doc)
+            elif cmd == "ota_chunk":
+                updater.chunk(version, doc["f"], doc["o"], doc["d"])
+            elif cmd == "ota_confirm":
+                updater.confirm(version)
+                self.trial_until = None
+                self.on_trial = False
+            else:
+                done, error = updater.outcome(version)
+                if not done:
+                    updater.swap(version, cmd_id)
+                    # answered by the new version after the reset (report_update)
+                    self.swapped = True
+                    if not self.conf.BATTERY:
+                        self.reboot = True
+                    return
+        except updater.Error as e:
+            error = str(e)
+        except OSError as e:
+            error = "flash: %r" % (e,)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            error = "bad update command: %r" % (e,)
+        if error is not None:
+            log("ota: %s: %s" % (cmd, error))
+        self.ack(cmd_id, error, version if cmd in ("ota_swap", "ota_confirm") and error is None else None)
 
     def apply(self, cmd, arg):
         # None when done, else the reason it was not.
@@ -296,11 +375,13 @@ class App:
         buf.append(packet.record(self.measure()))
         buf.meta = min(buf.meta + 1, 0xFFFF)
         hw.rtc_save(buf.to_bytes())
-        if buf.meta >= every:
+        # a new version on trial connects at every wake until the server confirms it
+        if buf.meta >= every or self.on_trial:
             buf.meta = 0
             self.battery_send(buf)
             hw.rtc_save(buf.to_bytes())
-        self.maybe_reboot()
+        if not self.swapped:  # a new version in place boots at the next wake, on time
+            self.maybe_reboot()
         spent = hw.ticks_diff(hw.ticks_ms(), self.started_at)
         hw.deepsleep(max(int(self.conf.MEASURE_S * 1000) - spent, MIN_SLEEP_MS))
 
@@ -315,20 +396,41 @@ class App:
             log("server: %r; %d records kept" % (e, len(buf)))
             return
         self.hw.rtc_save(buf.to_bytes())
+        hw = self.hw
         try:
             self.text.open()
             self.text.send(self.status_line(buf.dropped))
-            deadline = self.hw.ticks_add(self.hw.ticks_ms(), c.CMD_WAIT_MS)
-            while not self.reboot:
-                left = self.hw.ticks_diff(deadline, self.hw.ticks_ms())
+            self.report_update()
+            start = hw.ticks_ms()
+            # a new version on trial waits longer, for the server's confirmation
+            on_trial = self.trial_until is not None
+            deadline = hw.ticks_add(start, max(c.CMD_WAIT_MS, c.OTA_IDLE_MS if on_trial else 0))
+            while not self.reboot and not self.swapped:
+                left = hw.ticks_diff(deadline, hw.ticks_ms())
                 if left <= 0:
                     break
-                self.take_commands(left)
+                if on_trial and self.trial_until is None and not self.updating() \
+                        and hw.ticks_diff(hw.ticks_ms(), start) >= c.CMD_WAIT_MS:
+                    break  # confirmed: back to the usual wait
+                if self.take_commands(min(left, POLL_MS)) and self.updating():
+                    # an update is coming: stay awake while its chunks do
+                    deadline = hw.ticks_add(hw.ticks_ms(), max(c.CMD_WAIT_MS, c.OTA_IDLE_MS))
+                self.measure_if_due(buf)
         except OSError as e:
             log("server: %r" % (e,))
         if self.read_now:  # a `read` command: send again at the next wake
             buf.meta = 0xFFFF
         self.text.close()
+
+    def measure_if_due(self, buf):
+        # Awake longer than MEASURE_S (an update downloading): the readings go on
+        # at their times into the buffer, and the sleep after is shortened to match.
+        hw = self.hw
+        period = int(self.conf.MEASURE_S * 1000)
+        if hw.ticks_diff(hw.ticks_ms(), self.started_at) >= period:
+            self.started_at = hw.ticks_add(self.started_at, period)
+            buf.append(packet.record(self.measure()))
+            hw.rtc_save(buf.to_bytes())
 
 
 def main(config=None):

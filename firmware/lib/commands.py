@@ -6,6 +6,8 @@
 #   {"id":"c46","cmd":"led","on":false}             the board's LED (LED_PIN)
 #   {"id":"c47","cmd":"read"}                       measure and send now
 #   {"id":"c44","cmd":"reboot"}                     acknowledge, then reset
+#   {"cmd":"ota",...} and ota_chunk, ota_swap, ota_confirm: an update over the
+#   air (lib/ota.py checks them further)
 #
 # parse() checks a line and returns (id, cmd, arg); a bad line raises
 # CommandError, whose ack says why. The board answers every line with
@@ -17,6 +19,7 @@ except ImportError:
     import json
 
 MAX_SECONDS = 0xFFFF  # the binary header's intervals are u16
+OTA_COMMANDS = ("ota", "ota_chunk", "ota_swap", "ota_confirm")
 
 
 class CommandError(Exception):
@@ -66,6 +69,17 @@ def parse(line, output_pins=(), led_pin=None):
         return cmd_id, cmd, on
     if cmd in ("read", "reboot"):
         return cmd_id, cmd, None
+    if cmd in OTA_COMMANDS:
+        version = doc.get("v")
+        if not isinstance(version, str) or not 0 < len(version) <= 32:
+            raise CommandError(cmd_id, "v must be a version of 1..32 characters")
+        if cmd == "ota_chunk":
+            for key in ("f", "o"):
+                if isinstance(doc.get(key), bool) or not isinstance(doc.get(key), int) or doc.get(key) < 0:
+                    raise CommandError(cmd_id, "%s must be a whole number" % key)
+            if not isinstance(doc.get("d"), str):
+                raise CommandError(cmd_id, "d must be base64")
+        return cmd_id, cmd, doc
     if cmd is None:
         raise CommandError(cmd_id, "no cmd")
     raise CommandError(cmd_id, "unknown command")

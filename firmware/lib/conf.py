@@ -41,6 +41,11 @@ DEFAULTS = (
     ("BOOT_GRACE_S", 3),
     ("DHT_RETRY_MS", 2000),
     ("SETTINGS_FILE", "settings.json"),
+    ("DEVICE_KEY", None),
+    ("OTA_BOOTS", 3),
+    ("OTA_TRIAL_S", 600),
+    ("OTA_IDLE_MS", 3000),
+    ("CRASH_WAIT_S", 10),
 )
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-"
 
@@ -152,6 +157,17 @@ def check(conf):
     _int(conf, "DHT_RETRY_MS", 0, 60000)
     if not isinstance(conf.SETTINGS_FILE, str) or not conf.SETTINGS_FILE:
         _fail("SETTINGS_FILE", "must be a file name")
+    key = conf.DEVICE_KEY
+    if key is not None:
+        if not isinstance(key, str) or len(key) != 64:
+            _fail("DEVICE_KEY", "must be 64 hex digits (sensorpipe firmware deploy writes it) or None")
+        for ch in key:
+            if ch not in "0123456789abcdef":
+                _fail("DEVICE_KEY", "must be 64 hex digits (sensorpipe firmware deploy writes it) or None")
+    _int(conf, "OTA_BOOTS", 1, 100)
+    _positive(conf, "OTA_TRIAL_S", 86400)
+    _int(conf, "OTA_IDLE_MS", 100, 600000)
+    _positive(conf, "CRASH_WAIT_S", 3600)
 
 
 def read_settings(path):

@@ -8,7 +8,7 @@ import socket
 EAGAIN = 11
 ECONNRESET = 104
 ETIMEDOUT = 110
-MAX_LINE = 1024  # a longer command line is dropped
+MAX_LINE = 2048  # a longer command line is dropped (an update's manifest is the longest)
 
 
 def _timed_out(e):

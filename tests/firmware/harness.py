@@ -18,7 +18,7 @@ FIRMWARE = REPO / "firmware"
 FIRMWARE_LIB = FIRMWARE / "lib"
 FAKES = HERE / "fakes"
 
-FIRMWARE_MODULES = ("app", "commands", "conf", "hw", "link", "packet", "ringbuf", "wifi")
+FIRMWARE_MODULES = ("app", "commands", "conf", "hw", "link", "ota", "otaboot", "packet", "ringbuf", "wifi")
 PURE_MODULES = ("commands", "conf", "packet", "ringbuf", "wifi")
 FAKE_MODULES = ("machine", "network", "dht")   # fakeboard (the hardware's state) survives deep sleep
 UNIX_PORT_VENV = REPO / ".cache" / "micropython-unix"

@@ -96,7 +96,8 @@ def fake_mpremote(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
     log = tmp_path / "mpremote.log"
     port = tmp_path / "ttyUSB0"            # a "serial port" that exists
     port.touch()
-    env = {"PYTHONPATH": f"{FAKE_MPREMOTE}{os.pathsep}{REPO}", "FAKE_MPREMOTE_LOG": str(log)}
+    env = {"PYTHONPATH": f"{FAKE_MPREMOTE}{os.pathsep}{REPO}", "FAKE_MPREMOTE_LOG": str(log),
+           "SENSORPIPE_DATA": str(tmp_path / "data")}     # where deploy keeps the device key
     return env, log, port
 
 

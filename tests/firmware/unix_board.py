@@ -7,7 +7,7 @@ import sys
 import fakeboard
 
 MODE = sys.argv[1]
-FRESH = ("app", "commands", "conf", "hw", "link", "packet", "ringbuf", "wifi", "machine", "network", "dht")
+FRESH = ("app", "commands", "conf", "hw", "link", "ota", "otaboot", "packet", "ringbuf", "wifi", "machine", "network", "dht")
 
 
 class Config:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers.core import envelope, errors, runtime
+from workers.core import envelope, errors, runtime, updates
 from workers.core.config import Config
 from workers.core.envelope import Ack, Downlink, Seen
 
@@ -222,7 +222,11 @@ class Commands:
         self.ops: dict[str, Callable[[dict, list[bytes]], dict | None]] = {
             "send": self.op_send, "commands": self.op_commands, "cancel": self.op_cancel,
             "ping": lambda request, route: {"ok": True},
+            "firmware_push": self.op_firmware_push, "firmware": self.op_firmware,
         }
+        self.updates = updates.Updates(Path(cfg.data_dir), self.queue_for_update, self.cancel_queued,
+                                       self.counters.add)
+        self._last_created = 0
 
     # ------------------------------------------------------------------ requests
 
@@ -243,6 +247,8 @@ class Commands:
             command_id = "c" + secrets.token_hex(4)
         if isinstance(command_id, bool) or not isinstance(command_id, (str, int)) or not str(command_id):
             raise RequestError('"id" must be a non-empty string or a number')
+        if updates.parse_command_id(str(command_id)):
+            raise RequestError('ids "ota.*" are those of updates over the air (sensorpipe firmware push)')
         ttl_s = _number(request, "ttl_s", self.cfg.commands.expire_after_s)
         wait_s = min(_number(request, "wait_s", 0.0, zero_ok=True), MAX_WAIT_S)
         if device not in self.devices and device not in self.cfg.devices:
@@ -257,7 +263,8 @@ class Commands:
                 raise RequestError(f"id {command_id!r} is already used by another command", errors.CONFLICT)
             cmd = existing                  # the same send again (its reply was lost): say how it stands
         else:
-            queued = sum(1 for c in self.open.values() if c.device == device and c.state == QUEUED)
+            queued = sum(1 for c in self.open.values() if c.device == device and c.state == QUEUED
+                         and not updates.parse_command_id(c.id))     # an update waiting is not the user's
             if queued >= self.cfg.commands.max_queued_per_device:
                 raise RequestError(f"{queued} commands already queued for {device!r}"
                                    " ([commands] max_queued_per_device)", errors.LIMIT_EXCEEDED)
@@ -299,6 +306,46 @@ class Commands:
             raise RequestError(f"command {cmd.id!r} is {cmd.state}: only a queued one can be cancelled", errors.CONFLICT)
         self.finish(cmd, CANCELLED)
         return self.status_reply(cmd)
+
+    # ------------------------------------------------------------------ updates over the air
+
+    def op_firmware_push(self, request: dict, route: list[bytes]) -> dict:
+        """``{"op":"firmware_push","version":"1.4","devices":[...]}`` or ``"percent":10``; ``"force"``."""
+        devices = request.get("devices")
+        percent = request.get("percent")
+        if devices is not None and (not isinstance(devices, list) or not devices
+                                    or not all(isinstance(d, str) and d for d in devices)):
+            raise RequestError('"devices" must be a list of device ids')
+        if devices is None and (isinstance(percent, bool) or not isinstance(percent, (int, float))
+                                or not 0 < percent <= 100):
+            raise RequestError('give "devices" or a "percent" of the fleet, 0 < percent <= 100')
+        try:
+            return self.updates.push(updates.check_version(request.get("version")), devices, percent,
+                                     request.get("force") is True, self.devices, self.online)
+        except updates.UpdateError as exc:           # offline, mid-update, a version that failed before
+            raise RequestError(str(exc), errors.CONFLICT) from None
+
+    def op_firmware(self, request: dict, route: list[bytes]) -> dict:
+        return self.updates.describe(request.get("device"))
+
+    def online(self, device: str) -> bool:
+        state = self.devices.get(device)
+        return state is not None and time.time_ns() - state.last_seen <= self.cfg.offline_after_s(device) * 1e9
+
+    def queue_for_update(self, device: str, command_id: str, command: dict) -> None:
+        """A command of an update: like a send, without the per-device bound (an update is many chunks);
+        created times strictly increase, so that they go, and go again, in order."""
+        created = self._last_created = max(now_ms(), self._last_created + 1)
+        payload = orjson.dumps({"id": command_id, **command})
+        cmd = Command(command_id, device, payload, created, created + int(self.cfg.commands.expire_after_s * 1000))
+        self.store.save(cmd)
+        self.open[cmd.id] = cmd
+        self.counters.add("commands")
+        self.try_deliver(cmd)
+
+    def cancel_queued(self, id_prefix: str) -> None:
+        for cmd in [c for c in self.open.values() if c.id.startswith(id_prefix) and c.state == QUEUED]:
+            self.finish(cmd, CANCELLED)
 
     def status_reply(self, cmd: Command) -> dict:
         reply: dict[str, Any] = {"ok": cmd.state != EXPIRED, "id": cmd.id, "device": cmd.device, "status": cmd.state}
@@ -440,7 +487,8 @@ class Commands:
             self.try_deliver(cmd)
             return
         state = self.devices.get(cmd.device)
-        if state is None or not state.acks or state.route is None:
+        # an update's commands go only to firmware that acknowledges, which may not have said so yet
+        if state is None or not (state.acks or updates.parse_command_id(cmd.id)) or state.route is None:
             return
         if cmd.delivered_on != (state.route.listener, state.route.conn_id):
             self.try_deliver(cmd)           # a new connection, and no ack yet: the firmware applies an id once
@@ -460,6 +508,7 @@ class Commands:
             cmd.attempts += 1
             cmd.delivered_ms = now_ms()
         self.finish(cmd, ACKED if ack.ok else FAILED, ack.error)
+        self.updates.on_ack(cmd.id, ack.ok, ack.error)
 
     # ------------------------------------------------------------------ time
 
@@ -487,6 +536,7 @@ class Commands:
                     cmd.done_ms = wall
                     self.store.save(cmd)
                     self.open.pop(cmd.id, None)
+                self.updates.on_expired(cmd.id)
         for waiter in self.waiters:
             if not waiter.sent and now >= waiter.reply_at:
                 cmd = self.open.get(waiter.command_id) or self.store.get(waiter.command_id)
@@ -569,6 +619,7 @@ class Commands:
                         log.info("commands: forgot %d finished commands older than %.0f s", pruned,
                                  cfg.commands.keep_done_s)
                 self.counters["open_commands"] = len(self.open)
+                self.counters["updates_under_way"] = self.updates.busy()
                 self.counters["devices_known"] = len(self.devices)
                 self.counters.publish_due(live)
         finally:
@@ -578,6 +629,7 @@ class Commands:
                 for sock in (front, notices, downlink, live):
                     sock.close(linger=0)
                 self.store.close()
+                self.updates.close()
                 log.info("commands: stopped")
 
 

@@ -146,6 +146,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     import orjson
 
     reply = _query(args, {"op": "devices"})
+    _add_firmware(args, reply["devices"])
     if args.json:
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -155,6 +156,28 @@ def cmd_devices(args: argparse.Namespace) -> int:
             for d in reply["devices"]]
     print(_table(rows, ["device", "presence", "last seen", "via", *extra_keys]) if rows else "no devices yet")
     return 0
+
+
+def _firmware_states(args: argparse.Namespace) -> dict[str, dict]:
+    """Each device's firmware version and update state, from the commands worker (docs/firmware.md); none
+    when the commands worker does not answer."""
+    from workers.processes.commands import request
+    from workers.processes.query import QueryError
+
+    try:
+        reply = request(_load(args).endpoints.command, {"op": "firmware"}, timeout_s=1.0)
+    except (CommandError, QueryError):
+        return {}
+    return {s["device"]: s for s in reply.get("devices", [])}
+
+
+def _add_firmware(args: argparse.Namespace, devices: list[dict]) -> None:
+    firmware = _firmware_states(args)
+    for device in devices:
+        st = firmware.get(device["device"])
+        if st is not None:
+            device["firmware"] = st["version"] or "?"
+            device["update"] = (st["state"] or "") + (f" {st['target']}" if st["state"] != "updated" else "")
 
 
 def _commands(args: argparse.Namespace, message: dict, timeout: float) -> dict:
@@ -232,6 +255,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     import orjson
 
     reply = _query(args, {"op": "status"})
+    firmware = _firmware_states(args)
+    if firmware:
+        reply["firmware"] = list(firmware.values())
     if args.json:
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -250,6 +276,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{worker}{stale}")
         for key, value in sorted(counters.items()):
             print(f"  {key:28} {value}")
+    if firmware:                        # the boards' versions and updates (sensorpipe firmware status)
+        print("firmware")
+        for version in sorted({s["version"] or "?" for s in firmware.values()}):
+            print(f"  {'version ' + version:28} {sum((s['version'] or '?') == version for s in firmware.values())}"
+                  " devices")
+        for state in ("sending", "swapping", "confirming", "failed", "rolled_back"):
+            names = sorted(d for d, s in firmware.items() if s["state"] == state)
+            if names:
+                print(f"  {'update ' + state:28} {', '.join(names)}")
     return 0
 
 

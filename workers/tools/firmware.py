@@ -3,6 +3,8 @@
     sensorpipe firmware deploy --port /dev/ttyUSB0 --device-id greenhouse-1 --server 192.168.1.10:7000 \\
         --wifi home:secret [--wifi office:pass2 ...] [--transport json|kv|binary] [--battery] [--dry-run]
     sensorpipe firmware console --port /dev/ttyUSB0
+    sensorpipe firmware push --version 1.4 (--device ID [--device ID2 ...] | --percent 10) [--wait S]
+    sensorpipe firmware status [DEVICE]
 
 ``deploy`` writes the board's config.py from firmware/config_example.py (the values given replace the
 example's, everything else keeps its documented default), checks it with the firmware's own
@@ -11,13 +13,19 @@ lib/conf.py, stages the files in one directory and runs one mpremote command::
     python -m mpremote connect PORT fs cp -r STAGE/lib : + fs cp STAGE/boot.py :boot.py \\
         + fs cp STAGE/main.py :main.py + fs cp STAGE/config.py :config.py + reset
 
-``--dry-run`` stages the files and prints that command instead of running it. Every failure is one
-line ``sensorpipe: <message>`` on stderr and exit status 2.
+``--dry-run`` stages the files and prints that command instead of running it. ``deploy`` also writes
+the board's ``DEVICE_KEY`` (made and kept in the server's data dir, workers/core/devicekeys.py), which
+authenticates updates over the air.
+
+``push`` sends the firmware files (main.py, lib/*.py) as a new version over the connection each board
+already uses, through the commands worker (workers/core/updates.py); ``status`` shows each board's
+version and update state. Every failure is one line ``sensorpipe: <message>`` on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import importlib.util
 import os
 import re
@@ -186,6 +194,32 @@ def run_mpremote(command: list[str], port: str, interactive: bool = False) -> No
 # --------------------------------------------------------------------------- commands
 
 
+def _server_config(args: argparse.Namespace) -> Any:
+    from workers.core import config as config_mod
+
+    try:
+        return config_mod.load(getattr(args, "config", None))
+    except config_mod.ConfigError as exc:
+        raise FirmwareError(f"configuration: {exc}") from None
+
+
+def device_key(args: argparse.Namespace) -> str | None:
+    """The board's DEVICE_KEY: --key, else the server's (made on first deploy; a dry run makes none)."""
+    from workers.core import devicekeys
+
+    if args.key:
+        if not re.fullmatch(r"[0-9a-f]{64}", args.key):
+            raise FirmwareError("--key: 64 lower-case hex digits")
+        return args.key
+    data_dir = _server_config(args).data_path
+    try:
+        if args.dry_run:
+            return devicekeys.key_for(data_dir, args.device_id)
+        return devicekeys.ensure_key(data_dir, args.device_id)
+    except (devicekeys.DeviceKeyError, OSError) as exc:
+        raise FirmwareError(f"device key: {exc}") from None
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Write the board's config.py, copy the firmware with mpremote, reset the board."""
     firmware = Path(args.firmware_dir)
@@ -193,7 +227,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         template = (firmware / CONFIG_TEMPLATE).read_text()
     except OSError as exc:
         raise FirmwareError(f"no firmware at {firmware}: {exc.strerror}") from None
-    config_text = render_config(template, board_settings(args))
+    settings = board_settings(args)
+    if not args.dry_run:
+        check_board(args.port)      # before a key is made for a board that is not there
+    key = device_key(args)
+    if key is not None:
+        settings["DEVICE_KEY"] = key
+    config_text = render_config(template, settings)
     check_config(config_text, firmware)
     stage = Path(args.stage) if args.stage else default_stage(args.device_id)
     stage_files(firmware, stage, config_text)
@@ -201,7 +241,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    check_board(args.port)
     print(f"sensorpipe: deploying {args.device_id} to {args.port} (files staged in {stage})", flush=True)
     run_mpremote(command, args.port)
     print(f"sensorpipe: {args.device_id} deployed; `sensorpipe firmware console --port {args.port}` shows its log")
@@ -219,6 +258,104 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
+def _commands_worker(args: argparse.Namespace, message: dict, timeout: float = 5.0) -> dict:
+    from workers.processes.commands import request
+    from workers.processes.query import QueryError
+
+    cfg = _server_config(args)
+    try:
+        reply = request(cfg.endpoints.command, message, timeout_s=timeout)
+    except QueryError as exc:
+        raise FirmwareError(str(exc)) from None
+    if not reply.get("ok") and "error" in reply and "started" not in reply:
+        raise FirmwareError(reply["error"])
+    return reply
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Send a new firmware version over the air to devices, or to a percentage of the fleet first."""
+    from workers.core import updates
+
+    cfg = _server_config(args)
+    try:
+        manifest = updates.write_bundle(cfg.data_path, args.version, updates.bundle_files(Path(args.firmware_dir)))
+    except updates.UpdateError as exc:
+        raise FirmwareError(str(exc)) from None
+    except OSError as exc:
+        raise FirmwareError(f"firmware bundle: {exc}") from None
+    message: dict[str, Any] = {"op": "firmware_push", "version": args.version, "force": args.force}
+    if args.device:
+        message["devices"] = args.device
+    else:
+        message["percent"] = args.percent
+    reply = _commands_worker(args, message)
+    size = sum(entry[1] for entry in manifest["files"])
+    for device in reply["started"]:
+        print(f"{device}: sending {args.version} ({len(manifest['files'])} files, {size} bytes)")
+    for device, reason in reply["refused"].items():
+        print(f"{device}: not sent: {reason}")
+    if not reply["started"] and not reply["refused"]:
+        print(f"no device to send {args.version} to")
+    status = 0 if not reply["refused"] else 1
+    if args.wait and reply["started"]:
+        status = max(status, _wait_for_updates(args, reply["started"], args.wait))
+    return status
+
+
+def _wait_for_updates(args: argparse.Namespace, devices: list[str], wait_s: float) -> int:
+    import time
+
+    from workers.core import updates
+
+    deadline = time.monotonic() + wait_s
+    states: dict[str, dict] = {}
+    while True:
+        states = {s["device"]: s for s in _commands_worker(args, {"op": "firmware"})["devices"]}
+        if all(states.get(d, {}).get("state") not in updates.BUSY for d in devices) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    failed = 0
+    for device in devices:
+        st = states.get(device, {})
+        print(f"{device}: {st.get('state')}" + (f" ({st['error']})" if st.get("error") else ""))
+        failed += st.get("state") != updates.UPDATED
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Each device's firmware version and update state."""
+    reply = _commands_worker(args, {"op": "firmware", **({"device": args.device} if args.device else {})})
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    rows = [[d["device"], d["version"] or "?", d["state"] or "", d["target"] or "", d["progress"] or "",
+             d["error"] or ""] for d in reply["devices"]]
+    if not rows:
+        print("no updates yet")
+        return 0
+    header = ["device", "version", "update", "target", "progress", "error"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", required=True, help="the new version's name, e.g. 1.4 (letters, digits, . _ + -)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", action="append", metavar="ID", help="a device to update (repeatable)")
+    who.add_argument("--percent", type=float, help="the first PERCENT of the fleet (a staged rollout: the same"
+                     " devices first each time; push again with a larger percent for the rest)")
+    p.add_argument("--force", action="store_true", help="push although this version failed on a board before")
+    p.add_argument("--wait", type=float, metavar="S", help="wait up to S seconds for the boards to finish")
+    p.add_argument("--firmware-dir", default=str(FIRMWARE_DIR), help="the firmware to send (default: the shipped one)")
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("device", nargs="?", help="one device (default: all)")
+    p.add_argument("--json", action="store_true")
+
+
 def _deploy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", default="auto", help="the board's serial port, e.g. /dev/ttyUSB0 (default: auto)")
     p.add_argument("--device-id", required=True, help="the board's device id, as the server shows it")
@@ -233,6 +370,7 @@ def _deploy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any other config.py setting, e.g. --set DHT_TYPE=11 --set OUTPUT_PINS=(5,)")
     p.add_argument("--stage", help="directory to stage the board's files in (default: a temp directory)")
+    p.add_argument("--key", help="the board's DEVICE_KEY (default: the server's, made on first deploy)")
     p.add_argument("--firmware-dir", default=str(FIRMWARE_DIR), help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="stage the files and print the mpremote command only")
 
@@ -245,6 +383,8 @@ def _console_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
     "deploy": (cmd_deploy, _deploy_args),
     "console": (cmd_console, _console_args),
+    "push": (cmd_push, _push_args),
+    "status": (cmd_status, _status_args),
 }
 
 
@@ -260,7 +400,7 @@ def _reporting(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
 def register(subparsers: Any) -> None:
     """Add ``firmware deploy`` and ``firmware console`` to the ``sensorpipe`` command line."""
-    firmware = subparsers.add_parser("firmware", help="put the firmware on a board, open its REPL (mpremote)",
+    firmware = subparsers.add_parser("firmware", help="put the firmware on a board (mpremote) or over the air",
                                      description="Put the sensorpipe firmware on a board and open its REPL, with mpremote.")
     sub = firmware.add_subparsers(dest="firmware_command", required=True, metavar="COMMAND")
     for name, (handler, add_args) in COMMANDS.items():

@@ -15,6 +15,20 @@ class Reset(BaseException):
     pass
 
 
+class PowerOff(BaseException):
+    # the test took the power away (a file POWER_OFF in the board's directory)
+    pass
+
+
+def power_check():
+    try:
+        import os
+        os.stat("POWER_OFF")
+    except OSError:
+        return
+    raise PowerOff()
+
+
 PWRON_RESET = 0
 DEEPSLEEP_RESET = 5
 SOFT_RESET = 4
@@ -40,6 +54,7 @@ def clear():
 
 
 def next_dht():
+    power_check()
     if len(dht) > 1:
         return dht.pop(0)
     return dht[0]
