@@ -10,7 +10,8 @@ u16 measure_interval_s, u8 bytes_per_record, u8 device_number, u8 record_count``
 
 Each field is ``raw * scale + offset``; a raw value equal to the field's ``missing`` is a failed read
 (a ``failed_read`` event, never a number). The newest record is stamped with the arrival time, each
-older one ``measure_interval_s`` earlier.
+older one ``measure_interval_s`` earlier (1 ns earlier when the board reports an interval of 0, so
+that its records stay apart; docs/durability.md).
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ from typing import TYPE_CHECKING
 from workers.core.config import BINARY_TYPES, BinaryDevice
 from workers.decoders import DecodeError, measurement  # defined before the registry imports this module
 from workers.core.envelope import Event, FieldValue, Reading
+from workers.core.stamps import STAMP_STEP_NS
 
 if TYPE_CHECKING:
     from workers.decoders import Context
 
 HEADER = struct.Struct("<HHHBBB")
+ZERO_INTERVAL_STEP_NS = 1       # records of a packet whose measure interval is 0 (at most 255 of them)
+assert 255 * ZERO_INTERVAL_STEP_NS < STAMP_STEP_NS
 
 
 
@@ -51,7 +55,10 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
         raise DecodeError(f"device number {number}: config layout is {record.size} bytes, packet says {per_record}",
                           frame)
     out: list[Reading | Event] = []
-    step = measure_s * 1_000_000_000
+    # A board that reports a measure interval of 0 would put every record at one time, and the stores
+    # would keep one of them: its records are spaced 1 ns apart instead, inside the room the edge
+    # leaves below each arrival stamp (workers.core.stamps).
+    step = measure_s * 1_000_000_000 or ZERO_INTERVAL_STEP_NS
     fields_cfg = layout.fields
     for i in range(count):
         raw = record.unpack_from(frame, HEADER.size + i * per_record)

@@ -25,7 +25,7 @@ from pathlib import Path
 import orjson
 import zmq
 
-from workers.core import envelope, runtime
+from workers.core import envelope, runtime, storable
 from workers.core.config import Config
 from workers.core.deadletters import DeadLetter, DeadLetterStore
 from workers.decoders import REGISTRY, Context, DecodeError, Decoder
@@ -48,7 +48,7 @@ class Parser:
         self.counters = runtime.Counters(self.name)
         self.listeners = {listener.name: listener for listener in cfg.listeners}
         self.subscriptions = {sub.listener: (sub, TopicTemplate(sub.topic)) for sub in cfg.mqtt.subscriptions}
-        self.deadletters = DeadLetterStore(Path(cfg.data_dir) / "deadletters.db")
+        self.deadletters = DeadLetterStore.for_config(cfg)
         self._last_logged: dict[str, float] = {}
         self.seen: dict[str, Seen] = {}           # of the batch being decoded: device -> newest frame
         self.acks: list[Ack] = []
@@ -95,7 +95,18 @@ class Parser:
             except Exception as exc:  # a decoder bug must not cost anyone else's data
                 log.exception("decoder %s failed on %r", decoder_name, frame.payload[:80])
                 dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
-                                       f"decoder error: {exc!r}"[:200], frame.payload))
+                                       f"the {decoder_name} decoder could not read this frame (a bug in"
+                                       f" sensorpipe; replay it once fixed): {exc}"[:300], frame.payload))
+                continue
+            unstorable = None
+            for item in items:                # what no store could keep sets the frame aside, before a sink fails on it
+                unstorable = storable.problem(item)
+                if unstorable is not None:
+                    break
+            if unstorable is not None:
+                self.counters.add("unstorable_frames")
+                dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
+                                       unstorable[:300], frame.payload))
                 continue
             if len(frame.payload) > max_event:
                 size = max((len(orjson.dumps(i.body)) for i in items if isinstance(i, Event)), default=0)
@@ -109,10 +120,11 @@ class Parser:
                 try:
                     envelope.readings_body([i for i in items if isinstance(i, Reading)],
                                            [i for i in items if isinstance(i, Event)])
-                except TypeError as exc:          # orjson: an integer beyond 64 bits, a type it has no form for
+                except TypeError:                # orjson: an integer beyond 64 bits, a type it has no form for
                     self.counters.add("uncarriable_frames")
                     dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
-                                           f"a value cannot be carried: {exc}"[:200], frame.payload))
+                                           "an event holds a value JSON cannot carry (an integer beyond 64"
+                                           " bits)", frame.payload))
                     continue
             for item in items:
                 last[item.device] = (frame.recv_ts, conn)

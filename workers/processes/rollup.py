@@ -362,7 +362,7 @@ class RollupWorker:
         self.counters = runtime.Counters("rollup")
         self.store = RollupStore(Path(cfg.data_dir) / opts.path, opts.window_seconds, opts.grace_s,
                                  opts.correct_for_s, self.counters)
-        self.deadletters = DeadLetterStore(Path(cfg.data_dir) / "deadletters.db")
+        self.deadletters = DeadLetterStore.for_config(cfg)
         self.outboxes: dict[str, Outbox] = {}
         self.outbox_counters: dict[str, runtime.Counters] = {}
         self.pending: dict[int, tuple[set[str], list[tuple[tuple[str, str, int, int], int]]]] = {}

@@ -40,7 +40,7 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
     inbox = runtime.socket(ctx, zmq.PULL, bind=opts.endpoint, hwm=INBOX_HWM)
     acks = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.acks, hwm=10000)
     live = runtime.socket(ctx, zmq.PUB, connect=cfg.endpoints.live)
-    deadletters = DeadLetterStore(Path(cfg.data_dir) / "deadletters.db")
+    deadletters = DeadLetterStore.for_config(cfg)
 
     def ack(seqs: list[int]) -> None:
         try:
