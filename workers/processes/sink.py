@@ -20,6 +20,7 @@ from workers.core import envelope, runtime
 from workers.core.config import Config
 from workers.core.deadletters import DeadLetterStore
 from workers.core.outbox import Outbox
+from workers.core.tries import BatchTries
 from workers.sinks import make_sink
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
         except zmq.Again:           # the edge is away; it will send the batches again, writes are idempotent
             counters.add("acks_not_sent")
 
-    outbox = Outbox(sink, opts, Path(cfg.data_dir) / "spool" / name, deadletters, ack, counters)
+    outbox = Outbox(sink, opts, Path(cfg.data_dir) / "spool" / name, deadletters, ack, counters,
+                    BatchTries.for_role(cfg.data_dir, f"sink-{name}"), cfg.limits.batch_tries)
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     try:
