@@ -196,3 +196,16 @@ def test_a_dead_letter_is_always_written(tmp_path: Path, letter: DeadLetter) -> 
     (stored,) = store.list()
     assert isinstance(stored.raw, bytes) and len(stored.reason) <= 500
     store.close()
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"limits": {"batch_tries": 0}}, "limits.batch_tries: must be at least 1"),
+    ({"limits": {"max_devices": 0}}, "limits.max_devices: must be at least 1"),
+    ({"deadletters": {"max_bytes": 10}}, "deadletters.max_bytes: must be at least 1024"),
+    ({"deadletters": {"max_age_days": 0}}, "deadletters.max_age_days: must be more than 0"),
+])
+def test_bounds_are_checked_at_start_with_a_clear_message(table: dict, message: str) -> None:
+    from workers.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        from_dict(table)
