@@ -263,6 +263,8 @@ class Outbox:
                 try:
                     self._write(batch, careful=tries == self.batch_tries)
                 except _Failed as failed:         # not acknowledged: the edge sends it again, the try counts
+                    if self.tries is None:        # no notes kept (the rollup worker's own outboxes)
+                        raise failed.cause from None
                     log.error("%s: failed on a batch (try %d of %d; then what is at fault is set aside): %s",
                               self.sink.name, tries, self.batch_tries, failed.cause, exc_info=failed.cause)
                     self.counters.add("failed_batches")
