@@ -57,20 +57,19 @@ def good_line(device: str, i: int, base_ms: int) -> bytes:
 
 
 class GoodStream(threading.Thread):
-    """One good device streaming readings with its own timestamps on its own connection until stopped."""
+    """One good device streaming ``count`` readings with its own timestamps on its own connection."""
 
-    def __init__(self, port: int, device: str, base_ms: int) -> None:
+    def __init__(self, port: int, device: str, base_ms: int, count: int = 300) -> None:
         super().__init__(daemon=True)
-        self.port, self.device, self.base_ms = port, device, base_ms
+        self.port, self.device, self.base_ms, self.count = port, device, base_ms, count
         self.sent = 0
-        self.halt = threading.Event()
 
     def run(self) -> None:
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-            while not self.halt.is_set() and self.sent < 2000:
+            while self.sent < self.count:
                 sock.sendall(good_line(self.device, self.sent, self.base_ms))
                 self.sent += 1
-                self.halt.wait(0.002)
+                time.sleep(0.002)           # a steady stream across the whole time the hostile frames come
 
 
 def rollup_points(pipeline: Pipeline, like: str) -> int:
@@ -102,9 +101,10 @@ def test_hostile_values_are_dead_letters_and_good_devices_beside_them_lose_nothi
     for frame, _ in HOSTILE + [(f[0], None) for f in FAILED_READS]:
         pipeline.send(good_line("good-mixed", mixed, base_ms) + frame + b"\n" + good_line("good-mixed", mixed + 1, base_ms))
         mixed += 2
+        time.sleep(0.02)                    # spread across the good streams (pacing a sender, not a wait)
     for stream in streams:
-        stream.halt.set()
-        stream.join(10)
+        stream.join(30)
+    assert all(stream.sent == stream.count for stream in streams)
     good = sum(s.sent for s in streams) + mixed
 
     # Every good reading (2 fields each) in SQLite, in InfluxDB and in the rollup state.
