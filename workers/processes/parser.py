@@ -19,6 +19,7 @@ Latest-value stores keep the newest timestamp, so parsers may finish batches in 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from pathlib import Path
 
@@ -236,6 +237,11 @@ class Parser:
                           live=None)
             else:
                 self.handle_batch(seq, targets, conns, message[2], sinks, live, notices)
+        except sqlite3.OperationalError as exc:   # the dead-letter store is locked or the disk full: not a try
+            self.tries.done(keys)
+            self.counters.add("deadletter_write_failures")
+            log.warning("could not write dead letters (%s); the edge will send batch %s again", exc, seq)
+            return
         except Exception:  # noqa: BLE001  not acknowledged: the edge sends it again, and the try counts
             self.counters.add("failed_batches")
             log.exception("failed on batch %s (try %d of %d); the edge will send it again", seq, tries,

@@ -438,6 +438,8 @@ class RollupWorker:
                 self.counters.add("state_write_failures")
                 log.warning("rollup: could not write %s: %s; the edge will send these readings again",
                             self.cfg.rollups.path, exc)
+                if tries:
+                    self.tries.done(seqs)        # the disk's trouble, not the batch's: not a try
                 return
             except Exception as exc:  # noqa: BLE001
                 self.counters.add("failed_batches")
