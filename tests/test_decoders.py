@@ -112,6 +112,6 @@ def test_a_value_the_envelope_cannot_carry_costs_only_its_own_frame(tmp_path: Pa
     seqs, readings, _ = envelope.parse_readings(message[1], message[2])
     assert seqs == [7] and [r.device for r in readings] == ["a", "c"]
     (letter,) = parser.deadletters.list()
-    assert letter.raw == b"big" and "cannot be carried" in letter.reason
-    assert parser.counters["uncarriable_frames"] == 1
+    assert letter.raw == b"big" and "outside the 64-bit signed integers" in letter.reason
+    assert parser.counters["unstorable_frames"] == 1
     parser.deadletters.close()

@@ -279,7 +279,8 @@ def test_a_number_beyond_64_bits_is_a_dead_letter_not_a_stuck_sink(pipeline_fact
         result = pipeline.cli("deadletters", "--json")
         return sorted(letter["source"] for letter in orjson.loads(result.stdout)) if result.returncode == 0 else []
 
-    assert wait_for(lambda: dead_sources() == ["sink:mongo", "sink:sqlite"], message="two dead letters")
+    # The parser sets it aside before any sink sees it (workers/core/storable.py): one dead letter.
+    assert wait_for(lambda: dead_sources() == ["parser"], message="one dead letter")
     pipeline.send(b'{"device":"ok-3","n":3}\n')                       # both sinks still take readings
     wait_for(lambda: pipeline.count_rows("readings") == 3, message="SQLite still writing")
     with mongo.client() as client:

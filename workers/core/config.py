@@ -50,6 +50,10 @@ DEFAULT_COMMAND_ENDPOINT = "tcp://127.0.0.1:5561"
 DEFAULT_OFFLINE_AFTER_S = 900.0                  # silent this long: offline (a battery board wakes every 600 s)
 DEFAULT_MQTT_MAX_FRAME_BYTES = 1024 * 1024
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+DEFAULT_DEADLETTER_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_DEADLETTER_MAX_AGE_DAYS = 30.0
+DEFAULT_MAX_DEVICES = 100_000
+DEFAULT_BATCH_TRIES = 3
 
 # --------------------------------------------------------------------------- sections
 
@@ -215,6 +219,20 @@ class Events:
 
 
 @dataclass(frozen=True)
+class DeadLetters:
+    """Bounds on ``<data>/deadletters.db``: past either, the oldest letters are deleted and counted."""
+    max_bytes: int = DEFAULT_DEADLETTER_MAX_BYTES     # raw bytes kept
+    max_age_days: float = DEFAULT_DEADLETTER_MAX_AGE_DAYS
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what devices can make the pipeline hold (docs/durability.md, "Bad data")."""
+    max_devices: int = DEFAULT_MAX_DEVICES            # frames of further devices become dead letters
+    batch_tries: int = DEFAULT_BATCH_TRIES            # a worker failing this often on a batch sets it aside
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: str = DEFAULT_DATA_DIR
     log_level: str = "INFO"
@@ -235,6 +253,8 @@ class Config:
     commands: Commands = Commands()
     replies: tuple[Reply, ...] = ()
     events: Events = Events()
+    deadletters: DeadLetters = DeadLetters()
+    limits: Limits = Limits()
     source: str = ""                              # the file this came from, for messages
 
     @property
@@ -477,6 +497,14 @@ def _check_commands(cfg: Config) -> None:
             raise ConfigError(f"replies[{i}].reply: {exc}") from None
     if cfg.events.max_event_bytes < 1:
         raise ConfigError("events.max_event_bytes: must be at least 1")
+    if cfg.deadletters.max_bytes < 1024:
+        raise ConfigError("deadletters.max_bytes: must be at least 1024")
+    if not cfg.deadletters.max_age_days > 0:
+        raise ConfigError("deadletters.max_age_days: must be more than 0")
+    if cfg.limits.max_devices < 1:
+        raise ConfigError("limits.max_devices: must be at least 1")
+    if cfg.limits.batch_tries < 1:
+        raise ConfigError("limits.batch_tries: must be at least 1")
 
 
 def _build(cls: Any, value: Any, key: str) -> Any:

@@ -13,6 +13,12 @@ Readings are gathered into a batch and written when the batch is full (``batch_s
   half way, only what is neither written nor set aside is spooled, so nothing is written or set aside
   twice;
 - too large (``BatchTooLarge``): split in halves and written;
+- failing in a way the sink does not classify (a bug, a value a library chokes on): not acknowledged,
+  so the edge sends it again; each try is noted on disk (``workers.core.tries``, so a try that killed
+  the worker counts too). The ``[limits] batch_tries``-th try splits it like a refused batch, and what
+  is at fault is set aside as dead letters with the error; if even that try killed the worker, the
+  next sets the batch aside whole. A spooled batch that fails so is retried like an outage, and its
+  last try is the careful one too;
 - still failing after ``max_attempts`` tries (when set; the webhook sink sets 10): set aside whole
   as dead letters (``source = sink:<name>``, reason ``gave up after N attempts: <last error>``), so one
   endpoint that never comes back does not hold everything behind it. Attempts are counted from this
@@ -35,11 +41,13 @@ from typing import Callable
 
 import orjson
 
-from workers.core.config import SinkCommon
+from workers.core import starts
+from workers.core.config import DEFAULT_BATCH_TRIES, SinkCommon
 from workers.core.deadletters import DeadLetter, DeadLetterStore
 from workers.core.envelope import Event, Reading, Seen
 from workers.core.runtime import Counters
-from workers.sinks import Batch, BatchTooLarge, PermanentError, Sink, TransientError
+from workers.core.tries import BatchTries
+from workers.sinks import Batch, BatchTooLarge, PermanentError, Sink, SinkError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +178,11 @@ def _counted(path: Path) -> tuple[int, int]:
 
 class Outbox:
     def __init__(self, sink: Sink, opts: SinkCommon, spool_dir: Path, deadletters: DeadLetterStore,
-                 ack: Callable[[list[int]], None], counters: Counters) -> None:
+                 ack: Callable[[list[int]], None], counters: Counters, tries: BatchTries | None = None,
+                 batch_tries: int = DEFAULT_BATCH_TRIES) -> None:
         self.sink = sink
+        self.tries = tries                    # the poison-batch rule (workers.core.tries), by seq
+        self.batch_tries = batch_tries
         self.opts = opts
         self.spool = Spool(spool_dir, opts.fsync)
         self.deadletters = deadletters
@@ -239,13 +250,26 @@ class Outbox:
         seqs = self.seqs
         if self.blocked:
             return
-        if len(batch):
+        tries = self.tries.begin(seqs) if self.tries is not None and seqs and len(batch) else 0
+        if tries > self.batch_tries:          # the worker died even while narrowing it down
+            self._set_aside(batch, f"{self.sink.name} failed {tries - 1} times on the batch holding this and"
+                                   " could not tell what was at fault; set aside with the whole batch")
+            self.counters.add("poison_batches")
+        elif len(batch):
             if len(self.spool):
                 if not self._spool(batch):
                     return
             else:
                 try:
-                    self._write(batch)
+                    self._write(batch, careful=tries == self.batch_tries)
+                except _Failed as failed:         # not acknowledged: the edge sends it again, the try counts
+                    if self.tries is None:        # no notes kept (the rollup worker's own outboxes)
+                        raise failed.cause from None
+                    log.error("%s: failed on a batch (try %d of %d; then what is at fault is set aside): %s",
+                              self.sink.name, tries, self.batch_tries, failed.cause, exc_info=failed.cause)
+                    self.counters.add("failed_batches")
+                    self.readings, self.events, self.seen, self.seqs = [], [], [], []
+                    return
                 except TransientError as exc:
                     self._failed(exc)
                     left = _remaining(exc, batch)
@@ -256,6 +280,8 @@ class Outbox:
                         return
         self.readings, self.events, self.seen, self.seqs = [], [], [], []
         if seqs:
+            if tries:
+                self.tries.done(seqs)      # type: ignore[union-attr]
             self.ack(seqs)
 
     def tick(self, now: float) -> None:
@@ -269,7 +295,10 @@ class Outbox:
                 break
             path, batch = oldest
             try:
-                self._write(batch)
+                try:
+                    self._write(batch, careful=self.attempts.get(path, 0) + 1 >= self.batch_tries)
+                except _Failed as failed:    # a spooled batch is acknowledged already: retry it like an outage
+                    raise TransientError(f"failed on a spooled batch: {failed.cause}") from None
             except TransientError as exc:
                 self._failed(exc)
                 left = _remaining(exc, batch)
@@ -298,10 +327,20 @@ class Outbox:
 
     # ------------------------------------------------------------------ internals
 
-    def _write(self, batch: Batch) -> None:
-        """Write, splitting what the server refuses as invalid or too large. Raises TransientError."""
+    def _write(self, batch: Batch, careful: bool = False) -> None:
+        """Write, splitting what the server refuses as invalid or too large. Raises TransientError, or
+        ``_Failed`` when the sink failed in a way it did not classify (a bug, a value a library chokes
+        on). ``careful`` (the last try of the poison-batch rule): such a failure is taken as a refusal
+        of the batch, so the split narrows it down to what is at fault, which is set aside."""
         try:
-            self.sink.write(batch)
+            try:
+                self.sink.write(batch)
+            except (SinkError, _Failed):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if not careful:
+                    raise _Failed(exc) from None
+                raise PermanentError(f"{self.sink.name} failed on it {self.batch_tries} times: {exc}") from None
         except (PermanentError, BatchTooLarge) as exc:
             if len(batch) <= 1:
                 if isinstance(exc, BatchTooLarge):
@@ -313,7 +352,7 @@ class Outbox:
             halves = _halves(batch)
             for i, half in enumerate(halves):
                 try:
-                    self._write(half)
+                    self._write(half, careful)
                 except TransientError as away:      # keep only what is neither written nor set aside
                     away.remaining = _merge([_remaining(away, half), *halves[i + 1:]])
                     raise
@@ -376,6 +415,14 @@ class Outbox:
         log.warning("%s: %d item(s) set aside as dead letters: %s", self.sink.name, len(letters), reason[:200])
 
 
+class _Failed(Exception):
+    """The sink failed on a batch in a way it did not classify; ``cause`` is what it raised."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def _remaining(exc: TransientError, batch: Batch) -> Batch:
     """What of ``batch`` is still to be written after ``exc`` (all of it unless a split got half way)."""
     return getattr(exc, "remaining", None) or batch
@@ -415,7 +462,10 @@ def sink_summary(counters: dict) -> dict:
     - ``state``: ok | spooling (the server is away or behind) | blocked (spool full, input stopped).
     """
     spooled = counters.get("spool_readings", 0) + counters.get("spool_events", 0)
-    if counters.get("spool_full_now"):
+    looping = starts.crash_loop(counters)
+    if looping:
+        state = looping
+    elif counters.get("spool_full_now"):
         state = "blocked: spool full"
     elif spooled or counters.get("spooled_batches"):
         state = "spooling: server away or behind"

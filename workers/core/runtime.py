@@ -19,7 +19,7 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers.core import envelope, errors
+from workers.core import envelope, errors, starts
 
 POLL_MS = 200                      # every poll loop wakes at least this often
 STATS_INTERVAL_S = 2.0
@@ -81,7 +81,7 @@ class Counters(dict):
     """Named counters a worker publishes to the query worker every few seconds (``stats``)."""
 
     def __init__(self, worker: str) -> None:
-        super().__init__()
+        super().__init__(starts.published(worker))      # restarts survive the restart (workers.core.starts)
         self.worker = worker
         self._next = 0.0
 

@@ -33,7 +33,15 @@ Decoder = Callable[[bytes, Context], list[Reading | Event]]
 
 def measurement(device: str, ts: int, fields: dict, failed: list[str]) -> list[Reading | Event]:
     """What one measurement becomes: a reading of the fields that were read, and a ``failed_read``
-    event naming those the sensor could not read (never a zero). Empty when there is neither."""
+    event naming those the sensor could not read (never a zero). Empty when there is neither.
+
+    NaN and infinity are failed reads too: no store keeps them as numbers, and a sensor that reports
+    one has not measured anything."""
+    for value in fields.values():
+        if type(value) is float and value - value != 0.0:     # NaN or an infinity: the slow path
+            failed = [*failed, *(k for k, v in fields.items() if type(v) is float and v - v != 0.0)]
+            fields = {k: v for k, v in fields.items() if not (type(v) is float and v - v != 0.0)}
+            break
     out: list[Reading | Event] = []
     if fields:
         out.append(Reading(device, ts, fields, {}))

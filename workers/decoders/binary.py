@@ -10,7 +10,8 @@ and then ``data_length`` bytes of records, oldest first. With the shipped layout
 
 Each field is ``raw * scale + offset``; a raw value equal to the field's ``missing`` is a failed read
 (a ``failed_read`` event, never a number). The newest record is stamped with the arrival time, each
-older one ``measure_interval_s`` earlier.
+older one ``measure_interval_s`` earlier (1 ns earlier when the board reports an interval of 0, so
+that its records stay apart; docs/durability.md).
 """
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ from workers.core.options import ConfigError
 from workers.core.packet import HEADER, parse_header  # noqa: F401 (parse_header: also this decoder's API)
 from workers.decoders.base import DecodeError, measurement
 from workers.core.envelope import Event, FieldValue, Reading
+from workers.core.stamps import STAMP_STEP_NS
 
 if TYPE_CHECKING:
     from workers.decoders.base import Context
 
 BINARY_TYPES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "f32": "f"}
+ZERO_INTERVAL_STEP_NS = 1       # records of a packet whose measure interval is 0 (at most 255 of them)
+assert 255 * ZERO_INTERVAL_STEP_NS < STAMP_STEP_NS
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,10 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
         raise DecodeError(f"device number {number}: config layout is {record.size} bytes, packet says {per_record}",
                           frame)
     out: list[Reading | Event] = []
-    step = measure_s * 1_000_000_000
+    # A board that reports a measure interval of 0 would put every record at one time, and the stores
+    # would keep one of them: its records are spaced 1 ns apart instead, inside the room the edge
+    # leaves below each arrival stamp (workers.core.stamps).
+    step = measure_s * 1_000_000_000 or ZERO_INTERVAL_STEP_NS
     fields_cfg = layout.fields
     for i in range(count):
         raw = record.unpack_from(frame, HEADER.size + i * per_record)

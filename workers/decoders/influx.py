@@ -8,6 +8,8 @@
 The device id comes from the first tag named in ``decoders.influx.device_tags``, else the connection.
 Timestamps are told apart by magnitude (s, ms, us or ns), since a TCP line carries no precision. The
 measurement becomes the ``measurement`` tag; the other tags are kept. A frame may hold several lines.
+A field of ``nan`` or ``inf`` is a failed read (a ``failed_read`` event naming it), as in the other
+decoders: no store keeps them as numbers.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from workers.decoders.base import DecodeError
+from workers.decoders.base import measurement as measure
 from workers.decoders.timestamps import epoch_to_ns
 from workers.core.envelope import FieldValue, Reading
 
@@ -58,7 +61,15 @@ def decode(frame: bytes, ctx: "Context") -> list["Reading | Event"]:
                 device = tags.pop(key)
                 break
         tags["measurement"] = measurement
-        out.append(Reading(device, epoch_to_ns(ts) if ts is not None else ctx.recv_ts, fields, tags))
+        try:
+            when = epoch_to_ns(ts) if ts is not None else ctx.recv_ts
+        except ValueError as exc:
+            raise DecodeError(f"line protocol: {exc}", frame) from None
+        taken = measure(device, when, fields, [])
+        for item in taken:
+            if isinstance(item, Reading):
+                item.tags.update(tags)
+        out.extend(taken)
     if not out:
         raise DecodeError("no lines", frame)
     return out

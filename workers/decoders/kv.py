@@ -5,7 +5,8 @@
 
 Pairs are ``key: value``, ``key=value`` or ``key value``, separated by ``;`` or ``,``. Keys are
 lower-cased. ``from X`` (or a ``device``/``id`` key) names the device, else the connection does. Values
-that are not numbers are kept as text fields; ``nan``/``null``/``err`` mean a failed read.
+that are not numbers are kept as text fields; ``nan``/``null``/``err`` mean a failed read, and so do
+``inf`` and ``-inf`` (no store keeps them as numbers).
 """
 from __future__ import annotations
 
@@ -72,4 +73,4 @@ def _number(text: str) -> FieldValue:
         number = float(text)
     except ValueError:
         return text
-    return number if number == number and number not in (float("inf"), float("-inf")) else text
+    return number                          # nan, inf, 1e999: a failed read (decoders.measurement)

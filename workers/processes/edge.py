@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from workers.core import envelope, runtime
+from workers.core.stamps import ArrivalClock
 from workers.core.config import Config, Listener
 from workers.core.envelope import Conn
 from workers.core.framing import make_framer
@@ -70,7 +71,6 @@ class DeviceConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.conn: Conn | None = None
         self.last_active = time.monotonic()
-        self.last_ts_ms = 0
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -106,16 +106,13 @@ class DeviceConnection(asyncio.Protocol):
                 self.edge.accept(self, frames, rejects)
 
     def next_ts(self) -> int:
-        """Arrival time in ns, strictly increasing per connection (1 ms apart at least), so that two
-        frames of one device never share the (device, field, timestamp) key readings are stored by."""
+        """Arrival time in ns, strictly increasing across the whole edge (``workers.core.stamps``), so
+        that two frames never share the (device, field, timestamp) key readings are stored by."""
         return self.next_stamps(1)[0]
 
     def next_stamps(self, count: int) -> range:
         """``next_ts`` for ``count`` frames that arrived in one read, in one step."""
-        now_ms = time.time_ns() // 1_000_000
-        first = now_ms if now_ms > self.last_ts_ms else self.last_ts_ms + 1
-        self.last_ts_ms = first + count - 1
-        return range(first * 1_000_000, (first + count) * 1_000_000, 1_000_000)
+        return self.edge.arrivals.stamps(count)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -128,6 +125,7 @@ class Edge:
         self.ctx = ctx
         self.sinks = set(cfg.consumers())          # the enabled sinks and the rollup worker
         self.counters = runtime.Counters("edge")
+        self.arrivals = ArrivalClock()               # one clock for every connection
         self.journal = Journal(Path(cfg.data_dir) / "journal", cfg.edge.journal_segment_bytes,
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)
         self.connections: set[DeviceConnection] = set()

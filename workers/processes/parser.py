@@ -19,15 +19,18 @@ Latest-value stores keep the newest timestamp, so parsers may finish batches in 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from pathlib import Path
 
 import orjson
 import zmq
 
-from workers.core import envelope, runtime
+from workers.core import envelope, runtime, storable
 from workers.core.config import Config
 from workers.core.deadletters import DeadLetter, DeadLetterStore
+from workers.core.knowndevices import KnownDevices
+from workers.core.tries import BatchTries
 from workers.decoders import REGISTRY, Context, DecodeError, Decoder
 from workers.core.envelope import Ack, Downlink, Event, Reading, Seen
 from workers.core.templates import TemplateError, TopicTemplate, matches, render_reply
@@ -48,7 +51,9 @@ class Parser:
         self.counters = runtime.Counters(self.name)
         self.listeners = {listener.name: listener for listener in cfg.listeners}
         self.subscriptions = {sub.listener: (sub, TopicTemplate(sub.topic)) for sub in cfg.mqtt.subscriptions}
-        self.deadletters = DeadLetterStore(Path(cfg.data_dir) / "deadletters.db")
+        self.deadletters = DeadLetterStore.for_config(cfg)
+        self.known = KnownDevices(Path(cfg.data_dir) / "knowndevices.db", cfg.limits.max_devices)
+        self.tries = BatchTries.for_role(cfg.data_dir, "parser")
         self._last_logged: dict[str, float] = {}
         self.seen: dict[str, Seen] = {}           # of the batch being decoded: device -> newest frame
         self.acks: list[Ack] = []
@@ -71,8 +76,6 @@ class Parser:
         readings: list[Reading] = []
         events: list[Event] = []
         dead: list[DeadLetter] = []
-        devices = self.cfg.devices
-        max_event = self.cfg.events.max_event_bytes
         last: dict[str, tuple[int, envelope.Conn]] = {}      # device -> its newest frame's (arrival, conn)
         sources: dict[int, tuple[str, str, Decoder]] = {}     # id(conn) -> decoder name, device, decoder
         for frame in envelope.iter_frames(body, conns):
@@ -95,39 +98,60 @@ class Parser:
             except Exception as exc:  # a decoder bug must not cost anyone else's data
                 log.exception("decoder %s failed on %r", decoder_name, frame.payload[:80])
                 dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
-                                       f"decoder error: {exc!r}"[:200], frame.payload))
+                                       f"the {decoder_name} decoder could not read this frame (a bug in"
+                                       f" sensorpipe; replay it once fixed): {exc}"[:300], frame.payload))
                 continue
-            if len(frame.payload) > max_event:
-                size = max((len(orjson.dumps(i.body)) for i in items if isinstance(i, Event)), default=0)
-                if size > max_event:
-                    self.counters.add("oversized_events")
-                    dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
-                                           f"event of {size} bytes is over events.max_event_bytes ({max_event});"
-                                           " raise it and replay", frame.payload))
-                    continue
-            if check:
-                try:
-                    envelope.readings_body([i for i in items if isinstance(i, Reading)],
-                                           [i for i in items if isinstance(i, Event)])
-                except TypeError as exc:          # orjson: an integer beyond 64 bits, a type it has no form for
-                    self.counters.add("uncarriable_frames")
-                    dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
-                                           f"a value cannot be carried: {exc}"[:200], frame.payload))
-                    continue
-            for item in items:
-                last[item.device] = (frame.recv_ts, conn)
-                if isinstance(item, Reading):
-                    extra = devices.get(item.device)
-                    if extra is not None and extra.tags:
-                        item = item._replace(tags={**extra.tags, **item.tags})
-                    if envelope.ROLLUP_TAG in item.tags:     # reserved: it marks the rollup worker's rollups
-                        item = item._replace(tags={k: v for k, v in item.tags.items() if k != envelope.ROLLUP_TAG})
-                        self.counters.add("reserved_tag_dropped")
-                    readings.append(item)
-                elif self.take_event(item, frame.recv_ts, conn):
-                    events.append(item)
+            try:
+                reason = self._take(items, frame, conn, check, readings, events, last)
+            except Exception as exc:  # a bug after decoding must cost this frame only, never the batch
+                log.exception("failed on a frame after decoding it: %r", frame.payload[:80])
+                reason = (f"sensorpipe failed on this frame after decoding it (a bug; replay it once fixed):"
+                          f" {exc}")[:300]
+            if reason is not None:
+                dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
+                                       reason, frame.payload))
         self.seen = {d: Seen(d, ts, c.listener, c.conn_id, c.peer) for d, (ts, c) in last.items()}
         return readings, events, dead
+
+    def _take(self, items: list[Reading | Event], frame: envelope.Frame, conn: envelope.Conn, check: bool,
+              readings: list[Reading], events: list[Event], last: dict[str, tuple[int, envelope.Conn]]) -> str | None:
+        """Add one decoded frame's items to the batch; or the reason to set the frame aside instead."""
+        for item in items:                # what no store could keep sets the frame aside, before a sink fails on it
+            unstorable = storable.problem(item)
+            if unstorable is not None:
+                self.counters.add("unstorable_frames")
+                return unstorable[:300]
+            if item.device not in self.known.known and not self.known.admit(item.device):
+                self.counters.add("devices_over_cap")
+                return (f"device {item.device[:60]!r} is new and {self.known.limit} devices are known already"
+                        " (limits.max_devices): raise it and replay")
+        max_event = self.cfg.events.max_event_bytes
+        if len(frame.payload) > max_event:
+            size = max((len(orjson.dumps(i.body)) for i in items if isinstance(i, Event)), default=0)
+            if size > max_event:
+                self.counters.add("oversized_events")
+                return f"event of {size} bytes is over events.max_event_bytes ({max_event}); raise it and replay"
+        if check:
+            try:
+                envelope.readings_body([i for i in items if isinstance(i, Reading)],
+                                       [i for i in items if isinstance(i, Event)])
+            except TypeError:                # orjson: an integer beyond 64 bits, a type it has no form for
+                self.counters.add("uncarriable_frames")
+                return "an event holds a value JSON cannot carry (an integer beyond 64 bits)"
+        devices = self.cfg.devices
+        for item in items:
+            last[item.device] = (frame.recv_ts, conn)
+            if isinstance(item, Reading):
+                extra = devices.get(item.device)
+                if extra is not None and extra.tags:
+                    item = item._replace(tags={**extra.tags, **item.tags})
+                if envelope.ROLLUP_TAG in item.tags:     # reserved: it marks the rollup worker's rollups
+                    item = item._replace(tags={k: v for k, v in item.tags.items() if k != envelope.ROLLUP_TAG})
+                    self.counters.add("reserved_tag_dropped")
+                readings.append(item)
+            elif self.take_event(item, frame.recv_ts, conn):
+                events.append(item)
+        return None
 
     def take_event(self, event: Event, recv_ts: int, conn: envelope.Conn) -> bool:
         """Note command acks, answer heartbeats; False when the event is not to be kept."""
@@ -188,21 +212,64 @@ class Parser:
             for sock in (frames, live, notices, *sinks.values()):
                 sock.close(linger=0)
             self.deadletters.close()
+            self.known.close()
             log.info("%s: stopped", self.name)
 
     def handle(self, message: list[bytes], sinks: dict[str, zmq.Socket], live: zmq.Socket,
                notices: zmq.Socket | None = None) -> None:
+        """One batch, under the poison-batch rule (``workers.core.tries``): a batch the parsers failed
+        on ``[limits] batch_tries`` times (raised, or died) is set aside whole the next time."""
         self.seen, self.acks, self.replies = {}, [], []
         try:
             if len(message) != 3 or message[0] != envelope.FRAMES:
                 raise envelope.EnvelopeError(f"expected a frames message, got {message[:1]!r}")
             seq, targets, conns = envelope.parse_frames_header(message[1])
-            readings, events, dead = self.decode_batch(conns, message[2])
+        except envelope.EnvelopeError as exc:
+            self.counters.add("bad_messages")
+            log.warning("ignoring a bad message: %s", exc)
+            return
+        keys = [seq] if seq is not None else []
+        tries = self.tries.begin(keys) if keys else 1
+        try:
+            if tries > self.cfg.limits.batch_tries:
+                self.set_aside_batch(conns, message[2], tries - 1)
+                self.send(envelope.readings_message(keys, envelope.readings_body([], []), []), targets, sinks,
+                          live=None)
+            else:
+                self.handle_batch(seq, targets, conns, message[2], sinks, live, notices)
+        except sqlite3.OperationalError as exc:   # the dead-letter store is locked or the disk full: not a try
+            self.tries.done(keys)
+            self.counters.add("deadletter_write_failures")
+            log.warning("could not write dead letters (%s); the edge will send batch %s again", exc, seq)
+            return
+        except Exception:  # noqa: BLE001  not acknowledged: the edge sends it again, and the try counts
+            self.counters.add("failed_batches")
+            log.exception("failed on batch %s (try %d of %d); the edge will send it again", seq, tries,
+                          self.cfg.limits.batch_tries)
+            return
+        self.tries.done(keys)
+
+    def set_aside_batch(self, conns: list[envelope.Conn], body: bytes, failures: int) -> None:
+        """Every frame of a batch the parsers could not get through, as dead letters."""
+        reason = (f"the parsers failed {failures} times on the batch holding this frame and could not tell"
+                  " which frame was at fault; set aside with the whole batch (replay it once fixed)")
+        letters = [DeadLetter(frame.recv_ts, "parser", frame.conn.listener, frame.conn.peer,
+                              self.source(frame.conn)[1], reason, frame.payload)
+                   for frame in envelope.iter_frames(body, conns)]
+        self.counters.add("poison_batches")
+        log.error("set aside a batch of %d frames after %d failed tries ([limits] batch_tries)", len(letters),
+                  failures)
+        self.set_aside(letters)
+
+    def handle_batch(self, seq: int | None, targets: list[str] | None, conns: list[envelope.Conn], raw: bytes,
+                     sinks: dict[str, zmq.Socket], live: zmq.Socket, notices: zmq.Socket | None) -> None:
+        try:
+            readings, events, dead = self.decode_batch(conns, raw)
             try:
                 body = envelope.readings_body(readings, events)
             except TypeError:         # some frame decoded to a value JSON cannot carry: find it, set it aside
                 self.seen, self.acks, self.replies = {}, [], []
-                readings, events, dead = self.decode_batch(conns, message[2], check=True)
+                readings, events, dead = self.decode_batch(conns, raw, check=True)
                 body = envelope.readings_body(readings, events)
         except envelope.EnvelopeError as exc:
             self.counters.add("bad_messages")
@@ -220,9 +287,13 @@ class Parser:
         self.counters.add("readings", len(readings))
         self.counters.add("events", len(events))
         out = envelope.readings_message([seq] if seq is not None else [], body, seen)
+        self.send(out, targets, sinks, live if targets is None and (readings or events or seen) else None)
+
+    def send(self, out: list, targets: list[str] | None, sinks: dict[str, zmq.Socket],
+             live: zmq.Socket | None) -> None:
         # Live first: a batch sent again to some sinks only (``targets``) is not published again, so
         # the query worker must have seen it before any sink could acknowledge it.
-        if targets is None and (readings or events or seen):
+        if live is not None:
             try:
                 live.send_multipart(out, zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -235,7 +306,6 @@ class Parser:
                 sock.send_multipart(out, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self.counters.add(f"skipped_busy_sink:{name}")
-
 
 def main(cfg: Config) -> int:
     stop = runtime.StopFlag().install()

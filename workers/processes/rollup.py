@@ -30,6 +30,7 @@ stopped is sent again when it starts (sinks upsert, so twice is harmless).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sqlite3
@@ -37,11 +38,14 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
+import orjson
 import zmq
 
 from workers.core import envelope, runtime
 from workers.core.config import ROLLUP, Config, window_label
-from workers.core.deadletters import DeadLetterStore
+from workers.core.deadletters import DeadLetter, DeadLetterStore
+from workers.core.storable import INT_MAX, INT_MIN, TS_MAX, TS_MIN
+from workers.core.tries import BatchTries
 from workers.core.envelope import Reading, Stats
 from workers.core.outbox import Outbox
 from workers.sinks import make_sink
@@ -171,11 +175,17 @@ class RollupStore:
         touched: set[tuple[str, str, int]] = set()
         too_late = ahead = 0
         for device, ts, fields, tags in readings:
+            if not TS_MIN <= ts <= TS_MAX:                       # the parser sets these aside; never here
+                self.counters.add("unstorable_values", len(fields))
+                continue
             for field, value in fields.items():
                 kind = type(value)
                 if kind is not float and kind is not int:      # strings, booleans: not rolled up
                     continue
                 if kind is float and not math.isfinite(value):
+                    continue
+                if kind is int and not INT_MIN <= value <= INT_MAX:
+                    self.counters.add("unstorable_values")
                     continue
                 if ts < final_before:
                     too_late += 1
@@ -362,7 +372,8 @@ class RollupWorker:
         self.counters = runtime.Counters("rollup")
         self.store = RollupStore(Path(cfg.data_dir) / opts.path, opts.window_seconds, opts.grace_s,
                                  opts.correct_for_s, self.counters)
-        self.deadletters = DeadLetterStore(Path(cfg.data_dir) / "deadletters.db")
+        self.deadletters = DeadLetterStore.for_config(cfg)
+        self.tries = BatchTries.for_role(cfg.data_dir, ROLLUP)
         self.outboxes: dict[str, Outbox] = {}
         self.outbox_counters: dict[str, runtime.Counters] = {}
         self.pending: dict[int, tuple[set[str], list[tuple[tuple[str, str, int, int], int]]]] = {}
@@ -410,19 +421,61 @@ class RollupWorker:
             seqs.extend(batch_seqs)
             readings.extend(batch_readings)
         self.counters.add("received_readings", len(readings))
+        # The poison-batch rule (workers.core.tries): a batch the worker failed on is not acknowledged
+        # and comes again; its last try goes reading by reading, setting aside those at fault; after
+        # that (the worker died even so) the batch is set aside whole.
+        limit = self.cfg.limits.batch_tries
+        tries = self.tries.begin(seqs) if seqs and readings else 0
         if readings:
             try:
-                self.store.add(readings, time.time_ns())
+                if tries > limit:
+                    self.set_aside(readings, f"the rollup worker failed {tries - 1} times on the batch holding"
+                                   " this reading and could not tell which was at fault; not rolled up")
+                    self.counters.add("poison_batches")
+                else:
+                    self.store.add(readings, time.time_ns())
             except sqlite3.OperationalError as exc:     # disk full, locked: not acknowledged, sent again
                 self.counters.add("state_write_failures")
                 log.warning("rollup: could not write %s: %s; the edge will send these readings again",
                             self.cfg.rollups.path, exc)
+                if tries:
+                    self.tries.done(seqs)        # the disk's trouble, not the batch's: not a try
                 return
+            except Exception as exc:  # noqa: BLE001
+                self.counters.add("failed_batches")
+                log.exception("rollup: failed on a batch (try %d of %d)", tries, limit)
+                if tries < limit:
+                    return                  # not acknowledged: the edge sends it again
+                self.add_carefully(readings, exc)
         if seqs:
             try:
                 acks.send_multipart(envelope.ack_message(ROLLUP, seqs), zmq.NOBLOCK)
             except zmq.Again:      # the edge is away: it sends the batches again; points are a set
                 self.counters.add("acks_not_sent")
+            if tries:
+                self.tries.done(seqs)
+
+    def add_carefully(self, readings: list[Reading], first: Exception) -> None:
+        """Each reading on its own; those the worker still fails on are set aside as dead letters."""
+        at_fault: list[Reading] = []
+        now = time.time_ns()
+        for reading in readings:
+            try:
+                self.store.add([reading], now)
+            except sqlite3.OperationalError:
+                raise
+            except Exception:  # noqa: BLE001
+                at_fault.append(reading)
+        if at_fault:
+            self.set_aside(at_fault, f"the rollup worker failed on this reading {self.cfg.limits.batch_tries}"
+                           f" times: {first}; not rolled up (it is stored as usual)")
+
+    def set_aside(self, readings: list[Reading], reason: str) -> None:
+        letters = [DeadLetter(reading.ts, "rollup", "replay", "", reading.device, reason, _raw(reading))
+                   for reading in readings]
+        self.deadletters.add(letters)
+        self.counters.add("dead_letters", len(letters))
+        log.error("rollup: %d reading(s) set aside as dead letters: %s", len(letters), reason)
 
     def record_delivered(self) -> None:
         """Note in the state the window versions every outbox has acknowledged."""
@@ -523,6 +576,15 @@ class RollupWorker:
                 self.store.close()
                 self.deadletters.close()
                 log.info("rollup: stopped")
+
+
+def _raw(reading: Reading) -> bytes:
+    """A reading as JSON for its dead letter (what orjson refuses, the slower json takes)."""
+    document = {"device": reading.device, "ts": reading.ts, **reading.fields}
+    try:
+        return orjson.dumps(document)
+    except TypeError:
+        return json.dumps(document, default=str).encode()
 
 
 def main(cfg: Config) -> int:

@@ -20,6 +20,7 @@ from workers.core import envelope, runtime
 from workers.core.config import Config
 from workers.core.deadletters import DeadLetterStore
 from workers.core.outbox import Outbox
+from workers.core.tries import BatchTries
 from workers.sinks import make_sink
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
     inbox = runtime.socket(ctx, zmq.PULL, bind=opts.endpoint, hwm=INBOX_HWM)
     acks = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.acks, hwm=10000)
     live = runtime.socket(ctx, zmq.PUB, connect=cfg.endpoints.live)
-    deadletters = DeadLetterStore(Path(cfg.data_dir) / "deadletters.db")
+    deadletters = DeadLetterStore.for_config(cfg)
 
     def ack(seqs: list[int]) -> None:
         try:
@@ -48,7 +49,8 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
         except zmq.Again:           # the edge is away; it will send the batches again, writes are idempotent
             counters.add("acks_not_sent")
 
-    outbox = Outbox(sink, opts, Path(cfg.data_dir) / "spool" / name, deadletters, ack, counters)
+    outbox = Outbox(sink, opts, Path(cfg.data_dir) / "spool" / name, deadletters, ack, counters,
+                    BatchTries.for_role(cfg.data_dir, f"sink-{name}"), cfg.limits.batch_tries)
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     try:

@@ -141,8 +141,10 @@ class SqliteSink:
                 raise
         except sqlite3.OperationalError as exc:   # locked, disk full, I/O error: try again later
             raise TransientError(f"sqlite: {exc}") from None
-        except OverflowError as exc:              # an integer beyond 64 bits (JSON allows up to 2**64 - 1)
-            raise PermanentError(f"sqlite: {exc}") from None
+        except OverflowError:                     # an integer beyond 64 bits (JSON allows up to 2**64 - 1)
+            raise PermanentError("sqlite: a number or timestamp is beyond the 64-bit integers SQLite keeps") from None
+        except (sqlite3.InterfaceError, UnicodeEncodeError, ValueError) as exc:    # a value SQLite cannot take
+            raise PermanentError(f"sqlite: a value SQLite cannot store ({exc})") from None
 
     def close(self) -> None:
         if self.db is not None:

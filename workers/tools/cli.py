@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from workers.core import config as config_mod
-from workers.core import paths, runtime
+from workers.core import paths, runtime, starts
 
 
 
@@ -70,6 +70,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     cfg = _load(args)
     runtime.setup_logging(cfg.log_level)
     role = args.role
+    starts.record(cfg.data_dir, f"sink:{role[5:]}" if role.startswith("sink-") else
+                  runtime.worker_name(role) if role == "parser" else role)
     if role == "edge":
         from workers.processes import edge
         return edge.main(cfg)
@@ -258,6 +260,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     firmware = _firmware_states(args)
     if firmware:
         reply["firmware"] = list(firmware.values())
+    reply["deadletters"] = _deadletter_bounds(_load(args))
     if args.json:
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -273,7 +276,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
     for worker, counters in reply["workers"].items():
         stale = " (no report for a while: is it running?)" if counters.pop("stale", False) else ""
-        print(f"{worker}{stale}")
+        looping = starts.crash_loop(counters)
+        print(f"{worker}{stale}{'  ' + looping if looping else ''}")
         for key, value in sorted(counters.items()):
             print(f"  {key:28} {value}")
     if firmware:                        # the boards' versions and updates (sensorpipe firmware status)
@@ -285,7 +289,28 @@ def cmd_status(args: argparse.Namespace) -> int:
             names = sorted(d for d, s in firmware.items() if s["state"] == state)
             if names:
                 print(f"  {'update ' + state:28} {', '.join(names)}")
+    bounds = reply["deadletters"]
+    if bounds:
+        print(f"dead letters: {bounds['waiting']} waiting ({bounds['bytes']} bytes of"
+              f" {bounds['max_bytes']}); deleted by [deadletters] bounds: {bounds['dropped_age']} for age,"
+              f" {bounds['dropped_size']} for size")
     return 0
+
+
+def _deadletter_bounds(cfg: config_mod.Config) -> dict:
+    """The dead-letter store against its bounds, read from the file (they outlive every worker)."""
+    from workers.core.deadletters import DeadLetterStore
+
+    path = Path(cfg.data_dir) / "deadletters.db"
+    if not path.exists():
+        return {}
+    store = DeadLetterStore(path)
+    try:
+        dropped = store.dropped()
+        return {"waiting": store.count(), "bytes": store.stored_bytes(), "max_bytes": cfg.deadletters.max_bytes,
+                "dropped_age": dropped.get("age", 0), "dropped_size": dropped.get("size", 0)}
+    finally:
+        store.close()
 
 
 SPARKS = "▁▂▃▄▅▆▇█"

@@ -1,0 +1,254 @@
+"""Property-based tests (Hypothesis): whatever a device sends, and whatever a decoder produces, is
+stored or becomes a dead letter with a reason; no decoder, parser or sink ever raises on data.
+
+Over the real parser (every decoder), the real SQLite sink, the rollup worker's state and the
+InfluxDB sink on VictoriaMetrics (tests/servers.py), each behind the shared outbox. Example counts are
+kept modest (``MODEST``, ``FEW`` for the server) so the suite stays fast.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.servers import Victoria, unique_name
+from tests.sinktools import OutboxHarness
+from workers.core import envelope, storable
+from workers.core.config import InfluxSink as InfluxOptions
+from workers.core.config import SqliteSink as SqliteOptions
+from workers.core.config import from_dict
+from workers.core.envelope import Event, Reading
+from workers.sinks import Batch
+
+MODEST = settings(max_examples=60, deadline=None, derandomize=False,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FEW = settings(MODEST, max_examples=12)
+RECV_TS = 1_732_260_000_000_000_000
+
+# --------------------------------------------------------------------------- what devices send
+
+numbers = st.one_of(
+    st.integers(), st.integers(min_value=-(2 ** 70), max_value=2 ** 70), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, 2 ** 64, -(2 ** 63) - 1, 10_000_000_000, 99_999_999_999_999,
+                     1e308, -1e308, 5e-324]))
+texts = st.text(max_size=20)
+timestamps = st.one_of(numbers, texts, st.sampled_from(["9999-12-31T00:00:00", "0001-01-01", "2024-11-22 10:00",
+                                                         "1e400", "-1", "nan", "10000000000"]))
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), numbers, texts),
+                           lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                   st.dictionaries(texts, inner, max_size=3)), max_leaves=8)
+
+
+@st.composite
+def json_frames(draw: st.DrawFn) -> bytes:
+    obj = draw(st.dictionaries(texts, json_values, max_size=4))
+    if draw(st.booleans()):
+        obj["device"] = draw(st.one_of(texts, numbers))
+    if draw(st.booleans()):
+        obj["ts"] = draw(timestamps)
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:                                       # beyond what JSON carries: as text, roughly
+        return repr(obj).encode()
+
+
+@st.composite
+def kv_frames(draw: st.DrawFn) -> bytes:
+    pairs = draw(st.lists(st.tuples(st.text(alphabet="abcxyz_", min_size=1, max_size=6),
+                                    st.one_of(numbers.map(str), texts, timestamps.map(str))), max_size=4))
+    head = draw(st.sampled_from(["", "from dev-1; ", "ts: 10000000000; ", "id: \x01; "]))
+    sep = draw(st.sampled_from(["; ", ", ", " "]))
+    return (head + sep.join(f"{k}: {v}" for k, v in pairs)).encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def line_protocol_frames(draw: st.DrawFn) -> bytes:
+    measurement = draw(st.text(alphabet="mw,= \\", min_size=1, max_size=4))
+    fields = draw(st.lists(st.tuples(st.text(alphabet="fv", min_size=1, max_size=3),
+                                     st.one_of(numbers.map(repr), numbers.map(lambda n: f"{n}i"),
+                                               numbers.map(lambda n: f"{n}u"),
+                                               st.sampled_from(["nan", "inf", "-inf", "NaN", "t", '"x"', '"']))),
+                           min_size=1, max_size=3))
+    ts = draw(st.one_of(st.just(""), numbers.map(lambda n: f" {n}")))
+    tag = draw(st.sampled_from(["", ",device=d", ",device=", ",place=x y"]))
+    return f"{measurement}{tag} {','.join(f'{k}={v}' for k, v in fields)}{ts}".encode("utf-8", "surrogatepass")
+
+
+frames = st.one_of(st.binary(max_size=60), json_frames(), kv_frames(), line_protocol_frames())
+
+
+@st.composite
+def binary_packets(draw: st.DrawFn) -> bytes:
+    count = draw(st.integers(min_value=0, max_value=5))
+    records = draw(st.binary(min_size=6 * count, max_size=6 * count))
+    measure_s = draw(st.sampled_from([0, 1, 60, 65535]))
+    number = draw(st.sampled_from([1, 2, 255]))
+    length = draw(st.sampled_from([len(records), len(records) + 1]))
+    return envelope_header(length, measure_s, number, count) + records
+
+
+def envelope_header(length: int, measure_s: int, number: int, count: int) -> bytes:
+    import struct
+    return struct.pack("<HHHBBB", length, 600, measure_s, 6, number, count)
+
+
+def parser_for(tmp_path: Path, decoder: str):
+    from workers.processes.parser import Parser
+
+    cfg = from_dict({"data_dir": str(tmp_path), "sinks": {"sqlite": {"enabled": True}},
+                     "listeners": [{"name": "in", "bind": "127.0.0.1:7000", "decoder": decoder}],
+                     "binary": {"devices": {"1": {"device": "board", "fields": [
+                         {"name": "a", "type": "u16"}, {"name": "b", "type": "i16", "scale": 0.5},
+                         {"name": "c", "type": "u16"}]}}}})
+    return Parser(cfg)
+
+
+def check_every_frame_is_stored_or_dead(parser, frame: bytes) -> None:
+    """One frame per batch: it gives readings or events that every store can keep, or one dead letter
+    with a reason a person can read; never an exception, never nothing."""
+    conn = envelope.Conn(1, "in", "10.0.0.7:5000")
+    body = envelope.pack_frames([(frame, RECV_TS, 0)])
+    readings, events, dead = parser.decode_batch([conn], body)
+    if not (readings or events or dead):                   # only a binary packet of 0 records says nothing
+        assert frame[8:9] == b"\x00" and len(frame) == 9, frame
+    assert not (readings or events) or not dead, (frame, readings, events, dead)
+    for item in [*readings, *events]:
+        assert storable.problem(item) is None, (frame, item)
+    envelope.readings_body(readings, events)               # the envelope carries it
+    for letter in dead:
+        assert letter.reason and letter.raw == frame
+        assert "Error(" not in letter.reason and "Traceback" not in letter.reason, letter.reason
+
+
+@pytest.fixture(scope="module")
+def parsers(tmp_path_factory) -> Iterator[dict]:
+    """One parser per decoder for every example (a parser opens two SQLite files)."""
+    made = {name: parser_for(tmp_path_factory.mktemp(name), name) for name in ("auto", "json", "kv", "influx", "binary")}
+    yield made
+    for parser in made.values():
+        parser.deadletters.close()
+        parser.known.close()
+
+
+@MODEST
+@given(frame=frames, decoder=st.sampled_from(["auto", "json", "kv", "influx"]))
+def test_every_text_frame_is_stored_or_dead_lettered(parsers: dict, frame: bytes, decoder: str) -> None:
+    check_every_frame_is_stored_or_dead(parsers[decoder], frame)
+
+
+@MODEST
+@given(packet=binary_packets())
+def test_every_binary_packet_is_stored_or_dead_lettered_and_its_records_never_share_a_time(
+        parsers: dict, packet: bytes) -> None:
+    parser = parsers["binary"]
+    check_every_frame_is_stored_or_dead(parser, packet)
+    conn = envelope.Conn(1, "in", "10.0.0.7:5000")
+    readings, events, _ = parser.decode_batch([conn], envelope.pack_frames([(packet, RECV_TS, 0)]))
+    times = [r.ts for r in readings]
+    assert len(times) == len(set(times))                   # a measure interval of 0 does not collapse them
+    if packet[4:6] == b"\x00\x00":                         # measure interval 0: inside the edge's stamp spacing
+        assert all(RECV_TS - 256 < t <= RECV_TS for t in times)
+
+
+# --------------------------------------------------------------------------- what sinks are handed
+
+ids = st.one_of(st.text(min_size=0, max_size=12), st.sampled_from(["", "a\x00b", "x" * 300, "dev\nice", "é"]))
+field_values = st.one_of(numbers, st.booleans(), st.text(max_size=10))
+any_ts = st.one_of(st.integers(min_value=RECV_TS - 10 ** 15, max_value=RECV_TS + 10 ** 15),
+                   st.sampled_from([0, 2 ** 63 - 1, 2 ** 63, 10 ** 19, -(2 ** 63), -(2 ** 63) - 1]))
+sink_readings = st.lists(st.tuples(ids, any_ts, st.dictionaries(st.text(min_size=0, max_size=8), field_values,
+                                                                  min_size=1, max_size=3)), max_size=12)
+
+
+def numbered(raw: list) -> list[Reading]:
+    """Readings with one key each (a number in the device id), so what is stored can be counted."""
+    return [Reading(f"{device}#{i}", ts, fields, {}) for i, (device, ts, fields) in enumerate(raw)]
+
+
+@MODEST
+@given(raw=sink_readings)
+def test_the_sqlite_sink_stores_or_dead_letters_whatever_it_is_handed(tmp_path_factory, raw: list) -> None:
+    from workers.sinks.sqlite import SqliteSink
+
+    tmp = tmp_path_factory.mktemp("s")
+    sink = SqliteSink(tmp / "store.db")
+    sink.connect()
+    harness = OutboxHarness(sink, SqliteOptions(), tmp)
+    try:
+        readings = numbered(raw)
+        harness.outbox.add([1], readings, [Event("e", RECV_TS, "k", {"n": 2 ** 64 - 1})])
+        harness.outbox.flush()
+        assert harness.acked == [1]
+        stored = {d for (d,) in sink.db.execute("SELECT DISTINCT device FROM readings")}   # type: ignore[union-attr]
+        dead = {d.device for d in harness.dead()}
+        for reading in readings:
+            assert (reading.device in stored) != (reading.device in dead), reading
+            if reading.device in dead:
+                assert any(storable.value_problem(f, v) for f, v in reading.fields.items()) or \
+                    storable.timestamp_problem(reading.ts), reading
+    finally:
+        sink.close()
+        harness.close()
+
+
+@MODEST
+@given(raw=sink_readings)
+def test_the_rollup_state_takes_whatever_it_is_handed(tmp_path_factory, raw: list) -> None:
+    from workers.processes.rollup import RollupWorker
+
+    cfg = from_dict({"data_dir": str(tmp_path_factory.mktemp("r")), "sinks": {"sqlite": {"enabled": True}}})
+    worker = RollupWorker(cfg)
+    now = time.time_ns()
+    try:
+        readings = [r._replace(ts=now - (r.ts - RECV_TS) // 1000) if TS_OK(r.ts) else r for r in numbered(raw)]
+        worker.store.add(readings, now)
+        worker.store.close_due(now + 10 ** 12)
+        for window in worker.store.unemitted():
+            assert window.stats.count >= 1
+    finally:
+        worker.store.close()
+        worker.deadletters.close()
+
+
+def TS_OK(ts: int) -> bool:  # noqa: N802  (a predicate read as a constant in the comprehension above)
+    return storable.TS_MIN <= ts <= storable.TS_MAX
+
+
+_measurements = itertools.count()
+
+
+@FEW
+@given(raw=sink_readings)
+def test_the_influx_sink_stores_or_dead_letters_whatever_it_is_handed(tmp_path_factory, victoria: Victoria,
+                                                                       raw: list) -> None:
+    from workers.sinks.influx import InfluxSink
+
+    tmp = tmp_path_factory.mktemp("i")
+    measurement = unique_name(f"prop{next(_measurements)}")
+    sink = InfluxSink(InfluxOptions(enabled=True, url=victoria.url, measurement=measurement, timeout_s=10))
+    sink.connect()
+    harness = OutboxHarness(sink, InfluxOptions(), tmp)
+    try:
+        readings = numbered(raw)
+        harness.outbox.add([1], readings, [])
+        harness.outbox.flush()
+        assert harness.acked == [1] and not harness.outbox.spool.files, "nothing spooled: the server is up"
+        dead = {d.device for d in harness.dead()}
+        for reading in readings:             # integers = "float" (the default): a u64 is kept as a float
+            unstorable = any(type(v) is float and not math.isfinite(v) for v in reading.fields.values()) \
+                or not reading.device or any(not f for f in reading.fields)
+            if unstorable:
+                assert reading.device in dead, reading
+        written = len(readings) - len(dead & {r.device for r in readings})
+        assert harness.counters.get("written_readings", 0) == written
+    finally:
+        sink.close()
+        harness.close()
+
