@@ -78,6 +78,7 @@ downlink = "tcp://127.0.0.1:{p_downlink}"
 [edge]
 batch_max_delay_ms = 5
 redeliver_after_s = {redeliver}
+{edge}
 
 [binary.devices.1]
 device = "balcony"
@@ -106,7 +107,7 @@ resync_after_s = 1
 
 class Pipeline:
     def __init__(self, tmp: Path, extra_toml: str = "", max_frame: int = 65536, idle_timeout: float = 600,
-                 redeliver: float = 3.0, rollups: str = "") -> None:
+                 redeliver: float = 3.0, rollups: str = "", edge: str = "") -> None:
         self.tmp = tmp
         self.data = tmp / "data"
         self.text_port = free_port()
@@ -118,7 +119,7 @@ class Pipeline:
         self.config_path = tmp / "sensorpipe.toml"
         self.config_path.write_text(BASE_TOML.format(
             data=self.data, text_port=self.text_port, binary_port=self.binary_port, max_frame=max_frame,
-            idle_timeout=idle_timeout, redeliver=redeliver, rollups=rollups, **ports) + extra_toml)
+            idle_timeout=idle_timeout, redeliver=redeliver, rollups=rollups, edge=edge, **ports) + extra_toml)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = tmp / "logs"
         self.logs.mkdir(exist_ok=True)

@@ -64,6 +64,11 @@ class LineFramer:
         self._hold(tail, rejects)
         return frames, rejects
 
+    @property
+    def held_bytes(self) -> int:
+        """The unfinished frame kept between reads (at most ``max_frame`` + 1)."""
+        return len(self.buffer)
+
     def finish(self) -> tuple[Frames, Rejects]:
         """The device hung up: a last line without its newline is still a frame."""
         tail, self.buffer = self.buffer.rstrip(b"\r"), b""
@@ -157,6 +162,10 @@ class JsonStreamFramer:
             self.skipped = 0
         return frames, rejects
 
+    @property
+    def held_bytes(self) -> int:
+        return len(self.buffer)
+
     def _garbage(self, buf: bytearray, rejects: Rejects) -> bool:
         """Bytes at depth 0 that do not open an object: a run to the next newline (inclusive) or ``{``.
         True when the run was taken off ``buf`` (go on), False when its end has not arrived yet."""
@@ -247,6 +256,10 @@ class AutoFramer:
         return self.inner.fatal if self.inner else None
 
     @property
+    def held_bytes(self) -> int:
+        return len(self._head) + (self.inner.held_bytes if self.inner else 0)
+
+    @property
     def rejected_bytes(self) -> int:
         return self._rejected_before + (self.inner.rejected_bytes if self.inner else 0)
 
@@ -323,6 +336,10 @@ class PacketFramer:
             buffer = buffer[size + length:]
         self.buffer = buffer
         return frames, rejects
+
+    @property
+    def held_bytes(self) -> int:
+        return len(self.buffer)
 
     def finish(self) -> tuple[Frames, Rejects]:
         # An incomplete packet was never acknowledged, so the board still has it and sends it again.
