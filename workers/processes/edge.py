@@ -124,7 +124,11 @@ class DeviceConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._finish()
+        if exc is None:
+            self._finish()
+        elif not self.finished and self.held:  # reset: the device did not end its last frame, nor was it answered
+            self.finished = True
+            self.edge.counters.add("dropped_partial_bytes", self.held)
         self.closed = True
         self.edge.closed(self)
 
