@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from workers.core import runtime
 from workers.processes import query as query_mod
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,6 +121,7 @@ class Pipeline:
         self.config_path.write_text(BASE_TOML.format(
             data=self.data, text_port=self.text_port, binary_port=self.binary_port, max_frame=max_frame,
             idle_timeout=idle_timeout, redeliver=redeliver, rollups=rollups, edge=edge, **ports) + extra_toml)
+        self.secret = runtime.pipeline_secret(self.data)      # what the workers will find there
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = tmp / "logs"
         self.logs.mkdir(exist_ok=True)
@@ -181,7 +183,11 @@ class Pipeline:
     # ------------------------------------------------------------------ talking to it
 
     def query(self, message: dict, timeout: float = 2.0) -> dict:
-        return query_mod.request(self.query_endpoint, message, timeout_s=timeout, retries=0)
+        runtime.use_secret(self.secret)           # this test process may talk to several pipelines
+        try:
+            return query_mod.request(self.query_endpoint, message, timeout_s=timeout, retries=0)
+        finally:
+            runtime.use_secret(None)
 
     def latest(self, device: str) -> dict:
         reply = self.query({"op": "latest", "device": device})

@@ -536,7 +536,8 @@ class Edge:
         ctx = self.ctx
         frames = runtime.socket(ctx, zmq.PUSH, bind=self.cfg.endpoints.frames, hwm=FRAMES_HWM)
         acks = runtime.socket(ctx, zmq.PULL, bind=self.cfg.endpoints.acks)
-        inject = runtime.socket(ctx, zmq.ROUTER, bind=self.cfg.endpoints.inject, hwm=1000)
+        inject = runtime.socket(ctx, zmq.ROUTER, bind=self.cfg.endpoints.inject, hwm=1000,
+                                max_message=runtime.BATCH_MESSAGE_BYTES)
         self._inject_sock = inject
         downlink = runtime.socket(ctx, zmq.DEALER, hwm=1000)
         downlink.setsockopt(zmq.ROUTING_ID, b"edge")
@@ -679,7 +680,7 @@ class Edge:
             self.counters["paused_now"] = int(self.paused)
             self.counters["fsyncs"] = self.journal.fsyncs
             try:
-                await live.send_multipart(envelope.stats_message("edge", dict(self.counters)), flags=zmq.NOBLOCK)
+                await live.send_multipart(envelope.stats_message("edge", self.counters.snapshot()), flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass
 
@@ -689,7 +690,7 @@ def main(cfg: Config) -> int:
     try:
         return asyncio.run(_main(cfg, ctx))
     finally:
-        ctx.term()
+        runtime.term(ctx)
 
 
 async def _main(cfg: Config, ctx: zmq.asyncio.Context) -> int:

@@ -25,9 +25,14 @@ class CommandError(Exception):
 
 def _load(args: argparse.Namespace) -> config_mod.Config:
     try:
-        return config_mod.load(args.config)
+        cfg = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
         raise CommandError(f"configuration: {exc}") from None
+    try:       # every command that talks to the pipeline's sockets needs its secret (docs/operations.md)
+        runtime.use_secret(runtime.pipeline_secret(cfg.data_dir))
+    except OSError as exc:
+        raise CommandError(f"the pipeline secret in {cfg.data_dir}: {exc}") from None
+    return cfg
 
 
 # --------------------------------------------------------------------------- commands
