@@ -41,11 +41,12 @@ EXIT_OK = 0
 EXIT_CONFIG = 2                    # the configuration is wrong: supervisord should not retry forever
 EXIT_FAILURE = 1
 MAX_REQUEST_BYTES = 64 * 1024      # a JSON request to the query or commands worker
-# ZMQ_MAXMSGSIZE per socket, by what it receives. Requests, acks, stats, commands: small JSON (the
+# ZMQ_MAXMSGSIZE per socket, by what it receives. Requests, stats, commands: small JSON (the
 # request bound is 16 x MAX_REQUEST_BYTES so an oversized request still gets a clear error reply).
 CONTROL_MESSAGE_BYTES = 1024 * 1024
 # Batches of frames and of readings (the edge cuts batches at 8 MiB of frames; readings decoded from
-# them are larger), history replies.
+# them are larger), acks (a sink back from an outage acknowledges thousands of batches at once),
+# history replies.
 BATCH_MESSAGE_BYTES = 256 * 1024 * 1024
 SECRET_FILE = "pipeline.secret"
 PLAIN_USER = b"sensorpipe"

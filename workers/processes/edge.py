@@ -535,7 +535,8 @@ class Edge:
     async def run(self) -> None:
         ctx = self.ctx
         frames = runtime.socket(ctx, zmq.PUSH, bind=self.cfg.endpoints.frames, hwm=FRAMES_HWM)
-        acks = runtime.socket(ctx, zmq.PULL, bind=self.cfg.endpoints.acks)
+        # an ack lists every batch a sink made durable at once: after an outage, tens of thousands
+        acks = runtime.socket(ctx, zmq.PULL, bind=self.cfg.endpoints.acks, max_message=runtime.BATCH_MESSAGE_BYTES)
         inject = runtime.socket(ctx, zmq.ROUTER, bind=self.cfg.endpoints.inject, hwm=1000,
                                 max_message=runtime.BATCH_MESSAGE_BYTES)
         self._inject_sock = inject
