@@ -35,7 +35,7 @@ from pathlib import Path
 import orjson
 import zmq
 
-from workers.core import envelope
+from workers.core import envelope, runtime
 
 POLICIES = ("never", "interval", "batch")
 SENDERS = 16
@@ -104,10 +104,10 @@ class Run:
                                                       "rollup")}
         self.config = self.dir / "sensorpipe.toml"
         self.config.write_text(CONFIG.format(data=self.dir / "data", policy=policy, **self.ports))
+        runtime.use_secret(runtime.pipeline_secret(self.dir / "data"))   # the workers' credentials
         self.ctx = zmq.Context()
-        self.live = self.ctx.socket(zmq.SUB)            # stands in for the query worker: counters
-        self.live.linger = 0
-        self.live.bind(f"tcp://127.0.0.1:{self.ports['live']}")
+        # stands in for the query worker: counters
+        self.live = runtime.socket(self.ctx, zmq.SUB, bind=f"tcp://127.0.0.1:{self.ports['live']}")
         self.live.setsockopt(zmq.SUBSCRIBE, envelope.STATS)
         self.procs = [subprocess.Popen([sys.executable, "-m", "workers", "--config", str(self.config), "worker", role],
                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.dir / f"{role}.log", "ab"))
@@ -145,7 +145,7 @@ class Run:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.live.close()
-        self.ctx.term()
+        runtime.term(self.ctx)
 
 
 def _port_open(port: int) -> bool:
@@ -165,12 +165,9 @@ class InstantSink(threading.Thread):
 
     def run(self) -> None:
         ctx = zmq.Context()
-        pull = ctx.socket(zmq.PULL)
-        push = ctx.socket(zmq.PUSH)
-        for sock in (pull, push):
-            sock.linger = 0
-        pull.connect(f"tcp://127.0.0.1:{self.run_.ports['frames']}")
-        push.connect(f"tcp://127.0.0.1:{self.run_.ports['acks']}")
+        pull = runtime.socket(ctx, zmq.PULL, connect=f"tcp://127.0.0.1:{self.run_.ports['frames']}",
+                              max_message=runtime.BATCH_MESSAGE_BYTES)
+        push = runtime.socket(ctx, zmq.PUSH, connect=f"tcp://127.0.0.1:{self.run_.ports['acks']}")
         try:
             while not self.stop.is_set():
                 if not pull.poll(100):

@@ -277,6 +277,9 @@ class SensorPipe(System):
         self.sinks = sinks
         self.parsers = parsers
         self.data = workdir / "data"
+        from workers.core import runtime
+        self.secret = runtime.pipeline_secret(self.data)       # the internal sockets' credentials
+        runtime.use_secret(self.secret)
         self.port = free_port()
         self.ports = {n: free_port()
                       for n in ("binary", "frames", "acks", "live", "inject", "query", "sqlite", "influx",
@@ -581,10 +584,9 @@ def latency(bench: "Bench", pipe: SensorPipe, rate: float, seconds: float) -> di
     meter = Meter(pipe.pids())
     meter.start()
     time.sleep(1.0)                                   # let the load settle
+    from workers.core import runtime
     ctx = zmq.Context()
-    req = ctx.socket(zmq.REQ)
-    req.linger = 0
-    req.connect(pipe.query_endpoint)
+    req = runtime.socket(ctx, zmq.REQ, connect=pipe.query_endpoint)
     device = "probe"
     latencies: list[float] = []
     missed = 0
@@ -603,9 +605,7 @@ def latency(bench: "Bench", pipe: SensorPipe, rate: float, seconds: float) -> di
                 req.send(request)
                 if not req.poll(2000):
                     req.close()
-                    req = ctx.socket(zmq.REQ)
-                    req.linger = 0
-                    req.connect(pipe.query_endpoint)
+                    req = runtime.socket(ctx, zmq.REQ, connect=pipe.query_endpoint)
                     continue
                 reply = json.loads(req.recv())
                 if reply.get("ok") and reply["fields"].get("seq", {}).get("value") == seq:
@@ -643,16 +643,16 @@ def latency(bench: "Bench", pipe: SensorPipe, rate: float, seconds: float) -> di
     return result
 
 
-def _query_clients(endpoint: str, devices: list[str], clients: int, seconds: float, out) -> None:
+def _query_clients(endpoint: str, devices: list[str], clients: int, seconds: float, out,
+                   secret: bytes) -> None:
     import zmq
 
+    from workers.core import runtime
+    runtime.use_secret(secret)                        # a spawned process starts without it
     ctx = zmq.Context()
     socks = []
     for _ in range(clients):
-        s = ctx.socket(zmq.REQ)
-        s.linger = 0
-        s.connect(endpoint)
-        socks.append(s)
+        socks.append(runtime.socket(ctx, zmq.REQ, connect=endpoint))
     rng = random.Random(os.getpid())
     requests = [json.dumps({"op": "latest", "device": d}).encode() for d in devices]
     poller = zmq.Poller()
@@ -683,7 +683,8 @@ def query_rate(pipe: SensorPipe, devices: list[str], clients: int, seconds: floa
     meter = Meter({"query": query_pid})
     meter.start()
     workers = [ctx.Process(target=_query_clients, args=(pipe.query_endpoint, devices, clients // procs
-                                                          + (1 if i < clients % procs else 0), seconds, out))
+                                                          + (1 if i < clients % procs else 0), seconds, out,
+                                                          pipe.secret))
                for i in range(procs)]
     started = time.monotonic()
     for w in workers:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from workers.core import runtime
 from workers.processes import query as query_mod
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +79,7 @@ downlink = "tcp://127.0.0.1:{p_downlink}"
 [edge]
 batch_max_delay_ms = 5
 redeliver_after_s = {redeliver}
+{edge}
 
 [binary.devices.1]
 device = "balcony"
@@ -106,7 +108,7 @@ resync_after_s = 1
 
 class Pipeline:
     def __init__(self, tmp: Path, extra_toml: str = "", max_frame: int = 65536, idle_timeout: float = 600,
-                 redeliver: float = 3.0, rollups: str = "") -> None:
+                 redeliver: float = 3.0, rollups: str = "", edge: str = "") -> None:
         self.tmp = tmp
         self.data = tmp / "data"
         self.text_port = free_port()
@@ -118,7 +120,8 @@ class Pipeline:
         self.config_path = tmp / "sensorpipe.toml"
         self.config_path.write_text(BASE_TOML.format(
             data=self.data, text_port=self.text_port, binary_port=self.binary_port, max_frame=max_frame,
-            idle_timeout=idle_timeout, redeliver=redeliver, rollups=rollups, **ports) + extra_toml)
+            idle_timeout=idle_timeout, redeliver=redeliver, rollups=rollups, edge=edge, **ports) + extra_toml)
+        self.secret = runtime.pipeline_secret(self.data)      # what the workers will find there
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = tmp / "logs"
         self.logs.mkdir(exist_ok=True)
@@ -180,7 +183,11 @@ class Pipeline:
     # ------------------------------------------------------------------ talking to it
 
     def query(self, message: dict, timeout: float = 2.0) -> dict:
-        return query_mod.request(self.query_endpoint, message, timeout_s=timeout, retries=0)
+        runtime.use_secret(self.secret)           # this test process may talk to several pipelines
+        try:
+            return query_mod.request(self.query_endpoint, message, timeout_s=timeout, retries=0)
+        finally:
+            runtime.use_secret(None)
 
     def latest(self, device: str) -> dict:
         reply = self.query({"op": "latest", "device": device})

@@ -105,6 +105,7 @@ def test_query_protocol_errors(pipeline: Pipeline) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REQ)
     sock.linger = 0
+    sock.plain_username, sock.plain_password = b"sensorpipe", pipeline.secret
     sock.connect(pipeline.query_endpoint)
     for raw in (b"not json", b"[1,2]", b"\xff\xfe", b"{}"):
         sock.send(raw)

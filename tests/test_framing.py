@@ -94,10 +94,35 @@ def test_oversized_line_rejected_and_skipped() -> None:
     assert frames == [b"b: 2"] and rejects == []
 
 
-def test_oversized_bare_json_closes_connection() -> None:
+def test_oversized_bare_json_is_refused_and_skipped_with_bounded_memory() -> None:
     framer = AutoFramer(32)
     frames, rejects = framer.feed(b'{"a":"' + b"x" * 100)
-    assert frames == [] and len(rejects) == 1 and framer.fatal
+    assert frames == [] and rejects == [] and not framer.fatal
+    for _ in range(100):                                    # the object goes on; the framer keeps none of it
+        framer.feed(b"x" * 1000)
+    assert len(framer.inner.buffer) <= 32
+    frames, rejects = framer.feed(b'"}{"b":2}')
+    assert frames == [b'{"b":2}'] and rejects == [("JSON object longer than 32 bytes", b'{"a":"' + b"x" * 26)]
+
+
+def test_bare_json_over_the_limit_is_refused_whatever_the_read_size() -> None:
+    big = b'{"a":"' + b"x" * 40 + b'"}'
+    for chunk in (1, 7, 40, len(big), 1000):
+        frames, rejects = feed_in_pieces(AutoFramer(32), big + b'{"b":2}', iter(lambda: chunk, None))
+        assert frames == [b'{"b":2}'] and [r[0] for r in rejects] == ["JSON object longer than 32 bytes"], chunk
+
+
+@pytest.mark.parametrize("cut", [None, -1, -2])
+def test_line_at_the_limit_is_accepted_however_cr_and_lf_arrive(cut) -> None:
+    line = b"t: " + b"1" * 13                               # exactly 16 bytes
+    data = line + b"\r\n" + b"x" * 17 + b"\r\n"
+    framer = LineFramer(16)
+    pieces = [data] if cut is None else [data[:len(line) + 2 + cut], data[len(line) + 2 + cut:]]
+    frames, rejects = [], []
+    for piece in pieces:
+        f, r = framer.feed(piece)
+        frames, rejects = frames + f, rejects + r
+    assert frames == [line] and [r[0] for r in rejects] == ["frame longer than 16 bytes"]
 
 
 def test_garbage_between_json_objects_is_rejected_not_lost() -> None:

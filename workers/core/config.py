@@ -101,6 +101,7 @@ class Edge:
     fsync_interval_ms: float = 200.0
     redeliver_after_s: float = 15.0               # unacknowledged batches are sent again after this
     max_inflight_batches: int = 100_000           # more than this unacknowledged: stop reading devices
+    max_partial_bytes: int = 16 * 1024 * 1024     # unfinished frames held over all connections (docs/protocols.md)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ newline-delimited lines (``\\r\\n`` tolerated) or bare JSON objects back to back
 frames so far and the rejects (reason, raw bytes); a frame split across any number of reads is
 reassembled exactly. ``fatal`` is set when the stream cannot be resynchronised and the connection
 should be closed.
+
+Two invariants, checked by property tests (tests/test_framing_properties.py): the frames and rejects
+do not depend on how the stream was cut into reads (a limit is never enforced by chance), and every
+byte fed ends up in a frame, in a reject (``rejected_bytes`` counts the whole span a reject stands for,
+its excerpt is at most ``REJECT_EXCERPT`` bytes), or is a delimiter or whitespace between frames.
 """
 from __future__ import annotations
 
@@ -30,6 +35,10 @@ class LineFramer:
         self.buffer = b""
         self.skipping = False
         self.fatal: str | None = None
+        self.rejected_bytes = 0
+        # The excerpt of an over-long line is its first bytes up to the limit, so it is the same whether
+        # the line was refused whole or while it was still arriving.
+        self.excerpt = min(max_frame, REJECT_EXCERPT)
 
     def feed(self, data: bytes) -> tuple[Frames, Rejects]:
         frames: Frames = []
@@ -42,17 +51,24 @@ class LineFramer:
         tail = lines.pop()
         if self.skipping:
             self.skipping = False
-            lines.pop(0)
+            self.rejected_bytes += len(lines.pop(0))
         max_frame = self.max_frame
         for line in lines:
+            if len(line) > max_frame and (len(line) > max_frame + 1 or line[-1] != 0x0D):
+                rejects.append((f"frame longer than {max_frame} bytes", line[:self.excerpt]))
+                self.rejected_bytes += len(line)
+                continue
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if len(line) > max_frame:
-                rejects.append((f"frame longer than {max_frame} bytes", line[:REJECT_EXCERPT]))
-            elif line.strip():
+            if line.strip():
                 frames.append(line)
         self._hold(tail, rejects)
         return frames, rejects
+
+    @property
+    def held_bytes(self) -> int:
+        """The unfinished frame kept between reads (at most ``max_frame`` + 1)."""
+        return len(self.buffer)
 
     def finish(self) -> tuple[Frames, Rejects]:
         """The device hung up: a last line without its newline is still a frame."""
@@ -60,17 +76,26 @@ class LineFramer:
         return ([tail] if tail.strip() and not self.skipping else []), []
 
     def _hold(self, buffer: bytes, rejects: Rejects) -> None:
+        # A line of exactly max_frame bytes may wait for its LF with its CR already read: the CR is not
+        # part of the frame, so it does not count against the limit.
         if self.skipping:
+            self.rejected_bytes += len(buffer)
             self.buffer = b""
-        elif len(buffer) > self.max_frame:
-            rejects.append((f"frame longer than {self.max_frame} bytes", buffer[:REJECT_EXCERPT]))
+        elif len(buffer) > self.max_frame and (len(buffer) > self.max_frame + 1 or buffer[-1] != 0x0D):
+            rejects.append((f"frame longer than {self.max_frame} bytes", buffer[:self.excerpt]))
+            self.rejected_bytes += len(buffer)
             self.buffer, self.skipping = b"", True
         else:
             self.buffer = buffer
 
 
 class JsonStreamFramer:
-    """Bare JSON objects back to back (``{..}{..}``), whitespace between them allowed."""
+    """Bare JSON objects back to back (``{..}{..}``), whitespace between them allowed.
+
+    An object over the limit is refused whether it arrived in one read or many: once it passes the
+    limit its bytes are scanned (braces and strings, to find its end) but no longer kept, so memory
+    stays bounded by ``max_frame``, and the stream resumes after it. Garbage between objects runs to
+    the next newline or ``{``; a run over the limit is refused the same way."""
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
@@ -79,6 +104,11 @@ class JsonStreamFramer:
         self.depth = 0
         self.in_string = False
         self.fatal: str | None = None
+        self.rejected_bytes = 0
+        self.excerpt = min(max_frame, REJECT_EXCERPT)
+        self.oversized: bytes | None = None    # the excerpt of the object being skipped
+        self.skipped = 0                       # bytes of it already dropped from buffer
+        self.garbage: bytes | None = None      # the excerpt of an over-long garbage run being skipped
         self.newline_after_object = False   # the device turned out to write JSON lines
         self.multiline_objects = False      # an object spanned lines (pretty-printed): never JSON lines
         self.objects = 0
@@ -90,6 +120,10 @@ class JsonStreamFramer:
         buf += data
         while True:
             if self.depth == 0:
+                if self.garbage is not None or (buf and buf[0] not in _WHITESPACE and buf[0] != 0x7B):
+                    if self._garbage(buf, rejects):
+                        continue
+                    break
                 start = _skip_whitespace(buf, 0)
                 if start:
                     if self.objects and b"\n" in buf[:start]:
@@ -97,38 +131,77 @@ class JsonStreamFramer:
                     del buf[:start]
                     if self.newline_after_object and not self.multiline_objects:
                         break      # JSON lines after all: AutoFramer hands the rest to the line framer
+                    continue
                 if not buf:
                     break
-                if buf[0] != 0x7B:                      # "{": anything else at depth 0 is garbage
-                    end = _garbage_end(buf)
-                    if end is None:
-                        if len(buf) > self.max_frame:
-                            rejects.append(("not a JSON object", bytes(buf[:REJECT_EXCERPT])))
-                            buf.clear()
-                        break
-                    rejects.append(("not a JSON object", bytes(buf[:end])))
-                    del buf[:end]
-                    continue
                 self.scan, self.depth, self.in_string = 1, 1, False
+                self.skipped = 0
             end = self._scan(buf)
             if end is None:
-                if len(buf) > self.max_frame:
-                    rejects.append((f"JSON object longer than {self.max_frame} bytes", bytes(buf[:REJECT_EXCERPT])))
-                    self.fatal = "oversized JSON object with no delimiter to resynchronise on"
-                    buf.clear()
+                if self.oversized is None and len(buf) > self.max_frame:
+                    self.oversized = bytes(buf[:self.excerpt])
+                if self.oversized is not None:      # keep scanning its bytes, not keeping them
+                    drop = min(self.scan, len(buf))
+                    del buf[:drop]
+                    self.scan -= drop
+                    self.skipped += drop
                 break
-            frame = bytes(buf[:end])
-            if b"\n" in frame:
-                self.multiline_objects = True
-            frames.append(frame)
+            size = self.skipped + end
+            if size > self.max_frame:
+                excerpt = self.oversized if self.oversized is not None else bytes(buf[:self.excerpt])
+                rejects.append((f"JSON object longer than {self.max_frame} bytes", excerpt))
+                self.rejected_bytes += size
+                self.oversized = None
+            else:
+                frame = bytes(buf[:end])
+                if b"\n" in frame:
+                    self.multiline_objects = True
+                frames.append(frame)
+                self.objects += 1
             del buf[:end]
             self.depth = 0
-            self.objects += 1
+            self.skipped = 0
         return frames, rejects
 
+    @property
+    def held_bytes(self) -> int:
+        return len(self.buffer)
+
+    def _garbage(self, buf: bytearray, rejects: Rejects) -> bool:
+        """Bytes at depth 0 that do not open an object: a run to the next newline (inclusive) or ``{``.
+        True when the run was taken off ``buf`` (go on), False when its end has not arrived yet."""
+        end = _garbage_end(buf)
+        if self.garbage is None and end is not None and end <= self.max_frame:
+            rejects.append(("not a JSON object", bytes(buf[:min(end, self.excerpt)])))
+            self.rejected_bytes += end
+            del buf[:end]
+            return True
+        if self.garbage is None:
+            if len(buf) <= self.max_frame:
+                return False                       # wait for its end
+            self.garbage = bytes(buf[:self.excerpt])   # too long to keep: skip to its end
+        stop = len(buf) if end is None else end
+        self.rejected_bytes += stop
+        del buf[:stop]
+        if end is None:
+            return False
+        rejects.append(("not a JSON object", self.garbage))
+        self.garbage = None
+        return True
+
     def finish(self) -> tuple[Frames, Rejects]:
-        rest, self.buffer = bytes(self.buffer).strip(), bytearray()
-        return [], ([("connection closed inside a JSON object", rest[:REJECT_EXCERPT])] if rest else [])
+        held, self.buffer = bytes(self.buffer), bytearray()
+        rest = held.strip()
+        reason = "connection closed inside a JSON object" if self.depth else "not a JSON object"
+        if self.garbage is not None or self.oversized is not None:
+            self.rejected_bytes += len(held.rstrip()) if self.garbage is not None else len(held)
+            rest = self.garbage if self.garbage is not None else self.oversized
+            self.garbage = self.oversized = None
+        elif rest:
+            self.rejected_bytes += len(rest)
+            rest = rest[:self.excerpt]
+        self.depth = 0
+        return [], ([(reason, rest)] if rest else [])
 
     def _scan(self, buf: bytearray) -> int | None:
         """Advance through buf; return the end of the object or None if it is incomplete."""
@@ -166,7 +239,7 @@ def _garbage_end(buf: bytearray) -> int | None:
     """Garbage runs to the next newline (inclusive) or the next '{'."""
     newline = buf.find(b"\n")
     brace = buf.find(b"{")
-    ends = [e for e in (newline + 1 if newline >= 0 else -1, brace) if e > 0]
+    ends = [e for e in (newline + 1 if newline >= 0 else -1, brace) if e >= 0]   # 0: a run skipped so far ends here
     return min(ends) if ends else None
 
 
@@ -176,10 +249,20 @@ class AutoFramer:
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         self.inner: LineFramer | JsonStreamFramer | None = None
+        self._rejected_before = 0          # rejected_bytes of the JSON framer handed over from
+        self._head = b""                   # whitespace read before the first frame
 
     @property
     def fatal(self) -> str | None:
         return self.inner.fatal if self.inner else None
+
+    @property
+    def held_bytes(self) -> int:
+        return len(self._head) + (self.inner.held_bytes if self.inner else 0)
+
+    @property
+    def rejected_bytes(self) -> int:
+        return self._rejected_before + (self.inner.rejected_bytes if self.inner else 0)
 
     @property
     def mode(self) -> str:
@@ -187,9 +270,15 @@ class AutoFramer:
 
     def feed(self, data: bytes) -> tuple[Frames, Rejects]:
         if self.inner is None:
+            # Whitespace before the first frame decides nothing, but in a line it belongs to the line:
+            # it is held (after its last newline: blank lines are nothing in either framing) so that
+            # the first frame is the same however the reads were cut.
+            data = self._head + data
             head = data.lstrip(_WHITESPACE)
-            if not head:
+            if not head and len(data) - data.rfind(b"\n") - 1 <= self.max_frame:
+                self._head = data[data.rfind(b"\n") + 1:]
                 return [], []
+            self._head = b""
             self.inner = JsonStreamFramer(self.max_frame) if head[:1] == b"{" else LineFramer(self.max_frame)
         frames, rejects = self.inner.feed(data)
         inner = self.inner
@@ -197,6 +286,7 @@ class AutoFramer:
             # JSON lines: hand over to the (much faster) line framer with what is left unparsed. The
             # buffer starts at the object being read (if any), so a read ending mid-object is fine.
             rest = bytes(inner.buffer)
+            self._rejected_before += inner.rejected_bytes
             self.inner = LineFramer(self.max_frame)
             more, more_rejects = self.inner.feed(rest) if rest else ([], [])
             frames += more
@@ -204,6 +294,7 @@ class AutoFramer:
         return frames, rejects
 
     def finish(self) -> tuple[Frames, Rejects]:
+        self._head = b""
         return self.inner.finish() if self.inner else ([], [])
 
 
@@ -214,10 +305,16 @@ class PacketFramer:
         self.max_frame = max_frame
         self.buffer = b""
         self.fatal: str | None = None
+        self.rejected_bytes = 0
 
     def feed(self, data: bytes) -> tuple[Frames, Rejects]:
+        """After a bad header nothing more is read: what followed it is counted as rejected, and the
+        reject's excerpt is the header alone, so it does not depend on how much had arrived."""
         frames: Frames = []
         rejects: Rejects = []
+        if self.fatal:
+            self.rejected_bytes += len(data)
+            return frames, rejects
         buffer = self.buffer + data
         size = PACKET_HEADER.size
         while len(buffer) >= size and not self.fatal:
@@ -227,7 +324,8 @@ class PacketFramer:
             elif length > self.max_frame:
                 self.fatal = f"packet of {length} bytes is over the {self.max_frame}-byte limit"
             if self.fatal:
-                rejects.append((self.fatal, buffer[:REJECT_EXCERPT]))
+                rejects.append((self.fatal, buffer[:size]))
+                self.rejected_bytes += len(buffer)
                 buffer = b""
                 break
             if len(buffer) < size + length:
@@ -237,8 +335,13 @@ class PacketFramer:
         self.buffer = buffer
         return frames, rejects
 
+    @property
+    def held_bytes(self) -> int:
+        return len(self.buffer)
+
     def finish(self) -> tuple[Frames, Rejects]:
         # An incomplete packet was never acknowledged, so the board still has it and sends it again.
+        self.rejected_bytes += len(self.buffer)
         self.buffer = b""
         return [], []
 

@@ -1,13 +1,25 @@
 """What every worker shares: logging setup, the stop flag, counters, socket options.
 
 The shape of every worker (zguide): build sockets, one poll loop with a timeout of at most a second
-that checks ``stop``, close sockets with ``linger=0`` in ``finally``. The caller owns the context.
+that checks ``stop``, close sockets with ``linger=0`` in ``finally``. The caller owns the context
+and ends it with ``term`` (which stops its authenticator first).
 SIGTERM/SIGINT set the flag; a second signal exits at once.
+
+Every socket is made by ``socket``, the one place that sets what all of them need: ``linger = 0``,
+``ZMQ_MAXMSGSIZE`` (a peer that sends more is disconnected by ZeroMQ before anything is read), and
+the pipeline's credentials. Internal sockets authenticate with ZeroMQ's PLAIN mechanism against a
+per-pipeline secret (``pipeline.secret`` in the data directory, mode 0600, made on first use): a
+binding socket is a PLAIN server checked by a ZAP handler (pyzmq's ThreadAuthenticator, one thread
+per process), a connecting one presents the secret. A process on the host that cannot read the data
+directory cannot connect to any of them, so it can neither feed them nor take a worker's routing id
+(the edge's on the downlink) and receive what is meant for it. Why PLAIN and not CURVE, and what it
+costs: docs/operations.md.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import sqlite3
 import sys
@@ -18,6 +30,7 @@ from typing import Any, Callable
 
 import orjson
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from workers.core import envelope, errors, starts
 
@@ -28,6 +41,16 @@ EXIT_OK = 0
 EXIT_CONFIG = 2                    # the configuration is wrong: supervisord should not retry forever
 EXIT_FAILURE = 1
 MAX_REQUEST_BYTES = 64 * 1024      # a JSON request to the query or commands worker
+# ZMQ_MAXMSGSIZE per socket, by what it receives. Requests, stats, commands: small JSON (the
+# request bound is 16 x MAX_REQUEST_BYTES so an oversized request still gets a clear error reply).
+CONTROL_MESSAGE_BYTES = 1024 * 1024
+# Batches of frames and of readings (the edge cuts batches at 8 MiB of frames; readings decoded from
+# them are larger), acks (a sink back from an outage acknowledges thousands of batches at once),
+# history replies.
+BATCH_MESSAGE_BYTES = 256 * 1024 * 1024
+SECRET_FILE = "pipeline.secret"
+PLAIN_USER = b"sensorpipe"
+ZAP_DOMAIN = "sensorpipe"
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +86,94 @@ class StopFlag:
         return self.is_set
 
 
+def pipeline_secret(data_dir: str | Path) -> bytes:
+    """The pipeline's shared secret, made (0600) on first use. Several workers start at once: the
+    file appears whole, by a hard link, or not at all, so they all read the same secret."""
+    path = Path(data_dir) / SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{SECRET_FILE}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_urlsafe(32).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    if path.stat().st_mode & 0o077:
+        log.warning("%s was readable by others: made 0600 (whoever read it can talk to the pipeline's"
+                    " internal sockets until the file is replaced)", path)
+        path.chmod(0o600)
+    secret = path.read_bytes().strip()
+    if not secret:
+        raise OSError(f"{path} is empty: remove it and restart the pipeline to make a new one")
+    return secret
+
+
+_secret: bytes | None = None
+_authenticators: dict[int, "PipelineAuthenticator"] = {}
+refused_peers = 0                  # connections refused by this process's ZAP handler (wrong secret)
+
+
+def use_secret(secret: bytes | None) -> None:
+    """The credentials this process's sockets use from now on (None: no authentication, tests only)."""
+    global _secret
+    _secret = secret
+
+
+class PipelineAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, counting and logging (once) the peers it refuses."""
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
+                        user_id: str = "anonymous") -> None:
+        global refused_peers
+        if status_code != b"200":
+            refused_peers += 1
+            if refused_peers == 1:
+                log.warning("refused a connection to an internal socket: %s (a process without the pipeline"
+                            " secret; counted as refused_peers)", status_text.decode(errors="replace"))
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+def _authenticator(ctx: zmq.Context, secret: bytes) -> None:
+    key = ctx.underlying
+    if key in _authenticators:
+        return
+    auth = PipelineAuthenticator(zmq.Context.shadow(ctx.underlying))
+    auth.start()
+    auth.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER.decode(): secret.decode()})
+    _authenticators[key] = auth
+
+
+def term(ctx: zmq.Context) -> None:
+    """End a context made by a worker: its ZAP handler first (it holds a socket of it)."""
+    auth = _authenticators.pop(ctx.underlying, None)
+    if auth is not None:
+        auth.stop()
+    ctx.term()
+
+
 def socket(ctx: zmq.Context, kind: int, *, bind: str | None = None, connect: str | None = None,
-           hwm: int | None = None) -> zmq.Socket:
+           hwm: int | None = None, max_message: int = CONTROL_MESSAGE_BYTES,
+           server: bool | None = None) -> zmq.Socket:
+    """A socket with what every socket needs (module docstring). It authenticates as the server side
+    when it binds here (or ``server=True``: bound later), as a client otherwise."""
     sock = ctx.socket(kind)
     sock.linger = 0
+    sock.maxmsgsize = max_message
+    if _secret is not None:
+        if server if server is not None else bind is not None:
+            _authenticator(ctx, _secret)
+            sock.zap_domain = ZAP_DOMAIN.encode()
+            sock.plain_server = True
+        else:
+            sock.plain_username = PLAIN_USER
+            sock.plain_password = _secret
     if hwm is not None:
         sock.sndhwm = hwm
         sock.rcvhwm = hwm
@@ -88,12 +195,19 @@ class Counters(dict):
     def add(self, name: str, n: int = 1) -> None:
         self[name] = self.get(name, 0) + n
 
+    def snapshot(self) -> dict:
+        """The counters to publish, with the process's refused connections (ZAP) when there were any."""
+        counters = dict(self)
+        if refused_peers:
+            counters["refused_peers"] = refused_peers
+        return counters
+
     def publish_due(self, live: zmq.Socket, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         if now >= self._next:
             self._next = now + STATS_INTERVAL_S
             try:
-                live.send_multipart(envelope.stats_message(self.worker, dict(self)), zmq.NOBLOCK)
+                live.send_multipart(envelope.stats_message(self.worker, self.snapshot()), zmq.NOBLOCK)
             except zmq.Again:
                 pass
 

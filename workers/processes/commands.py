@@ -556,9 +556,9 @@ class Commands:
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
         self.front = front = runtime.socket(ctx, zmq.ROUTER, bind=cfg.endpoints.command)
-        notices = runtime.socket(ctx, zmq.PULL, bind=cfg.endpoints.seen, hwm=10000)
-        downlink = ctx.socket(zmq.ROUTER)
-        downlink.linger = 0
+        notices = runtime.socket(ctx, zmq.PULL, bind=cfg.endpoints.seen, hwm=10000,
+                                 max_message=runtime.BATCH_MESSAGE_BYTES)
+        downlink = runtime.socket(ctx, zmq.ROUTER, server=True)     # bound below, once its options are set
         downlink.setsockopt(zmq.ROUTER_MANDATORY, 1)      # a transport that is not there raises, not drops
         downlink.setsockopt(zmq.ROUTER_HANDOVER, 1)       # a restarted edge takes its identity back
         downlink.bind(cfg.endpoints.downlink)
@@ -658,5 +658,5 @@ def main(cfg: Config) -> int:
     try:
         Commands(cfg).run(ctx, stop)
     finally:
-        ctx.term()
+        runtime.term(ctx)
     return runtime.EXIT_OK

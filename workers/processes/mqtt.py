@@ -428,8 +428,7 @@ class MqttWorker:
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
         self.inject_sock = runtime.socket(ctx, zmq.DEALER, connect=cfg.endpoints.inject, hwm=MAX_INJECTS_IN_FLIGHT * 4)
-        downlink = ctx.socket(zmq.DEALER)
-        downlink.linger = 0
+        downlink = runtime.socket(ctx, zmq.DEALER)
         downlink.setsockopt(zmq.ROUTING_ID, b"mqtt")
         downlink.connect(cfg.endpoints.downlink)
         self.downlink_sock = downlink
@@ -480,5 +479,5 @@ def main(cfg: Config) -> int:
     try:
         MqttWorker(cfg).run(ctx, stop)
     finally:
-        ctx.term()
+        runtime.term(ctx)
     return runtime.EXIT_OK

@@ -187,7 +187,8 @@ class Parser:
 
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
-        frames = runtime.socket(ctx, zmq.PULL, connect=cfg.endpoints.frames, hwm=4)
+        frames = runtime.socket(ctx, zmq.PULL, connect=cfg.endpoints.frames, hwm=4,
+                                max_message=runtime.BATCH_MESSAGE_BYTES)
         notices = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.seen, hwm=SEEN_HWM)
         sinks = {name: runtime.socket(ctx, zmq.PUSH, connect=endpoint, hwm=SINK_HWM)
                  for name, endpoint in cfg.consumers().items()}
@@ -313,5 +314,5 @@ def main(cfg: Config) -> int:
     try:
         Parser(cfg).run(ctx, stop)
     finally:
-        ctx.term()
+        runtime.term(ctx)
     return runtime.EXIT_OK

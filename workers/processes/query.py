@@ -46,6 +46,7 @@ DEFAULT_HISTORY_SPAN_MS = 24 * 3600 * 1000     # "from" defaults to a day before
 ROLLUP_COLUMNS = ["ts", "count", "min", "max", "mean", "last"]
 
 Latest = dict[str, dict[str, tuple[Any, int]]]      # device -> field -> (value, ts ns)
+FIELD_TYPES = frozenset((int, float, str, bool, type(None)))   # what a reading's field may hold
 
 
 class QueryError(runtime.RequestError):
@@ -73,19 +74,35 @@ class LatestValues:
         if ts > self.last_seen.get(device, 0):
             self.last_seen[device] = ts
 
-    def apply_readings(self, readings: list) -> None:
-        """``update`` for every field of every reading, inlined: this runs for every reading."""
+    def apply_readings(self, readings: list) -> int:
+        """``update`` for every field of every reading, inlined: this runs for every reading. Returns how
+        many were malformed and skipped: one kept with a timestamp that is not an integer would make
+        every later reading of its device fail to compare."""
         devices, last_seen = self.devices, self.last_seen
-        for device, ts, fields, _tags in readings:
+        bad = 0
+        if type(readings) is not list:
+            return 1
+        for row in readings:
+            if type(row) is not list or len(row) != 4:
+                bad += 1
+                continue
+            device, ts, fields, _tags = row
+            if type(device) is not str or type(ts) is not int or type(fields) is not dict:
+                bad += 1
+                continue
             known = devices.get(device)
             if known is None:
                 known = devices[device] = {}
             for field, value in fields.items():
+                if type(value) not in FIELD_TYPES:
+                    bad += 1
+                    continue
                 seen = known.get(field)
                 if seen is None or ts >= seen[1]:
                     known[field] = (value, ts)
             if ts > last_seen.get(device, 0):
                 last_seen[device] = ts
+        return bad
 
 
 def restore_from_sqlite(cfg: Config, latest: LatestValues) -> int:
@@ -141,6 +158,7 @@ class QueryWorker:
         self.latest = LatestValues()
         self.stats: dict[str, tuple[float, dict]] = {}
         self.counters = runtime.Counters("query")
+        self._logged: set[str] = set()          # kinds of bad live input already logged once
         self.ops: dict[str, Callable[[dict], dict]] = {
             "latest": self.op_latest,
             "devices": self.op_devices,
@@ -181,7 +199,7 @@ class QueryWorker:
         from workers.core.outbox import sink_summary
 
         now = time.monotonic()
-        self.stats["query"] = (now, dict(self.counters))
+        self.stats["query"] = (now, self.counters.snapshot())
         sinks = {name.split(":", 1)[1]: {**sink_summary(counters), "stale": now - at > STATS_STALE_S}
                  for name, (at, counters) in sorted(self.stats.items()) if name.startswith("sink:")}
         return {"ok": True, "sinks": sinks,
@@ -250,20 +268,31 @@ class QueryWorker:
     # ------------------------------------------------------------------ live feed
 
     def on_live(self, message: list[bytes]) -> None:
+        """A malformed message (or row) is counted, logged once per kind, and ignored: nothing on the
+        live socket may take the query worker down or spoil the values it keeps."""
+        kind = message[0] if message else b""
         try:
-            kind = message[0]
             if kind == envelope.READINGS:
                 _, readings, _ = envelope.parse_readings_rows(message[1], message[2])
-                self.latest.apply_readings(readings)
+                bad = self.latest.apply_readings(readings)
                 for entry in envelope.parse_seen(message[1]):
                     self.latest.seen(entry)
-                self.counters.add("live_readings", len(readings))
+                if bad:
+                    self._bad_live("bad_live_readings", bad, f"{bad} malformed reading(s) in {message[2][:120]!r}")
+                self.counters.add("live_readings", len(readings) - bad if type(readings) is list else 0)
             elif kind == envelope.STATS:
                 worker, counters = envelope.parse_stats(message)
+                if not isinstance(counters, dict) or not worker:
+                    raise envelope.EnvelopeError(f"stats of {worker!r} are not an object of counters")
                 self.stats[worker] = (time.monotonic(), counters)
-        except (envelope.EnvelopeError, IndexError, ValueError) as exc:
-            self.counters.add("bad_messages")
-            log.warning("ignoring a bad live message: %s", exc)
+        except (envelope.EnvelopeError, IndexError, ValueError, TypeError, AttributeError) as exc:
+            self._bad_live("bad_live_messages", 1, f"{kind[:20]!r} message: {exc}")
+
+    def _bad_live(self, counter: str, n: int, what: str) -> None:
+        self.counters.add(counter, n)
+        if counter not in self._logged:
+            self._logged.add(counter)
+            log.warning("ignoring malformed input on the live socket (logged once; counted as %s): %s", counter, what)
 
     def restore(self) -> None:
         source = restore_source(self.cfg)
@@ -281,7 +310,7 @@ class QueryWorker:
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
         front = runtime.socket(ctx, zmq.ROUTER, bind=cfg.endpoints.query)
-        live = runtime.socket(ctx, zmq.SUB, bind=cfg.endpoints.live, hwm=10000)
+        live = runtime.socket(ctx, zmq.SUB, bind=cfg.endpoints.live, hwm=10000, max_message=runtime.BATCH_MESSAGE_BYTES)
         live.setsockopt(zmq.SUBSCRIBE, envelope.READINGS)
         live.setsockopt(zmq.SUBSCRIBE, envelope.STATS)
         self.restore()          # after subscribing, so nothing falls between the two
@@ -329,7 +358,7 @@ def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, 
     try:
         payload = orjson.dumps(message)
         for _ in range(retries + 1):
-            sock = runtime.socket(ctx, zmq.REQ, connect=endpoint)
+            sock = runtime.socket(ctx, zmq.REQ, connect=endpoint, max_message=runtime.BATCH_MESSAGE_BYTES)
             try:
                 sock.send(payload)
                 if sock.poll(int(timeout_s * 1000), zmq.POLLIN):
@@ -349,5 +378,5 @@ def main(cfg: Config) -> int:
     try:
         QueryWorker(cfg).run(ctx, stop)
     finally:
-        ctx.term()
+        runtime.term(ctx)
     return runtime.EXIT_OK

@@ -518,7 +518,8 @@ class RollupWorker:
 
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
-        inbox = runtime.socket(ctx, zmq.PULL, bind=cfg.rollups.endpoint, hwm=INBOX_HWM)
+        inbox = runtime.socket(ctx, zmq.PULL, bind=cfg.rollups.endpoint, hwm=INBOX_HWM,
+                               max_message=runtime.BATCH_MESSAGE_BYTES)
         acks = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.acks, hwm=10000)
         live = runtime.socket(ctx, zmq.PUB, connect=cfg.endpoints.live)
         poller = zmq.Poller()
@@ -596,5 +597,5 @@ def main(cfg: Config) -> int:
     try:
         RollupWorker(cfg).run(ctx, stop)
     finally:
-        ctx.term()
+        runtime.term(ctx)
     return runtime.EXIT_OK

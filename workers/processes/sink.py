@@ -38,7 +38,7 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
     takes_events = getattr(sink, "takes_events", True)     # InfluxDB keeps time series only
     takes_readings = getattr(sink, "takes_readings", True)   # the webhook sink takes events only
     counters = runtime.Counters(f"sink:{name}")
-    inbox = runtime.socket(ctx, zmq.PULL, bind=opts.endpoint, hwm=INBOX_HWM)
+    inbox = runtime.socket(ctx, zmq.PULL, bind=opts.endpoint, hwm=INBOX_HWM, max_message=runtime.BATCH_MESSAGE_BYTES)
     acks = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.acks, hwm=10000)
     live = runtime.socket(ctx, zmq.PUB, connect=cfg.endpoints.live)
     deadletters = DeadLetterStore.for_config(cfg)
@@ -115,4 +115,4 @@ def main(cfg: Config, name: str) -> int:
     try:
         return run(cfg, name, ctx, stop)
     finally:
-        ctx.term()
+        runtime.term(ctx)
