@@ -152,6 +152,13 @@ class Pipeline:
     def wait_ready(self) -> None:
         wait_for(lambda: self.query({"op": "ping"}, timeout=0.5).get("ok"), message="query worker")
         wait_for(self._port_open, message="edge listener")
+        # A parser's readings reach the query worker over PUB/SUB, which drops what is sent before the
+        # connection is up: a parser is ready once its stats got through.
+        wait_for(lambda: self._parsers_running() <= set(self.query({"op": "status"}, timeout=0.5).get("workers", {})),
+                 message="parsers reporting to the query worker")
+
+    def _parsers_running(self) -> set[str]:
+        return {name for name, proc in self.procs.items() if name.startswith("parser:") and proc.poll() is None}
 
     def _port_open(self) -> bool:
         with socket.socket() as sock:
@@ -186,6 +193,16 @@ class Pipeline:
         runtime.use_secret(self.secret)           # this test process may talk to several pipelines
         try:
             return query_mod.request(self.query_endpoint, message, timeout_s=timeout, retries=0)
+        finally:
+            runtime.use_secret(None)
+
+    def command(self, message: dict, timeout: float = 2.5) -> dict:
+        """A request to the commands worker (send, commands, firmware...), with the pipeline's secret."""
+        from workers.processes.commands import request
+
+        runtime.use_secret(self.secret)
+        try:
+            return request(self.command_endpoint, message, timeout)
         finally:
             runtime.use_secret(None)
 

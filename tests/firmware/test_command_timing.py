@@ -10,7 +10,6 @@ import pytest
 from tests.firmware.harness import HERE
 from tests.firmware.live_board import LiveBoard, now_ms
 from tests.pipeline import COMMAND_ROLES, Pipeline, wait_for
-from workers.processes.commands import request
 
 SCRIPT = HERE / "timed_board.py"
 POLL_SLACK_MS = 600          # the board reads its connection every 200 ms; the rest is the pipeline's way down
@@ -25,11 +24,11 @@ def server(pipeline_factory) -> Pipeline:
 
 
 def send(p: Pipeline, command: dict, command_id: str) -> dict:
-    return request(p.command_endpoint, {"op": "send", "device": "timed-1", "id": command_id, "command": command})
+    return p.command({"op": "send", "device": "timed-1", "id": command_id, "command": command})
 
 
 def acked(p: Pipeline, command_id: str) -> bool:
-    reply = request(p.command_endpoint, {"op": "commands", "device": "timed-1"})
+    reply = p.command({"op": "commands", "device": "timed-1"})
     return any(c["id"] == command_id and c["status"] == "acked" for c in reply["commands"])
 
 

@@ -15,7 +15,6 @@ from tests.firmware.harness import FAKES, FIRMWARE, HERE
 from tests.firmware.live_board import LiveBoard
 from tests.pipeline import COMMAND_ROLES, Pipeline, wait_for
 from workers.core import devicekeys
-from workers.processes.commands import request
 
 SCRIPT = HERE / "ota_board.py"
 
@@ -73,7 +72,7 @@ def push(p: Pipeline, version: str, firmware: Path, *targets: str) -> str:
 
 
 def states(p: Pipeline) -> dict[str, dict]:
-    return {s["device"]: s for s in request(p.command_endpoint, {"op": "firmware"})["devices"]}
+    return {s["device"]: s for s in p.command({"op": "firmware"})["devices"]}
 
 
 def state_of(p: Pipeline, device: str) -> dict:
@@ -97,7 +96,7 @@ def test_good_update(server: Pipeline, micropython_unix, tmp_path: Path, boards)
         # the server refuses a second push while this one is under way
         assert "gh-1: not sent: mid-update (sending 2)" in push(server, "2", v2, "--device", "gh-1")
         # an update's command ids are its own
-        reply = request(server.command_endpoint, {"op": "send", "device": "gh-1", "id": "ota.1.gh-1.s",
+        reply = server.command({"op": "send", "device": "gh-1", "id": "ota.1.gh-1.s",
                                                   "command": {"cmd": "ota_swap", "v": "2"}})
         assert not reply["ok"] and "sensorpipe firmware push" in reply["error"]
     finally:
@@ -183,7 +182,7 @@ def test_cut_connection_mid_download(server: Pipeline, micropython_unix, tmp_pat
 
 
 def commands(p: Pipeline, device: str) -> list[dict]:
-    return request(p.command_endpoint, {"op": "commands", "device": device, "limit": 1000})["commands"]
+    return p.command({"op": "commands", "device": device, "limit": 1000})["commands"]
 
 
 def test_version_that_crashes_on_boot_is_rolled_back(server: Pipeline, micropython_unix, tmp_path: Path,

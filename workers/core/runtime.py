@@ -36,6 +36,8 @@ from workers.core import envelope, errors, starts
 
 POLL_MS = 200                      # every poll loop wakes at least this often
 STATS_INTERVAL_S = 2.0
+STARTUP_STATS_S = 0.25             # the first few stats come sooner: a PUB drops what it sends before it is
+STARTUP_STATS = 4                  # connected, and a worker is seen in status once one gets through
 
 EXIT_OK = 0
 EXIT_CONFIG = 2                    # the configuration is wrong: supervisord should not retry forever
@@ -140,6 +142,14 @@ class PipelineAuthenticator(ThreadAuthenticator):
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
 
+def use_pipeline_secret(data_dir: str | Path, make: bool = False) -> None:
+    """Talk to the pipeline with its secret. Workers make it on first start (``make``); the user's
+    commands only read it, so check-config or firmware never create a data directory. Raises OSError
+    when the secret is there but cannot be read (or, with ``make``, cannot be made)."""
+    if make or (Path(data_dir) / SECRET_FILE).exists():
+        use_secret(pipeline_secret(data_dir))
+
+
 def _authenticator(ctx: zmq.Context, secret: bytes) -> None:
     key = ctx.underlying
     if key in _authenticators:
@@ -191,6 +201,7 @@ class Counters(dict):
         super().__init__(starts.published(worker))      # restarts survive the restart (workers.core.starts)
         self.worker = worker
         self._next = 0.0
+        self._published = 0
 
     def add(self, name: str, n: int = 1) -> None:
         self[name] = self.get(name, 0) + n
@@ -205,7 +216,8 @@ class Counters(dict):
     def publish_due(self, live: zmq.Socket, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         if now >= self._next:
-            self._next = now + STATS_INTERVAL_S
+            self._published += 1
+            self._next = now + (STARTUP_STATS_S if self._published < STARTUP_STATS else STATS_INTERVAL_S)
             try:
                 live.send_multipart(envelope.stats_message(self.worker, self.snapshot()), zmq.NOBLOCK)
             except zmq.Again:

@@ -656,6 +656,7 @@ class Edge:
 
     async def _housekeeping(self, live: zmq.asyncio.Socket) -> None:
         next_redeliver = next_sweep = next_stats = next_checkpoint = 0.0
+        stats_sent = 0
         while True:
             await asyncio.sleep(runtime.POLL_MS / 1000)
             now = time.monotonic()
@@ -674,7 +675,8 @@ class Edge:
             self._check_pressure()
             if now < next_stats:
                 continue
-            next_stats = now + runtime.STATS_INTERVAL_S
+            stats_sent += 1
+            next_stats = now + (runtime.STARTUP_STATS_S if stats_sent < runtime.STARTUP_STATS else runtime.STATS_INTERVAL_S)
             self.counters["connections"] = len(self.connections)
             self.counters["partial_bytes"] = self.held_total
             self.counters["inflight_batches"] = len(self.inflight)

@@ -28,17 +28,15 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
         raise CommandError(f"configuration: {exc}") from None
-    # A command that talks to the pipeline's sockets needs its secret (docs/operations.md). Workers make
-    # it on first start; other commands only read it, so check-config or firmware never create data/.
-    secret = Path(cfg.data_dir) / runtime.SECRET_FILE
-    if getattr(args, "role", None) or secret.exists():
-        try:
-            runtime.use_secret(runtime.pipeline_secret(cfg.data_dir))
-        except OSError as exc:
-            if getattr(args, "role", None):
-                raise CommandError(f"the pipeline secret: {exc}") from None
-            print(f"sensorpipe: cannot read {secret} ({exc}): the running pipeline will not let this command"
-                  " in", file=sys.stderr)
+    # A command that talks to the pipeline's sockets needs its secret (docs/operations.md).
+    worker = bool(getattr(args, "role", None))
+    try:
+        runtime.use_pipeline_secret(cfg.data_dir, make=worker)
+    except OSError as exc:
+        if worker:
+            raise CommandError(f"the pipeline secret: {exc}") from None
+        print(f"sensorpipe: cannot read {Path(cfg.data_dir) / runtime.SECRET_FILE} ({exc}): the running"
+              " pipeline will not let this command in", file=sys.stderr)
     return cfg
 
 

@@ -197,10 +197,17 @@ def run_mpremote(command: list[str], port: str, interactive: bool = False) -> No
 def _server_config(args: argparse.Namespace) -> Any:
     from workers.core import config as config_mod
 
+    from workers.core import runtime
+
     try:
-        return config_mod.load(getattr(args, "config", None))
+        cfg = config_mod.load(getattr(args, "config", None))
     except config_mod.ConfigError as exc:
         raise FirmwareError(f"configuration: {exc}") from None
+    try:
+        runtime.use_pipeline_secret(cfg.data_dir)       # the commands worker takes only its holders
+    except OSError as exc:
+        raise FirmwareError(f"cannot read the pipeline secret ({exc})") from None
+    return cfg
 
 
 def device_key(args: argparse.Namespace) -> str | None:
