@@ -36,7 +36,9 @@ import zmq.asyncio
 from workers.core import envelope, runtime
 from workers.core.config import Config, Listener
 from workers.core.envelope import Conn
+from workers.core.credentials import PACKET_TRAILER
 from workers.core.framing import make_framer
+from workers.core.guard import Guard, Session
 from workers.core.journal import Journal, JournalError, Location
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,10 @@ class DeviceConnection(asyncio.Protocol):
     def __init__(self, edge: "Edge", listener: Listener) -> None:
         self.edge = edge
         self.listener = listener
-        self.framer = make_framer(listener.framing, listener.max_frame_bytes)
         self.binary = listener.framing == "binary"
+        self.framer = make_framer(listener.framing, listener.max_frame_bytes,
+                                  PACKET_TRAILER if self.binary and listener.auth == "required" else 0)
+        self.session: Session | None = None     # the guard's: limits, TLS, who it authenticated as
         self.transport: asyncio.Transport | None = None
         self.conn: Conn | None = None
         self.last_active = time.monotonic()
@@ -82,7 +86,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        frames, rejects = self.framer.feed(data)
+        frames, rejects = self.edge.guard.screen(self, *self.framer.feed(data))
         if frames or rejects:
             self.edge.accept(self, frames, rejects)
         if self.framer.fatal:
@@ -92,7 +96,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._finish()
-        return False
+        return self.edge.guard.hold_after_eof(self)   # a hello still being checked: answer it first
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish()
@@ -101,7 +105,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def _finish(self) -> None:
         if not self.closed:
-            frames, rejects = self.framer.finish()
+            frames, rejects = self.edge.guard.screen(self, *self.framer.finish())
             if frames or rejects:
                 self.edge.accept(self, frames, rejects)
 
@@ -128,6 +132,7 @@ class Edge:
         self.ctx = ctx
         self.sinks = set(cfg.consumers())          # the enabled sinks and the rollup worker
         self.counters = runtime.Counters("edge")
+        self.guard = Guard(cfg, self.counters)
         self.journal = Journal(Path(cfg.data_dir) / "journal", cfg.edge.journal_segment_bytes,
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)
         self.connections: set[DeviceConnection] = set()
@@ -166,6 +171,8 @@ class Edge:
             self.counters.add("refused_connections")
             conn.close()
             return
+        if not self.guard.admit(conn):
+            return
         self.connections.add(conn)
         self.per_listener[name] = self.per_listener.get(name, 0) + 1
         if conn.conn is not None:
@@ -180,6 +187,7 @@ class Edge:
             self.per_listener[conn.listener.name] -= 1
         if conn.conn is not None:
             self.by_id.pop(conn.conn.conn_id, None)
+        self.guard.release(conn)
 
     def write_downlink(self, downlink: envelope.Downlink) -> str | None:
         """Write a command or reply line to the device's connection; the error, or None once written."""
@@ -190,6 +198,9 @@ class Edge:
             return f"connection {downlink.conn_id} is on listener {conn.listener.name}, not {downlink.listener}"
         if conn.binary:
             return "a binary connection takes no commands"
+        if not self.guard.may_command(conn, downlink.device):
+            self.counters.add("downlink_refused")
+            return f"connection {downlink.conn_id} did not authenticate as {downlink.device}"
         conn.transport.write(downlink.payload + b"\n")
         self.counters.add("downlink_lines")
         return None
@@ -313,7 +324,7 @@ class Edge:
             self.reading.set()
             log.info("resuming device reads")
             for conn in self.connections:
-                if conn.transport is not None and not conn.transport.is_closing():
+                if conn.transport is not None and not conn.transport.is_closing() and self.guard.may_resume(conn):
                     conn.transport.resume_reading()
 
     # ------------------------------------------------------------------ acknowledgements
@@ -468,6 +479,7 @@ class Edge:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.checkpoint()
             self.journal.close()
+            self.guard.close()
             self._inject_sock = None
             for sock in (frames, acks, inject, downlink, live):
                 sock.close(linger=0)
@@ -537,6 +549,7 @@ class Edge:
             await asyncio.sleep(runtime.POLL_MS / 1000)
             now = time.monotonic()
             self.journal.tick()
+            self.guard.tick(now)
             if self.journal_failing:
                 self.flush()
             if now >= next_redeliver:

@@ -27,6 +27,7 @@ import zmq
 
 from workers.core import envelope, runtime
 from workers.core.config import Config
+from workers.core.credentials import may_write_as
 from workers.core.deadletters import DeadLetter, DeadLetterStore
 from workers.decoders import REGISTRY, Context, DecodeError, Decoder
 from workers.core.envelope import Ack, Downlink, Event, Reading, Seen
@@ -58,6 +59,8 @@ class Parser:
         """(decoder name, default device id) for frames from ``conn``."""
         listener = self.listeners.get(conn.listener)
         if listener is not None:
+            if conn.device:                        # authenticated: what names no device is its own
+                return listener.decoder, conn.device
             return listener.decoder, listener.default_device or conn.peer.rsplit(":", 1)[0]
         mqtt = self.subscriptions.get(conn.listener)
         if mqtt is not None:
@@ -104,6 +107,14 @@ class Parser:
                     dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
                                            f"event of {size} bytes is over events.max_event_bytes ({max_event});"
                                            " raise it and replay", frame.payload))
+                    continue
+            if conn.device:
+                foreign = next((i.device for i in items if not may_write_as(conn.device, conn.may_report, i.device)), None)
+                if foreign is not None:            # stored nowhere: one device may not write as another
+                    self.counters.add("foreign_device_frames")
+                    dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
+                                           f"connection authenticated as {conn.device!r} may not report for"
+                                           f" {foreign!r}", frame.payload))
                     continue
             if check:
                 try:
