@@ -116,14 +116,19 @@ class Guard:
         self.credentials = fresh
         self.counters["credentials"] = len(fresh)
 
+    def _fresh(self) -> None:
+        """Reload now if the store changed: cheap when it did not (one PRAGMA), and a device added a
+        moment ago is known at once."""
+        try:
+            self.reload()
+        except Exception as exc:          # sqlite3 errors: keep the credentials we have
+            self.counters.add("credential_store_errors")
+            self._log("credential_store_errors", "could not read the credential store: %r", exc)
+
     def tick(self, now: float) -> None:
         if now >= self._next_reload:
             self._next_reload = now + RELOAD_CHECK_S
-            try:
-                self.reload()
-            except Exception as exc:       # sqlite3 errors: keep the credentials we have
-                self.counters.add("credential_store_errors")
-                log.warning("could not read the credential store: %r", exc)
+            self._fresh()
         if self._counters_dirty and now >= self._next_save:
             self._next_save = now + COUNTERS_SAVE_S
             self.save_counters()
@@ -263,6 +268,7 @@ class Guard:
             self._deny(conn, "auth_missing", "its first frame is not a hello")
             return
         device, token = hello
+        self._fresh()
         credential = self.credentials.get(device)
         if credential is None:
             self._deny(conn, "auth_denied", f"no credential for {device!r}")
@@ -327,6 +333,8 @@ class Guard:
         and the refused ones as rejects (dead letters, never acknowledged)."""
         passed: list[bytes] = []
         refused: list[tuple[str, bytes]] = []
+        if frames:
+            self._fresh()
         for framed in frames:
             reason = None
             number = PACKET_HEADER.unpack_from(framed)[4] if len(framed) >= PACKET_HEADER.size else -1
