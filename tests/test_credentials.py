@@ -1,6 +1,7 @@
 """The credential store and its checks, alone (no workers): workers/core/credentials.py."""
 from __future__ import annotations
 
+import base64
 import stat
 import struct
 
@@ -99,3 +100,10 @@ def test_counters_survive_a_reopen(tmp_path) -> None:
 ])
 def test_parse_hello(frame: bytes, expected) -> None:
     assert credentials.parse_hello(frame) == expected
+
+
+def test_mosquitto_hash_is_what_mosquitto_passwd_writes() -> None:
+    # mosquitto_passwd -b FILE dev1 secret wrote this line (Mosquitto 2.0.11)
+    line = "$7$101$AEGKoHzziTfjUjuU$xwk9GKLipfn3dlgWNmPV7tsYmLk/MBWeBXJX71mFeNz2Qhuw2SaqDhVNumhuxYk7jG5rUAcHLsYDUKNubpFApw=="
+    salt = base64.b64decode(line.split("$")[3])
+    assert credentials.mosquitto_hash("secret", salt) == line

@@ -4,6 +4,8 @@ A credential belongs to one device id. It is a random token, shown once when it 
 (``sensorpipe devices add ID``); the store keeps only what checks it:
 
 - ``token_hash``: scrypt of the token with a per-credential salt (what the text port's hello checks);
+- ``mosquitto_hash``: the token as Mosquitto's password file keeps it (PBKDF2-SHA512, salted), so
+  ``sensorpipe devices mosquitto`` can write the broker's password file without the token;
 - ``mac_key``: SHA-256 of ``MAC_KEY_LABEL + token``, the key of the binary port's packet MAC. A MAC is
   checked with the key itself, so this one is kept as it is: whoever reads the store can forge binary
   packets (not text hellos). The file is 0600 in the data dir; docs/security.md says so.
@@ -20,6 +22,7 @@ manifests) belong here too, as other columns of ``credentials`` or rows of a tab
 """
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 import hmac
@@ -42,6 +45,7 @@ MAC_KEY_LABEL = b"sensorpipe-mac-key:"
 MAC_BYTES = 16                      # HMAC-SHA256 truncated to 128 bits
 COUNTER = struct.Struct("<I")
 PACKET_TRAILER = COUNTER.size + MAC_BYTES     # what an authenticated binary packet adds after its records
+MOSQUITTO_ITERATIONS = 101          # mosquitto_passwd's default; the token is random, so a slow hash adds nothing
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
 SCHEMA = """
@@ -52,7 +56,8 @@ CREATE TABLE IF NOT EXISTS credentials (
     scrypt_n    INTEGER NOT NULL,
     mac_key     BLOB NOT NULL,
     may_report  TEXT NOT NULL DEFAULT '',     -- patterns, one per line
-    created     REAL NOT NULL
+    created     REAL NOT NULL,
+    mosquitto_hash TEXT NOT NULL DEFAULT ''   -- the token as Mosquitto's password file holds it
 );
 CREATE TABLE IF NOT EXISTS mac_counters (
     device      TEXT PRIMARY KEY,
@@ -74,6 +79,7 @@ class Credential:
     mac_key: bytes
     may_report: tuple[str, ...]
     created: float
+    mosquitto_hash: str = ""
 
     def verify(self, token: str) -> bool:
         """Whether ``token`` is this credential's (costs one scrypt: run it off the event loop)."""
@@ -91,6 +97,14 @@ def may_write_as(authenticated: str, patterns: Iterable[str], device: str) -> bo
 
 def hash_token(token: str, salt: bytes, n: int = SCRYPT_N) -> bytes:
     return hashlib.scrypt(token.encode(), salt=salt, n=n, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+
+
+def mosquitto_hash(password: str, salt: bytes | None = None, iterations: int = MOSQUITTO_ITERATIONS) -> str:
+    """``password`` as Mosquitto 2's password file keeps it: ``$7$<iterations>$<salt>$<PBKDF2-SHA512>``
+    (what ``mosquitto_passwd`` writes), so a device logs in to the broker with its id and token."""
+    salt = os.urandom(12) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def mac_key_for(token: str) -> bytes:
@@ -161,9 +175,10 @@ class CredentialStore:
                 raise CredentialError(f"pattern {pattern!r}: one line each")
         token = secrets.token_urlsafe(TOKEN_BYTES)
         salt = os.urandom(16)
-        row = (device, salt, hash_token(token, salt), SCRYPT_N, mac_key_for(token), "\n".join(patterns), time.time())
+        row = (device, salt, hash_token(token, salt), SCRYPT_N, mac_key_for(token), "\n".join(patterns), time.time(),
+               mosquitto_hash(token))
         try:
-            self.db.execute(f"INSERT {'OR REPLACE ' if replace else ''}INTO credentials VALUES (?,?,?,?,?,?,?)", row)
+            self.db.execute(f"INSERT {'OR REPLACE ' if replace else ''}INTO credentials VALUES (?,?,?,?,?,?,?,?)", row)
         except sqlite3.IntegrityError:
             raise CredentialError(f"device {device} has a credential already; revoke it first, or --replace") from None
         self.db.execute("DELETE FROM mac_counters WHERE device = ?", (device,))   # a new key starts counting anew
@@ -202,5 +217,6 @@ class CredentialStore:
 
 
 def _credential(row: tuple) -> Credential:
-    device, salt, token_hash, n, mac_key, may_report, created = row
-    return Credential(device, salt, token_hash, n, mac_key, tuple(p for p in may_report.split("\n") if p), created)
+    device, salt, token_hash, n, mac_key, may_report, created, mosquitto = row
+    return Credential(device, salt, token_hash, n, mac_key, tuple(p for p in may_report.split("\n") if p), created,
+                      mosquitto)

@@ -147,6 +147,14 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
     from workers.tools import security
 
+    if args.action == "mosquitto":
+        if not args.passwords or not args.acl:
+            raise CommandError("devices mosquitto: --passwords FILE and --acl FILE, the files mosquitto.conf names")
+        try:
+            print("\n".join(security.mosquitto_files(_load(args), Path(args.passwords), Path(args.acl))))
+        except security.SecurityError as exc:
+            raise CommandError(str(exc)) from None
+        return 0
     if args.action in ("add", "revoke"):
         if not args.device:
             raise CommandError(f"devices {args.action}: which device? (sensorpipe devices {args.action} ID)")
@@ -555,11 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("device")
     query_opts(p)
     p = add("devices", cmd_devices)
-    p.add_argument("action", nargs="?", choices=["list", "add", "revoke"], default="list")
+    p.add_argument("action", nargs="?", choices=["list", "add", "revoke", "mosquitto"], default="list")
     p.add_argument("device", nargs="?", help="the device id (add, revoke)")
     p.add_argument("--may-report", action="append", metavar="PATTERN",
                    help="add: a gateway may also report for devices matching this (e.g. 'greenhouse-*'; repeatable)")
     p.add_argument("--replace", action="store_true", help="add: make a new token for a device that has one")
+    p.add_argument("--passwords", help="mosquitto: the password file to write (devices log in with id and token)")
+    p.add_argument("--acl", help="mosquitto: the ACL file to write (each device: its own topics only)")
     query_opts(p)
     query_opts(add("status", cmd_status))
     p = add("history", cmd_history)

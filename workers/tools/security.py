@@ -61,6 +61,71 @@ def credential_column(cfg: Config) -> dict[str, str]:
         store.close()
 
 
+# --------------------------------------------------------------------------- Mosquitto
+
+
+def mosquitto_files(cfg: Config, passwords: Path, acl: Path) -> list[str]:
+    """Write Mosquitto's password and ACL files from the credential store: each device logs in with
+    its id and token, may publish only on its own uplink topics and read only its own downlink; the
+    MQTT worker (``[mqtt] username``/``password``) reads every uplink and writes every downlink.
+    Lines to print (the ``mosquitto.conf`` settings)."""
+    from workers.core.credentials import mosquitto_hash
+    from workers.core.templates import TopicTemplate
+
+    subscriptions = [(TopicTemplate(s.topic), TopicTemplate(s.downlink) if s.downlink else None)
+                     for s in cfg.mqtt.subscriptions]
+    if not subscriptions:
+        raise SecurityError("no [[mqtt.subscriptions]] in the configuration: no topics to give devices")
+    store = CredentialStore(cfg.data_dir)
+    try:
+        held = store.all()
+    finally:
+        store.close()
+    users: list[str] = []
+    rules = ["# Written by `sensorpipe devices mosquitto`; written again after each `devices add|revoke`.", ""]
+    notes: list[str] = []
+    if cfg.mqtt.username and cfg.mqtt.password:
+        users.append(f"{cfg.mqtt.username}:{mosquitto_hash(cfg.mqtt.password)}")
+        rules.append(f"user {cfg.mqtt.username}")
+        for up, down in subscriptions:
+            rules.append(f"topic read {up.filter}")
+            if down is not None:
+                rules.append(f"topic write {down.filter}")
+        rules.append("")
+    else:
+        notes.append("sensorpipe: [mqtt] has no username/password: the MQTT worker gets no account in these files")
+    for credential in held:
+        if cfg.mqtt.username and credential.device == cfg.mqtt.username:
+            raise SecurityError(f"device {credential.device} has the MQTT worker's username")
+        if not credential.mosquitto_hash:
+            notes.append(f"sensorpipe: {credential.device}'s credential predates MQTT accounts: devices add --replace")
+            continue
+        users.append(f"{credential.device}:{credential.mosquitto_hash}")
+        rules.append(f"user {credential.device}")
+        for up, down in subscriptions:
+            rules.append(f"topic write {up.topic(credential.device)}")
+            if down is not None:
+                rules.append(f"topic read {down.topic(credential.device)}")
+        rules.append("")
+    _write_private(passwords, "".join(u + "\n" for u in users))
+    _write_private(acl, "\n".join(rules))
+    return [*notes,
+            f"sensorpipe: wrote {len(users)} accounts to {passwords} and their topics to {acl}; in mosquitto.conf:",
+            "  allow_anonymous false",
+            f"  password_file {passwords.resolve()}",
+            f"  acl_file {acl.resolve()}",
+            "sensorpipe: a running broker reads them again on SIGHUP (systemctl reload mosquitto)"]
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` whole (a broker reading it never sees half a file), readable by its owner only."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------- certificates
 
 
