@@ -6,7 +6,8 @@ Every message is multipart; its first frame names its kind:
 kind       from -> to (socket)         frames
 =========  ==========================  ==================================================================
 frames     edge PUSH -> parser PULL    ``b"frames"``, header JSON ``{"seq": 17, "targets": null|[sink..],
-                                       "conns": [[conn_id, listener, peer], ...]}``, packed frames
+                                       "conns": [[conn_id, listener, peer], ...]}``, packed frames (an
+                                       authenticated connection adds ``device, [patterns]``: ``Conn``)
 inject     MQTT DEALER, replay REQ     ``b"inject"``, header JSON ``{"conns": [...], "ref": 5}``, packed
            -> edge ROUTER              frames (MQTT messages, replayed dead letters): journaled like
                                        device frames

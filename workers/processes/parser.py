@@ -9,7 +9,9 @@ Sockets:
                                                  automatic replies to send
 
 A frame is decoded with its listener's decoder, or its MQTT subscription's (listener ``mqtt:<name>``,
-device id from the topic). A frame that cannot be decoded, and an event larger than
+device id from the topic). A frame from a connection that authenticated as a device (``Conn.device``,
+docs/security.md) names that device by default, and one that names a device its credential may not
+report for is set aside as a dead letter (``foreign_device_frames``), never stored. A frame that cannot be decoded, and an event larger than
 ``[events] max_event_bytes``, go whole to the dead-letter store (committed before the batch moves on)
 and never stop the worker. An event that matches a ``[[replies]]`` rule (a heartbeat) is answered
 through the commands worker and, unless the rule says ``store = true``, not kept. A sink whose queue is full is skipped for this batch: the edge sends the
