@@ -14,7 +14,7 @@ A gateway credential (``may_report``: shell patterns such as ``greenhouse-*``) m
 readings for the devices those patterns match: boards that relay others (``from <MAC>`` lines, LoRa).
 
 The store is one SQLite file, ``<data>/credentials.db``, written by the ``sensorpipe devices``
-command and read by the edge, which notices changes (a revocation) by the file's modification time.
+command and read by the edge, which notices changes (a revocation) by SQLite's ``data_version``.
 The binary port's replay counters live in the same file (table ``mac_counters``), written by the edge.
 
 Names: this is the general credential store. Keys made for other purposes (signing firmware
@@ -153,12 +153,12 @@ def parse_hello(frame: bytes) -> tuple[str, str] | None:
 class CredentialStore:
     """``<data>/credentials.db``. Open it, use it from one thread, close it."""
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], busy_timeout_s: float = 10.0) -> None:
         self.path = Path(data_dir) / STORE_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():          # created 0600 before SQLite writes a byte of it
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        self.db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
 
@@ -205,15 +205,9 @@ class CredentialStore:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR REPLACE INTO mac_counters VALUES (?, ?)", counters.items())
 
-    def version(self) -> float:
-        """Changes when the store does (the edge reloads then): the newest mtime of the file or its WAL."""
-        stamps = []
-        for path in (self.path, self.path.with_name(STORE_NAME + "-wal")):
-            try:
-                stamps.append(path.stat().st_mtime_ns)
-            except FileNotFoundError:
-                pass
-        return max(stamps, default=0)
+    def data_version(self) -> int:
+        """Changes when another connection (``sensorpipe devices``) changed the store: the edge reloads then."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
 
 def _credential(row: tuple) -> Credential:

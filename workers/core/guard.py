@@ -76,7 +76,9 @@ class Guard:
         self.cfg = cfg
         self.counters = counters
         self.needs_store = any(lst.auth == "required" for lst in cfg.listeners)
-        self.store: CredentialStore | None = CredentialStore(cfg.data_dir) if self.needs_store else None
+        # A short busy timeout: the store is read on the event loop (WAL: readers wait only in rare cases).
+        self.store: CredentialStore | None = CredentialStore(cfg.data_dir, busy_timeout_s=0.5) \
+            if self.needs_store else None
         self.credentials: dict[str, Credential] = {}
         self.verified: dict[str, bytes] = {}          # device -> SHA-256 of a token scrypt accepted
         self.mac_counters: dict[str, int] = {}        # device -> the newest binary counter accepted
@@ -88,6 +90,7 @@ class Guard:
         self.verifying = 0
         self.tls_contexts = {lst.name: _tls_context(lst) for lst in cfg.listeners if lst.tls}
         self._next_save = self._next_reload = 0.0
+        self._handshakes: set[asyncio.Future] = set()
         self._last_logged: dict[str, float] = {}
         if self.store is not None:
             self.mac_counters = self.store.counters()
@@ -99,7 +102,7 @@ class Guard:
         """Read the credentials again if the store changed; close connections whose credential went."""
         if self.store is None:
             return
-        version = self.store.db.execute("PRAGMA data_version").fetchone()[0]
+        version = self.store.data_version()
         if version == self._store_version:
             return
         self._store_version = version
@@ -169,7 +172,9 @@ class Guard:
         if listener.tls:
             session.tls_pending = True
             conn.transport.pause_reading()          # the ClientHello is for the TLS layer, not the framer
-            asyncio.ensure_future(self._start_tls(conn, self.tls_contexts[listener.name]))
+            task = asyncio.ensure_future(self._start_tls(conn, self.tls_contexts[listener.name]))
+            self._handshakes.add(task)            # held: the loop keeps only a weak reference to a task
+            task.add_done_callback(self._handshakes.discard)
         return True
 
     def release(self, conn: Any) -> None:
@@ -215,7 +220,7 @@ class Guard:
         try:
             tls = await loop.start_tls(raw, conn, context, server_side=True,
                                        ssl_handshake_timeout=conn.listener.auth_timeout_s)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except Exception as exc:          # SSLError, a reset, the handshake timeout: all the peer's doing
             self.counters.add("tls_failed")
             self._log("tls_failed", "TLS handshake with %s failed: %r", conn.conn.peer, exc)
             raw.abort()
