@@ -166,6 +166,16 @@ def test_text_port_credentials_against_hostile_peers(pipeline_factory) -> None:
     again = Board(p.text_port, "doomed", doomed)
     assert again.line() == {"auth": "denied"}
 
+    # sensorpipe feed: the hello first (its first: checked while the peer has already hung up)
+    feeder = add_device(p, "feeder")
+    result = p.cli("feed", "--device", "feeder", "--token", feeder, '{"temp": 23.5}', '{"temp": 23.6}')
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: p.latest("feeder") == {"temp": 23.6}, message="fed readings")
+    result = p.cli("feed", "--device", "feeder", "--token", other, '{"temp": 1}')
+    assert result.returncode == 2 and "refused the hello" in result.stderr, result.stderr
+    result = p.cli("feed", '{"device": "feeder", "temp": 1}')
+    assert result.returncode == 2 and "requires a hello" in result.stderr, result.stderr
+
     # a flood of connections from one address: 8 are held, the rest refused; others still connect
     flood = [socket.create_connection(("127.0.0.1", p.text_port), source_address=(FLOOD_SOURCE, 0))
              for _ in range(30)]
@@ -185,7 +195,7 @@ def test_text_port_credentials_against_hostile_peers(pipeline_factory) -> None:
 
     counters = wait_for(lambda: (lambda c: c if c.get("rate_limited") and c.get("closed_revoked") else None)(
         p.query({"op": "status"})["workers"]["edge"]), message="edge counters")
-    assert counters["auth_missing"] == 2 and counters["auth_denied"] == 3 and counters["auth_timeouts"] >= 1
+    assert counters["auth_missing"] == 2 and counters["auth_denied"] == 4 and counters["auth_timeouts"] >= 1
     assert edge_counter(p, "foreign_device_frames", "parser") == 2
     assert p.count_rows("readings", "WHERE device IN ('barn-1', 'nobody') OR (device = 'victim' AND field = 'temp'"
                         " AND value = 99)") == 0
