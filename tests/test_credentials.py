@@ -107,3 +107,18 @@ def test_mosquitto_hash_is_what_mosquitto_passwd_writes() -> None:
     line = "$7$101$AEGKoHzziTfjUjuU$xwk9GKLipfn3dlgWNmPV7tsYmLk/MBWeBXJX71mFeNz2Qhuw2SaqDhVNumhuxYk7jG5rUAcHLsYDUKNubpFApw=="
     salt = base64.b64decode(line.split("$")[3])
     assert credentials.mosquitto_hash("secret", salt) == line
+
+
+@pytest.mark.parametrize("listener, message", [
+    ({"auth": "maybe"}, "auth: expected required|off"),
+    ({"tls_cert": "/nonexistent/cert.pem"}, "set both"),
+    ({"tls_cert": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem"}, "no such file"),
+    ({"tls_client_ca": "/nonexistent/ca.pem"}, "needs tls_cert"),
+])
+def test_listener_security_settings_are_checked(listener: dict, message: str) -> None:
+    from workers.core import config
+
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_dict({"listeners": [{"name": "text", "bind": "127.0.0.1:7000", **listener}]})
+    default = config.from_dict({"listeners": [{"name": "text", "bind": "127.0.0.1:7000"}]})
+    assert default.listeners[0].auth == "required"          # secure unless a file says otherwise
