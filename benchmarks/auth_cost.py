@@ -10,7 +10,8 @@
   ``--hellos`` different devices, each its first hello (a scrypt each, 16 at most in flight), from 16
   threads: hellos/s.
 - ``frames``: JSON lines through one connection, ``auth = "off"`` against ``auth = "required"``
-  (after the hello): readings/s into SQLite, so the per-frame cost of being authenticated shows.
+  (after the hello), twice each in turn: readings/s into SQLite, so the per-frame cost of being
+  authenticated shows (the parser's device check).
 
 Prints a Markdown table. Needs the package and its test helpers (run from the checkout).
 """
@@ -108,8 +109,8 @@ def hellos(tmp: Path, n: int) -> list[tuple[str, str]]:
 
 def frames(tmp: Path, n: int) -> list[tuple[str, str]]:
     out = []
-    for auth in ("off", "required"):
-        p = pipeline(tmp / auth, auth)
+    for run, auth in enumerate(("off", "required", "off", "required")):      # twice each, in turn
+        p = pipeline(tmp / f"{auth}{run}", auth)
         try:
             lines = b"".join(orjson.dumps({"device": "fast", "i": i}) + b"\n" for i in range(n))
             with socket.create_connection(("127.0.0.1", p.text_port), timeout=10) as sock:
