@@ -310,3 +310,54 @@ def test_tls_listener(pipeline_factory, tmp_path: Path) -> None:
     streamer.finish(p)
     wait_for(lambda: edge_counter(p, "tls_failed") >= 4, message="failed handshakes counted")
     assert edge_counter(p, "tls_handshakes") >= 2
+
+
+def client_certificate(ca_pem: Path, ca_key_pem: Path, out: Path, name: str) -> tuple[Path, Path]:
+    """A client certificate signed by the CA ``certs init`` made (what a board would be given)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_pem.read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_client_certificates(pipeline_factory, tmp_path: Path) -> None:
+    from workers.tools.security import certs_init
+
+    ca, ca_key, cert, key = certs_init(tmp_path / "certs", ["localhost"])
+    p = pipeline_factory(auth="required", text_extra=f'auth_timeout_s = 2\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+                                                     f'tls_client_ca = "{ca}"')
+    p.start_all(("query", "sink-sqlite", "rollup", "parser", "edge"))
+    token = add_device(p, "greenhouse-1")
+    board_cert, board_key = client_certificate(ca, ca_key, tmp_path, "greenhouse-1")
+    with_cert = ssl.create_default_context(cafile=str(ca))
+    with_cert.load_cert_chain(str(board_cert), str(board_key))
+    board = Board(p.text_port, "greenhouse-1", token, tls=with_cert)
+    assert board.line() == {"auth": "ok"}
+    board.send({"temp": 19.5})
+    wait_for(lambda: p.latest("greenhouse-1") == {"temp": 19.5}, message="a reading from a certified board")
+    board.close()
+
+    # no client certificate: the server ends the handshake (TLS 1.3 tells the client at its first read)
+    without = Board(p.text_port, tls=ssl.create_default_context(cafile=str(ca)))
+    try:
+        without.send({"auth": {"device": "greenhouse-1", "token": token}})
+    except OSError:                      # the alert may have come first (ssl.SSLError is an OSError)
+        pass
+    assert without.closed_by_server()
+    wait_for(lambda: edge_counter(p, "tls_failed") >= 1, message="the refused handshake counted")
