@@ -54,12 +54,17 @@ name = "text"
 bind = "127.0.0.1:{text}"
 framing = "lines"
 decoder = "json"
+auth = "off"                     # trusted simulated boards: measure the pipeline, not the guard
+max_connections_per_address = 100000
+max_frames_per_s = 0
 
 [[listeners]]
 name = "binary"
 bind = "127.0.0.1:{binary}"
 framing = "binary"
 decoder = "binary"
+auth = "off"
+max_connections_per_address = 100000
 
 [endpoints]
 frames = "tcp://127.0.0.1:{frames}"

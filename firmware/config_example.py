@@ -4,6 +4,7 @@
 # the defaults shown here and checks every value at boot.
 
 DEVICE_ID = "greenhouse-1"  # letters, digits . _ : - (the server's device id)
+DEVICE_TOKEN = None  # the token `sensorpipe devices add greenhouse-1` printed (None: a port with auth = "off")
 SERVER_HOST = "192.168.1.10"  # the sensorpipe server
 TEXT_PORT = 7000  # JSON / kv lines, status lines and commands
 BINARY_PORT = 7002  # binary packets

@@ -1,5 +1,6 @@
 """Real sensorpipe worker processes on free ports, for end-to-end tests.
 
+Listeners have ``auth = "off"`` and no connection limits unless a test asks (the security tests do).
 ``pipeline`` starts edge, two parsers, the SQLite sink, the rollup worker and the query worker from a
 TOML file written for the test (every port free, data in a temp dir). Tests wait with ``wait_for`` (poll with a
 deadline), never with fixed sleeps.
@@ -59,12 +60,18 @@ name = "text"
 bind = "127.0.0.1:{text_port}"
 max_frame_bytes = {max_frame}
 idle_timeout_s = {idle_timeout}
+auth = "{auth}"
+max_connections_per_address = {per_address}
+max_frames_per_s = {rate}
+{text_extra}
 
 [[listeners]]
 name = "binary"
 bind = "127.0.0.1:{binary_port}"
 framing = "binary"
 decoder = "binary"
+auth = "{auth}"
+max_connections_per_address = {per_address}
 
 [endpoints]
 frames = "tcp://127.0.0.1:{p_frames}"
@@ -108,7 +115,8 @@ resync_after_s = 1
 
 class Pipeline:
     def __init__(self, tmp: Path, extra_toml: str = "", max_frame: int = 65536, idle_timeout: float = 600,
-                 redeliver: float = 3.0, rollups: str = "", edge: str = "") -> None:
+                 redeliver: float = 3.0, rollups: str = "", edge: str = "", auth: str = "off", text_extra: str = "",
+                 per_address: int = 10000, rate: float = 0) -> None:
         self.tmp = tmp
         self.data = tmp / "data"
         self.text_port = free_port()
@@ -120,7 +128,8 @@ class Pipeline:
         self.config_path = tmp / "sensorpipe.toml"
         self.config_path.write_text(BASE_TOML.format(
             data=self.data, text_port=self.text_port, binary_port=self.binary_port, max_frame=max_frame,
-            idle_timeout=idle_timeout, redeliver=redeliver, rollups=rollups, edge=edge, **ports) + extra_toml)
+            idle_timeout=idle_timeout, redeliver=redeliver, rollups=rollups, edge=edge, auth=auth,
+            text_extra=text_extra, per_address=per_address, rate=rate, **ports) + extra_toml)
         self.secret = runtime.pipeline_secret(self.data)      # what the workers will find there
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = tmp / "logs"

@@ -13,6 +13,7 @@ except ImportError:
 TRANSPORTS = ("json", "kv", "binary")
 DEFAULTS = (
     ("DEVICE_ID", None),
+    ("DEVICE_TOKEN", None),
     ("SERVER_HOST", None),
     ("TEXT_PORT", 7000),
     ("BINARY_PORT", 7002),
@@ -104,6 +105,9 @@ def check(conf):
     for ch in device:
         if ch not in _ID_CHARS:
             _fail("DEVICE_ID", "may hold only letters, digits and . _ : -")
+    token = conf.DEVICE_TOKEN
+    if token is not None and (not isinstance(token, str) or not 0 < len(token) <= 128 or "\"" in token):
+        _fail("DEVICE_TOKEN", "must be the token `sensorpipe devices add` printed, or None")
     if not isinstance(conf.SERVER_HOST, str) or not conf.SERVER_HOST:
         _fail("SERVER_HOST", "must be the server's host name or address")
     _int(conf, "TEXT_PORT", 1, 65535)

@@ -38,10 +38,11 @@ def _send(sock, data):
 
 
 class TextLink:
-    def __init__(self, host, port, timeout_s):
+    def __init__(self, host, port, timeout_s, hello=None):
         self.host = host
         self.port = port
         self.timeout_s = timeout_s
+        self.hello = hello  # the first line on each connection (lib/devauth.py), or None
         self.sock = None
         self._pending = b""
 
@@ -52,6 +53,18 @@ class TextLink:
         if self.sock is None:
             self.sock = _connect(self.host, self.port, self.timeout_s)
             self._pending = b""
+            if self.hello:
+                self._greet()
+
+    def _greet(self):
+        # The server answers the hello with one line before anything else.
+        self.send(self.hello)
+        answer = self.lines(self.timeout_s * 1000)
+        if not answer or answer[0] != b'{"auth":"ok"}':
+            self.close()
+            raise OSError(ECONNRESET, "the server refused the hello")
+        # a command line that came right behind the answer is not lost
+        self._pending = b"\n".join(answer[1:]) + (b"\n" if len(answer) > 1 else b"") + self._pending
 
     def send(self, data):
         self.sock.settimeout(self.timeout_s)

@@ -68,6 +68,19 @@ class Listener:
     idle_timeout_s: float = 600.0
     max_connections: int = 20000
     default_device: str = ""                      # device id when a frame names none ("" = peer IP)
+    # Device security (docs/security.md): credentials, TLS and the limits that keep one peer from
+    # costing the others.
+    auth: Literal["required", "off"] = "required"  # required: a hello (text) or a MAC (binary) first
+    auth_timeout_s: float = 10.0                  # the hello, and a TLS handshake, must come this soon
+    max_connections_per_address: int = 64
+    max_frames_per_s: float = 1000.0              # per connection; above it the edge stops reading (0 = no limit)
+    tls_cert: str = ""                            # PEM files; with both set the listener speaks TLS only
+    tls_key: str = ""
+    tls_client_ca: str = ""                       # set: clients must show a certificate this CA signed
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def host(self) -> str:
@@ -102,6 +115,7 @@ class Edge:
     redeliver_after_s: float = 15.0               # unacknowledged batches are sent again after this
     max_inflight_batches: int = 100_000           # more than this unacknowledged: stop reading devices
     max_partial_bytes: int = 16 * 1024 * 1024     # unfinished frames held over all connections (docs/protocols.md)
+    max_connections: int = 50_000                 # device connections in all, every listener together
 
 
 @dataclass(frozen=True)
@@ -372,6 +386,16 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key}.max_frame_bytes: must be at least 16")
         if listener.name.startswith("mqtt:"):
             raise ConfigError(f"{key}.name: names starting with 'mqtt:' are the MQTT subscriptions'")
+        if listener.auth not in ("required", "off"):
+            raise ConfigError(f"{key}.auth: expected required|off, got {listener.auth!r}")
+        if bool(listener.tls_cert) != bool(listener.tls_key):
+            raise ConfigError(f"{key}.tls_cert, tls_key: set both (PEM files) or neither")
+        if listener.tls_client_ca and not listener.tls_cert:
+            raise ConfigError(f"{key}.tls_client_ca: needs tls_cert and tls_key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(listener, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{key}.{name}: no such file {path!r} (sensorpipe certs init makes them)")
     check_layouts(cfg.binary)
     if cfg.edge.fsync not in ("batch", "interval", "never"):
         raise ConfigError(f"edge.fsync: expected batch|interval|never, got {cfg.edge.fsync!r}")

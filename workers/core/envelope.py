@@ -6,7 +6,8 @@ Every message is multipart; its first frame names its kind:
 kind       from -> to (socket)         frames
 =========  ==========================  ==================================================================
 frames     edge PUSH -> parser PULL    ``b"frames"``, header JSON ``{"seq": 17, "targets": null|[sink..],
-                                       "conns": [[conn_id, listener, peer], ...]}``, packed frames
+                                       "conns": [[conn_id, listener, peer], ...]}``, packed frames (an
+                                       authenticated connection adds ``device, [patterns]``: ``Conn``)
 inject     MQTT DEALER, replay REQ     ``b"inject"``, header JSON ``{"conns": [...], "ref": 5}``, packed
            -> edge ROUTER              frames (MQTT messages, replayed dead letters): journaled like
                                        device frames
@@ -95,10 +96,17 @@ class Event(NamedTuple):
 
 
 class Conn(NamedTuple):
-    """Where frames came from: an edge connection (or an injector such as the MQTT worker)."""
+    """Where frames came from: an edge connection (or an injector such as the MQTT worker).
+
+    ``device`` is the device the connection authenticated as ("" when its listener has ``auth =
+    "off"``) and ``may_report`` the patterns of the other devices its credential may report for
+    (a gateway's); the parser sets aside a frame naming any other device. Packed as
+    ``[conn_id, listener, peer]``, plus ``device, [patterns]`` when authenticated."""
     conn_id: int
     listener: str
     peer: str
+    device: str = ""
+    may_report: tuple[str, ...] = ()
 
 
 class Seen(NamedTuple):
@@ -126,6 +134,16 @@ class EnvelopeError(ValueError):
 # --------------------------------------------------------------------------- frames
 
 
+def _pack_conns(conns: Sequence[Conn]) -> list[list]:
+    return [list(c) if c.device else [c.conn_id, c.listener, c.peer] for c in conns]
+
+
+def _parse_conn(c: Sequence) -> Conn:
+    if len(c) > 3:
+        return Conn(int(c[0]), str(c[1]), str(c[2]), str(c[3]), tuple(str(p) for p in c[4]))
+    return Conn(int(c[0]), str(c[1]), str(c[2]))
+
+
 def pack_frames(frames: Sequence[tuple[bytes, int, int]]) -> bytes:
     """``frames`` are (payload, recv_ts_ns, conn_index) triples; see ``reject_frame`` for rejects."""
     head = _FRAME_HEAD.pack
@@ -143,24 +161,24 @@ def reject_frame(reason: str, raw: bytes, recv_ts: int, conn_index: int) -> tupl
 
 def frames_message(seq: int, conns: Sequence[Conn], body: bytes, targets: Sequence[str] | None = None) -> list[bytes]:
     header = {"seq": seq, "targets": list(targets) if targets is not None else None,
-              "conns": [list(c) for c in conns]}
+              "conns": _pack_conns(conns)}
     return [FRAMES, orjson.dumps(header), body]
 
 
 def journal_record(conns: Sequence[Conn], body: bytes) -> bytes:
     """What the edge journals for one batch: the connection table and the packed frames."""
-    table = orjson.dumps([list(c) for c in conns])
+    table = orjson.dumps(_pack_conns(conns))
     return struct.pack("<I", len(table)) + table + body
 
 
 def parse_journal_record(record: bytes) -> tuple[list[Conn], bytes]:
     (n,) = struct.unpack_from("<I", record, 0)
-    conns = [Conn(int(c[0]), str(c[1]), str(c[2])) for c in orjson.loads(record[4:4 + n])]
+    conns = [_parse_conn(c) for c in orjson.loads(record[4:4 + n])]
     return conns, record[4 + n:]
 
 
 def inject_message(conns: Sequence[Conn], body: bytes, ref: int = 0) -> list[bytes]:
-    return [INJECT, orjson.dumps({"conns": [list(c) for c in conns], "ref": ref}), body]
+    return [INJECT, orjson.dumps({"conns": _pack_conns(conns), "ref": ref}), body]
 
 
 def parse_inject(message: Sequence[bytes]) -> tuple[list[bytes], int, list[Conn], bytes]:
@@ -199,7 +217,7 @@ def parse_injected(message: Sequence[bytes]) -> tuple[int, int | None, str | Non
 def parse_frames_header(raw: bytes) -> tuple[int | None, list[str] | None, list[Conn]]:
     try:
         header = orjson.loads(raw)
-        conns = [Conn(int(c[0]), str(c[1]), str(c[2])) for c in header["conns"]]
+        conns = [_parse_conn(c) for c in header["conns"]]
         return header.get("seq"), header.get("targets"), conns
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
         raise EnvelopeError(f"bad frames header: {exc}") from None

@@ -299,10 +299,12 @@ class AutoFramer:
 
 
 class PacketFramer:
-    """Binary port: 9-byte header with ``data_length``, then that many bytes. See decoders/binary.py."""
+    """Binary port: 9-byte header with ``data_length``, then that many bytes. See decoders/binary.py.
+    ``trailer``: bytes after the records (an authenticated packet's counter and MAC, core/guard.py)."""
 
-    def __init__(self, max_frame: int) -> None:
+    def __init__(self, max_frame: int, trailer: int = 0) -> None:
         self.max_frame = max_frame
+        self.trailer = trailer
         self.buffer = b""
         self.fatal: str | None = None
         self.rejected_bytes = 0
@@ -328,10 +330,11 @@ class PacketFramer:
                 self.rejected_bytes += len(buffer)
                 buffer = b""
                 break
-            if len(buffer) < size + length:
+            end = size + length + self.trailer
+            if len(buffer) < end:
                 break
-            frames.append(buffer[:size + length])
-            buffer = buffer[size + length:]
+            frames.append(buffer[:end])
+            buffer = buffer[end:]
         self.buffer = buffer
         return frames, rejects
 
@@ -346,9 +349,9 @@ class PacketFramer:
         return [], []
 
 
-def make_framer(framing: str, max_frame: int) -> AutoFramer | LineFramer | PacketFramer:
+def make_framer(framing: str, max_frame: int, trailer: int = 0) -> AutoFramer | LineFramer | PacketFramer:
     if framing == "binary":
-        return PacketFramer(max_frame)
+        return PacketFramer(max_frame, trailer)
     if framing == "lines":
         return LineFramer(max_frame)
     return AutoFramer(max_frame)

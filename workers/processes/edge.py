@@ -39,7 +39,9 @@ from workers.core import envelope, runtime
 from workers.core.stamps import ArrivalClock
 from workers.core.config import Config, Listener
 from workers.core.envelope import Conn
+from workers.core.credentials import PACKET_TRAILER
 from workers.core.framing import make_framer
+from workers.core.guard import Guard, Session
 from workers.core.journal import Journal, JournalError, Location
 
 log = logging.getLogger(__name__)
@@ -81,8 +83,10 @@ class DeviceConnection(asyncio.Protocol):
     def __init__(self, edge: "Edge", listener: Listener) -> None:
         self.edge = edge
         self.listener = listener
-        self.framer = make_framer(listener.framing, listener.max_frame_bytes)
         self.binary = listener.framing == "binary"
+        self.framer = make_framer(listener.framing, listener.max_frame_bytes,
+                                  PACKET_TRAILER if self.binary and listener.auth == "required" else 0)
+        self.session: Session | None = None     # the guard's: limits, TLS, who it authenticated as
         self.transport: asyncio.Transport | None = None
         self.conn: Conn | None = None
         # idle_timeout_s is measured from the last frame cut, not the last byte read: a byte every few
@@ -104,7 +108,7 @@ class DeviceConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         framer = self.framer
         rejected = framer.rejected_bytes
-        frames, rejects = framer.feed(data)
+        frames, rejects = self.edge.guard.screen(self, *framer.feed(data))
         if frames or rejects:
             self.last_progress = time.monotonic()
             self.edge.accept(self, frames, rejects)
@@ -118,6 +122,8 @@ class DeviceConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._finish()
+        if self.edge.guard.hold_after_eof(self):   # a hello still being checked: answer it first
+            return True
         if self.acks_owed:           # the board half-closed right after sending: its A still goes out
             self.close_after_answers()
             return True              # keep our write side open until then
@@ -137,7 +143,7 @@ class DeviceConnection(asyncio.Protocol):
             return
         self.finished = True
         rejected = self.framer.rejected_bytes
-        frames, rejects = self.framer.finish()
+        frames, rejects = self.edge.guard.screen(self, *self.framer.finish())
         if frames or rejects:
             self.edge.accept(self, frames, rejects)
         if self.framer.rejected_bytes != rejected:
@@ -186,6 +192,7 @@ class Edge:
         self.sinks = set(cfg.consumers())          # the enabled sinks and the rollup worker
         self.counters = runtime.Counters("edge")
         self.arrivals = ArrivalClock()               # one clock for every connection
+        self.guard = Guard(cfg, self.counters)
         self.journal = Journal(Path(cfg.data_dir) / "journal", cfg.edge.journal_segment_bytes,
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)
         self.connections: set[DeviceConnection] = set()
@@ -231,6 +238,8 @@ class Edge:
             self.counters.add("refused_connections")
             conn.close()
             return
+        if not self.guard.admit(conn):
+            return
         self.connections.add(conn)
         self.per_listener[name] = self.per_listener.get(name, 0) + 1
         if conn.conn is not None:
@@ -246,6 +255,7 @@ class Edge:
             self.per_listener[conn.listener.name] -= 1
         if conn.conn is not None:
             self.by_id.pop(conn.conn.conn_id, None)
+        self.guard.release(conn)
 
     def write_downlink(self, downlink: envelope.Downlink) -> str | None:
         """Write a command or reply line to the device's connection; the error, or None once written."""
@@ -256,6 +266,9 @@ class Edge:
             return f"connection {downlink.conn_id} is on listener {conn.listener.name}, not {downlink.listener}"
         if conn.binary:
             return "a binary connection takes no commands"
+        if not self.guard.may_command(conn, downlink.device):
+            self.counters.add("downlink_refused")
+            return f"connection {downlink.conn_id} did not authenticate as {downlink.device}"
         if conn.transport.get_write_buffer_size() > DOWNLINK_BUFFER_MAX:
             self.counters.add("downlink_refused_unread")
             return (f"the device is not reading its connection ({conn.transport.get_write_buffer_size()}"
@@ -434,7 +447,8 @@ class Edge:
             self.reading.set()
             log.info("resuming device reads")
             for conn in self.connections:
-                if conn.transport is not None and not conn.transport.is_closing() and not conn.close_when_answered:
+                if conn.transport is not None and not conn.transport.is_closing() and not conn.close_when_answered \
+                        and self.guard.may_resume(conn):
                     conn.transport.resume_reading()
 
     # ------------------------------------------------------------------ acknowledgements
@@ -591,6 +605,7 @@ class Edge:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.checkpoint()
             self.journal.close()
+            self.guard.close()
             self._inject_sock = None
             for sock in (frames, acks, inject, downlink, live):
                 sock.close(linger=0)
@@ -661,6 +676,7 @@ class Edge:
             await asyncio.sleep(runtime.POLL_MS / 1000)
             now = time.monotonic()
             self.journal.tick()
+            self.guard.tick(now)
             if self.journal_failing:
                 self.flush()
             if now >= next_redeliver:

@@ -9,7 +9,9 @@ Sockets:
                                                  automatic replies to send
 
 A frame is decoded with its listener's decoder, or its MQTT subscription's (listener ``mqtt:<name>``,
-device id from the topic). A frame that cannot be decoded, and an event larger than
+device id from the topic). A frame from a connection that authenticated as a device (``Conn.device``,
+docs/security.md) names that device by default, and one that names a device its credential may not
+report for is set aside as a dead letter (``foreign_device_frames``), never stored. A frame that cannot be decoded, and an event larger than
 ``[events] max_event_bytes``, go whole to the dead-letter store (committed before the batch moves on)
 and never stop the worker. An event that matches a ``[[replies]]`` rule (a heartbeat) is answered
 through the commands worker and, unless the rule says ``store = true``, not kept. A sink whose queue is full is skipped for this batch: the edge sends the
@@ -28,6 +30,7 @@ import zmq
 
 from workers.core import envelope, runtime, storable
 from workers.core.config import Config
+from workers.core.credentials import may_write_as
 from workers.core.deadletters import DeadLetter, DeadLetterStore
 from workers.core.knowndevices import KnownDevices
 from workers.core.tries import BatchTries
@@ -63,6 +66,8 @@ class Parser:
         """(decoder name, default device id) for frames from ``conn``."""
         listener = self.listeners.get(conn.listener)
         if listener is not None:
+            if conn.device:                        # authenticated: what names no device is its own
+                return listener.decoder, conn.device
             return listener.decoder, listener.default_device or conn.peer.rsplit(":", 1)[0]
         mqtt = self.subscriptions.get(conn.listener)
         if mqtt is not None:
@@ -116,6 +121,11 @@ class Parser:
     def _take(self, items: list[Reading | Event], frame: envelope.Frame, conn: envelope.Conn, check: bool,
               readings: list[Reading], events: list[Event], last: dict[str, tuple[int, envelope.Conn]]) -> str | None:
         """Add one decoded frame's items to the batch; or the reason to set the frame aside instead."""
+        if conn.device:
+            foreign = next((i.device for i in items if not may_write_as(conn.device, conn.may_report, i.device)), None)
+            if foreign is not None:            # stored nowhere: one device may not write as another
+                self.counters.add("foreign_device_frames")
+                return f"connection authenticated as {conn.device!r} may not report for {foreign!r}"
         for item in items:                # what no store could keep sets the frame aside, before a sink fails on it
             unstorable = storable.problem(item)
             if unstorable is not None:

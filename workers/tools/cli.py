@@ -154,19 +154,49 @@ def cmd_latest(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    """List the devices the pipeline has heard from."""
+    """List the devices the pipeline has heard from and their credentials; devices add|revoke ID."""
     import orjson
 
+    from workers.tools import security
+
+    if args.action == "mosquitto":
+        if not args.passwords or not args.acl:
+            raise CommandError("devices mosquitto: --passwords FILE and --acl FILE, the files mosquitto.conf names")
+        try:
+            print("\n".join(security.mosquitto_files(_load(args), Path(args.passwords), Path(args.acl))))
+        except security.SecurityError as exc:
+            raise CommandError(str(exc)) from None
+        return 0
+    if args.action in ("add", "revoke"):
+        if not args.device:
+            raise CommandError(f"devices {args.action}: which device? (sensorpipe devices {args.action} ID)")
+        try:
+            if args.action == "add":
+                print("\n".join(security.devices_add(_load(args), args.device, args.may_report or [], args.replace)))
+            else:
+                print(security.devices_revoke(_load(args), args.device))
+        except security.SecurityError as exc:
+            raise CommandError(str(exc)) from None
+        return 0
     reply = _query(args, {"op": "devices"})
     _add_firmware(args, reply["devices"])
+    held = security.credential_column(_load(args))
     if args.json:
+        for d in reply["devices"]:
+            d["credential"] = held.get(d["device"], "")
+        reply["credentials_never_seen"] = sorted(set(held) - {d["device"] for d in reply["devices"]})
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
         return 0
     extra_keys = sorted({k for d in reply["devices"] for k in d} - {"device", "last_seen", "online", "via", "peer"})
     rows = [[d["device"], "online" if d.get("online") else "offline", _when(d["last_seen"]),
-             f"{d.get('via', '')} {d.get('peer', '')}".strip(), *[str(d.get(k, "")) for k in extra_keys]]
+             f"{d.get('via', '')} {d.get('peer', '')}".strip(), held.get(d["device"], "no"),
+             *[str(d.get(k, "")) for k in extra_keys]]
             for d in reply["devices"]]
-    print(_table(rows, ["device", "presence", "last seen", "via", *extra_keys]) if rows else "no devices yet")
+    seen = {d["device"] for d in reply["devices"]}
+    rows += [[device, "never seen", "", "", column, *[""] * len(extra_keys)]
+             for device, column in sorted(held.items()) if device not in seen]
+    print(_table(rows, ["device", "presence", "last seen", "via", "credential", *extra_keys]) if rows
+          else "no devices yet")
     return 0
 
 
@@ -528,14 +558,32 @@ def cmd_feed(args: argparse.Namespace) -> int:
                            f"{', '.join(lst.name for lst in cfg.listeners)}") from None
     lines = args.frames or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     host = "127.0.0.1" if listener.host in ("0.0.0.0", "", "::") else listener.host
+    if bool(args.device) != bool(args.token):
+        raise CommandError("feed: --device and --token go together (the hello names the device and proves it)")
+    if args.token:                # the hello first: every frame after it belongs to that device
+        lines = [json.dumps({"auth": {"device": args.device, "token": args.token}}), *lines]
+    elif listener.auth == "required":
+        raise CommandError(f"listener {listener.name} requires a hello: --device ID --token TOKEN"
+                           " (sensorpipe devices add ID makes the token)")
     try:
         with socket.create_connection((host, listener.port), timeout=args.timeout) as sock:
+            if listener.tls:
+                import ssl
+                tls = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
+                sock = tls.wrap_socket(sock, server_hostname=host)
             sock.sendall("".join(line + "\n" for line in lines).encode())
-            sock.shutdown(socket.SHUT_WR)
-            while sock.recv(4096):       # wait for the edge to close our side: everything was read
-                pass
+            answer = b""
+            if listener.tls:                  # TLS has no half-close: read the hello's answer, then hang up
+                while args.token and b"\n" not in answer and (chunk := sock.recv(4096)):
+                    answer += chunk
+            else:
+                sock.shutdown(socket.SHUT_WR)
+                while chunk := sock.recv(4096):   # wait for the edge to close our side: everything was read
+                    answer += chunk
     except OSError as exc:
         raise CommandError(f"cannot send to {host}:{listener.port} ({exc}); is the pipeline running?") from None
+    if args.token and not answer.startswith(b'{"auth":"ok"}'):
+        raise CommandError(f"the edge refused the hello for {args.device}: {answer[:80]!r}")
     print(f"sensorpipe: sent {len(lines)} frame(s) to {listener.name} {host}:{listener.port}")
     return 0
 
@@ -584,7 +632,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("latest", cmd_latest)
     p.add_argument("device")
     query_opts(p)
-    query_opts(add("devices", cmd_devices))
+    p = add("devices", cmd_devices)
+    p.add_argument("action", nargs="?", choices=["list", "add", "revoke", "mosquitto"], default="list")
+    p.add_argument("device", nargs="?", help="the device id (add, revoke)")
+    p.add_argument("--may-report", action="append", metavar="PATTERN",
+                   help="add: a gateway may also report for devices matching this (e.g. 'greenhouse-*'; repeatable)")
+    p.add_argument("--replace", action="store_true", help="add: make a new token for a device that has one")
+    p.add_argument("--passwords", help="mosquitto: the password file to write (devices log in with id and token)")
+    p.add_argument("--acl", help="mosquitto: the ACL file to write (each device: its own topics only)")
+    query_opts(p)
     query_opts(add("status", cmd_status))
     p = add("history", cmd_history)
     p.add_argument("device")
@@ -621,8 +677,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("feed", cmd_feed)
     p.add_argument("frames", nargs="*", help="frames to send, e.g. '{\"device\":\"d1\",\"temp\":22.6}' (default: stdin)")
     p.add_argument("--listener", default="text", help="the configured listener to send to (default: text)")
+    p.add_argument("--device", help="the device to authenticate as (with --token; sensorpipe devices add)")
+    p.add_argument("--token", help="its token: sends the hello first")
+    p.add_argument("--ca", help="the CA certificate to trust on a TLS listener (sensorpipe certs init's ca.pem)")
     p.add_argument("--timeout", type=float, default=5.0)
-    for module_name in ("workers.tools.firmware", "workers.tools.simulate"):
+    for module_name in ("workers.tools.firmware", "workers.tools.simulate", "workers.tools.security"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ImportError:

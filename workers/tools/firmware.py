@@ -65,6 +65,8 @@ def board_settings(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {"DEVICE_ID": args.device_id, "SERVER_HOST": host, "TEXT_PORT": int(port)}
     # no --wifi: the board keeps to the network it already knows (an ESP reconnects to it by itself)
     values["WIFI"] = [_wifi(text) for text in args.wifi or ()]
+    if args.token:          # the board says hello with it and signs its binary packets (docs/security.md)
+        values["DEVICE_TOKEN"] = args.token
     if args.battery:
         if args.transport not in (None, "binary"):
             raise FirmwareError("--battery sends binary packets: leave out --transport or give --transport binary")
@@ -368,6 +370,8 @@ def _deploy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-id", required=True, help="the board's device id, as the server shows it")
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's text port, e.g. 192.168.1.10:7000")
     p.add_argument("--wifi", action="append", metavar="SSID:PASS", help="a Wi-Fi network (repeatable; tried in order)")
+    p.add_argument("--token", help="the device's token (sensorpipe devices add ID printed it; needed where the"
+                                   " server's listeners have auth = \"required\")")
     p.add_argument("--transport", choices=("json", "kv", "binary"), help="how readings are sent (default: json)")
     p.add_argument("--battery", action="store_true", help="deep sleep between readings; send every --wake-interval")
     p.add_argument("--binary-port", type=int, help="the server's binary port (default: 7002)")

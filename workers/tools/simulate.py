@@ -728,6 +728,9 @@ def command(args: argparse.Namespace, load_config: Callable[[], object]) -> int:
         wanted = "binary" if fmt == "binary" else None
         for listener in cfg.listeners:     # type: ignore[attr-defined]
             if (listener.framing == "binary") == (wanted == "binary"):
+                if listener.auth == "required":
+                    raise SimulateError(f"listener {listener.name} requires credentials and simulated boards have"
+                                        " none: run it against a listener with auth = \"off\" (--target)")
                 host = "127.0.0.1" if listener.host in ("0.0.0.0", "", "::") else listener.host
                 return host, listener.port
         raise SimulateError(f"no {'binary' if wanted else 'text'} listener in the configuration: give --target")

@@ -1,0 +1,77 @@
+# Device credentials on the board (docs/security.md): the text port's hello
+# and the MAC on binary packets, both from DEVICE_TOKEN (the token
+# `sensorpipe devices add ID` printed). Pure logic, no hardware.
+#
+#   text:   {"auth":{"device":"ID","token":"TOKEN"}} first, answered {"auth":"ok"}
+#   binary: packet + counter (u32 LE) + HMAC-SHA256(key, packet + counter)[:16]
+#           key = SHA-256("sensorpipe-mac-key:" + TOKEN)
+#
+# The counter must grow across deep sleep and resets: it is kept in a small
+# file on flash and written before the packet goes out, so a number is never
+# used twice (one write per wake).
+
+import hashlib
+import struct
+
+try:
+    import ujson as json
+except ImportError:
+    import json
+
+MAC_KEY_LABEL = b"sensorpipe-mac-key:"
+MAC_BYTES = 16
+COUNTER_FILE = "auth_counter"
+AUTH_OK = b'{"auth":"ok"}'
+
+
+def hello_line(device, token):
+    return json.dumps({"auth": {"device": device, "token": token}}).encode() + b"\n"
+
+
+def mac_key(token):
+    return hashlib.sha256(MAC_KEY_LABEL + token.encode()).digest()
+
+
+def hmac_sha256(key, msg):
+    # RFC 2104 over hashlib.sha256 (MicroPython has no hmac module)
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    k = bytearray(64)
+    k[:len(key)] = key
+    inner = bytearray(64)
+    outer = bytearray(64)
+    for i in range(64):
+        inner[i] = k[i] ^ 0x36
+        outer[i] = k[i] ^ 0x5C
+    return hashlib.sha256(bytes(outer) + hashlib.sha256(bytes(inner) + msg).digest()).digest()
+
+
+def sign(packet, key, counter):
+    signed = packet + struct.pack("<I", counter)
+    return signed + hmac_sha256(key, signed)[:MAC_BYTES]
+
+
+def next_counter(path=COUNTER_FILE):
+    # The next packet's counter, written down before it is used.
+    try:
+        with open(path) as f:
+            last = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        last = 0
+    with open(path, "w") as f:
+        f.write(str(last + 1))
+    return last + 1
+
+
+def seal(conf, packet, path=COUNTER_FILE):
+    # The packet as the binary port takes it: signed when the board has a token.
+    if not conf.DEVICE_TOKEN:
+        return packet
+    return sign(packet, mac_key(conf.DEVICE_TOKEN), next_counter(path))
+
+
+def hello(conf):
+    # The text connection's first line, or None without a token.
+    if not conf.DEVICE_TOKEN:
+        return None
+    return hello_line(conf.DEVICE_ID, conf.DEVICE_TOKEN)

@@ -1,0 +1,50 @@
+# The firmware with a DEVICE_TOKEN under MicroPython's unix port, against a pipeline whose listeners
+# require credentials (the hello on the text port, the MAC on binary packets):
+#   micropython auth_board.py json|battery HOST TEXT_PORT BINARY_PORT DEVICE TOKEN
+import sys
+
+import fakeboard
+
+MODE = sys.argv[1]
+FRESH = ("app", "commands", "conf", "devauth", "hw", "link", "packet", "ringbuf", "wifi", "machine", "network", "dht")
+
+
+class Config:
+    DEVICE_ID = sys.argv[5]
+    DEVICE_TOKEN = sys.argv[6]
+    SERVER_HOST = sys.argv[2]
+    TEXT_PORT = int(sys.argv[3])
+    BINARY_PORT = int(sys.argv[4])
+    WIFI = [("home", "secret")]
+    DHT_RETRY_MS = 0
+    MEASURE_S = 0.2
+    CMD_WAIT_MS = 200
+
+
+def firmware():
+    for name in FRESH:
+        if name in sys.modules:
+            del sys.modules[name]
+    return __import__("app")
+
+
+if MODE == "json":
+    fakeboard.dht = [(20.0 + i / 10, 50.0 + i) for i in range(3)]
+    board = firmware().App(Config)
+    board.run(3)
+    board.close()
+    print("json", len(board.backlog))
+elif MODE == "battery":
+    Config.TRANSPORT = "binary"
+    Config.BATTERY = True
+    Config.DEVICE_NUMBER = 7
+    Config.MEASURE_S = 60
+    Config.WAKE_S = 120
+    fakeboard.dht = [(10.0 + i / 10, 60.0) for i in range(3)]
+    for _ in range(3):  # sends at wakes 1 and 3
+        try:
+            firmware().main(Config)
+        except fakeboard.DeepSleep as sleep:
+            print("slept", sleep.ms)
+    with open("auth_counter") as f:
+        print("counter", f.read())

@@ -1,0 +1,63 @@
+"""The firmware's side of device credentials (firmware/lib/devauth.py): the same hello and MAC as the
+server's workers/core/credentials.py, and a board on MicroPython's unix port writing through a pipeline
+whose listeners require credentials (text hello, signed battery packets)."""
+from __future__ import annotations
+
+import sqlite3
+import struct
+
+import pytest
+
+from tests.firmware.harness import FIRMWARE, HERE
+from tests.pipeline import Pipeline, wait_for
+from workers.core import credentials
+
+LAYOUT_TOML = (FIRMWARE / "server-config-example.toml").read_text() \
+    .replace("[binary.devices.1]", "[binary.devices.7]").replace('"greenhouse-1"', '"plot-7"')
+
+
+def test_the_board_signs_and_greets_as_the_server_checks(firmware_path, tmp_path) -> None:
+    import devauth
+
+    token = "Zp8-example-token_0123456789abcdef"
+    packet = struct.pack("<HHHBBB", 8, 600, 60, 8, 7, 1) + bytes(range(8))
+    key = devauth.mac_key(token)
+    assert key == credentials.mac_key_for(token)
+    assert devauth.sign(packet, key, 5) == credentials.sign_packet(key, packet, 5)
+    assert credentials.parse_hello(devauth.hello_line("plot-7", token).rstrip(b"\n")) == ("plot-7", token)
+    counter = tmp_path / "auth_counter"
+    assert [devauth.next_counter(str(counter)) for _ in range(3)] == [1, 2, 3]
+    assert counter.read_text() == "3"
+
+
+def readings(p: Pipeline, device: str) -> list[float]:
+    if not (p.data / "sensorpipe.db").exists():
+        return []
+    db = p.db()
+    try:
+        return [r[0] for r in db.execute("SELECT value FROM readings WHERE device = ? AND field = 'temp' ORDER BY ts",
+                                         (device,))]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+
+
+def test_on_the_unix_port_against_required_credentials(pipeline_factory, micropython_unix, tmp_path) -> None:
+    p = pipeline_factory(extra_toml=LAYOUT_TOML, auth="required")
+    p.start_all()
+    tokens = {}
+    for device in ("unix-1", "plot-7"):
+        result = p.cli("devices", "add", device)
+        assert result.returncode == 0, result.stderr
+        tokens[device] = result.stdout.strip().splitlines()[-1]
+    script = HERE / "auth_board.py"
+    ports = ("127.0.0.1", str(p.text_port), str(p.binary_port))
+
+    output = micropython_unix.run(script, "json", *ports, "unix-1", tokens["unix-1"], cwd=tmp_path).splitlines()
+    assert output[-1] == "json 0", output
+    wait_for(lambda: readings(p, "unix-1") == [20.0, 20.1, 20.2], message="the hello'd board's readings")
+
+    output = micropython_unix.run(script, "battery", *ports, "plot-7", tokens["plot-7"], cwd=tmp_path).splitlines()
+    assert output[-1] == "counter 2", output
+    wait_for(lambda: sorted(readings(p, "plot-7")) == pytest.approx([10.0, 10.1, 10.2]), message="signed packets' readings")
