@@ -38,6 +38,7 @@ import orjson
 from workers.core.config import SinkCommon
 from workers.core.deadletters import DeadLetter, DeadLetterStore
 from workers.core.envelope import Event, Reading, Seen
+from workers.core.latency import observe_stored
 from workers.core.runtime import Counters
 from workers.sinks import Batch, BatchTooLarge, PermanentError, Sink, TransientError
 
@@ -320,6 +321,7 @@ class Outbox:
             return
         self.counters.add("written_readings", len(batch.readings))
         self.counters.add("written_events", len(batch.events))
+        observe_stored(self.counters, batch.seen)
         self.backoff = self.opts.retry_initial_s
 
     def _failed(self, exc: TransientError) -> None:
