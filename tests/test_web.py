@@ -238,3 +238,27 @@ def test_openapi_document_matches_the_routes(p: Pipeline) -> None:
     described = {(path, method) for path, item in document["paths"].items() for method in item}
     assert served == described
     assert document["openapi"].startswith("3.")
+
+
+def test_live_hub_cuts_off_a_client_that_falls_behind_and_keeps_the_others() -> None:
+    import asyncio
+
+    from workers.core import envelope
+    from workers.web.backend import ALL, LiveHub
+
+    async def scenario() -> None:
+        hub = LiveHub(bound=2)
+        slow, fast = hub.subscribe(ALL), hub.subscribe("d1")
+        message = envelope.readings_message([1], envelope.readings_body(
+            [envelope.Reading("d1", 1_000_000_000, {"temp": 1.5}, {})], []))
+        for _ in range(3):
+            hub.publish(message[1], message[2])
+            if not fast.queue.empty():
+                await fast.queue.get()             # the fast client keeps up
+        assert hub.counters["stream_clients_too_slow"] == 1
+        assert await slow.queue.get() is None      # told to end its stream
+        assert hub.clients == 1
+        hub.publish(message[1], message[2])
+        assert b'"fields":{"temp":1.5}' in await fast.queue.get()
+
+    asyncio.run(scenario())

@@ -11,9 +11,9 @@ function svgEl(name, attrs) {
 
 // points: [{t: ms, y: number, lo?: number, hi?: number}], sorted by t. range: [fromMs, toMs].
 function drawChart(svg, points, range) {
-  const W = 600, H = 140, L = 40, R = 6, T = 8, B = 18;
+  // drawn at the element's own pixel size, so labels keep their shape at a phone's width
+  const W = Math.max(200, Math.round(svg.getBoundingClientRect().width) || 600), H = 140, L = 40, R = 6, T = 8, B = 18;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.setAttribute("preserveAspectRatio", "none");
   svg.replaceChildren();
   const ys = points.flatMap(p => [p.y, p.lo ?? p.y, p.hi ?? p.y]).filter(Number.isFinite);
   if (!ys.length) {

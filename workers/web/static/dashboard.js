@@ -167,7 +167,7 @@ async function loadCharts() {
     const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
     const box = el("div", {class: "chart", "data-field": field}, el("h3", {}, `${field} · ${used}`));
     box.append(svg);
-    charts.append(box);
+    charts.append(box);               // in the page first: the chart is drawn at its width
     state.series[field] = {svg, points};
     drawChart(svg, points, [from, Date.now()]);
   }
@@ -180,6 +180,10 @@ function growChart(field, ts, value) {
   series.points.push({t: ts, y: value});
   drawChart(series.svg, series.points, [Date.now() - state.range * 1000, Date.now()]);
 }
+
+window.addEventListener("resize", () => {     // charts are drawn at their pixel width: draw again
+  for (const series of Object.values(state.series)) drawChart(series.svg, series.points, [Date.now() - state.range * 1000, Date.now()]);
+});
 
 document.querySelectorAll(".ranges button").forEach(button => button.addEventListener("click", () => {
   document.querySelectorAll(".ranges button").forEach(b => b.classList.toggle("active", b === button));
