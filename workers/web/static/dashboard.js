@@ -138,8 +138,12 @@ function pickWindow(rangeS) {
 }
 
 async function loadCharts() {
-  const device = state.device, to = Date.now(), from = to - state.range * 1000;
+  const device = state.device, to = Date.now();
   const window = pickWindow(state.range);
+  // the query worker refuses more than [query] history_max_points (10,000): with only small windows
+  // configured, a week is cut to what fits, and the note says so
+  const spanS = window ? Math.min(state.range, window.seconds * 9000) : state.range;
+  const from = to - spanS * 1000;
   const numeric = Object.entries((await api(`/api/devices/${encodeURIComponent(device)}/latest`).catch(() => ({fields: {}}))).fields)
     .filter(([, f]) => typeof f.value === "number").map(([name]) => name).sort();
   const charts = document.getElementById("charts");
@@ -169,9 +173,10 @@ async function loadCharts() {
     box.append(svg);
     charts.append(box);               // in the page first: the chart is drawn at its width
     state.series[field] = {svg, points};
-    drawChart(svg, points, [from, Date.now()]);
+    drawChart(svg, points, [Date.now() - state.range * 1000, Date.now()]);
   }
-  document.getElementById("chart-note").textContent = note.length ? note[0] : (window ? `rollups: ${window.label}` : "raw readings");
+  const cut = spanS < state.range ? ` (the last ${Math.round(spanS / 3600)} h: add a larger window to [rollups] windows)` : "";
+  document.getElementById("chart-note").textContent = note.length ? note[0] : (window ? `rollups: ${window.label}${cut}` : "raw readings");
 }
 
 function growChart(field, ts, value) {
