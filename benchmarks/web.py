@@ -169,6 +169,7 @@ def main() -> int:
                 figures["flow_with_streams"] = simulate(p, args.rate, flow_s)
                 figures["flow_with_streams"]["http_cpu_s"] = round(cpu_seconds(http_pid) - cpu, 2)
                 figures["clients_at_end"] = _stream_clients(p)
+                figures["http_counters"] = {k: v for k, v in _status_http(p).items() if k.startswith("stream_")}
                 holder.send_signal(signal.SIGINT)
             finally:
                 try:
@@ -178,7 +179,7 @@ def main() -> int:
                     holder.kill()
             print(f"{args.rate} readings/s, {figures['clients_connected']} stream clients: "
                   f"{figures['flow_with_streams']}; still connected at the end: {figures['clients_at_end']};"
-                  f" the clients got: {figures.get('stream_clients')}")
+                  f" the clients got: {figures.get('stream_clients')}; HTTP worker: {figures.get('http_counters')}")
         finally:
             p.stop_all()
     if args.json:
@@ -186,9 +187,13 @@ def main() -> int:
     return 0
 
 
-def _stream_clients(p: Pipeline) -> int:
+def _status_http(p: Pipeline) -> dict:
     import httpx
-    return httpx.get(f"http://127.0.0.1:{p.http_port}/api/status", timeout=5).json()["http"]["stream_clients"]
+    return httpx.get(f"http://127.0.0.1:{p.http_port}/api/status", timeout=5).json()["http"]
+
+
+def _stream_clients(p: Pipeline) -> int:
+    return _status_http(p)["stream_clients"]
 
 
 if __name__ == "__main__":

@@ -253,12 +253,30 @@ def test_live_hub_cuts_off_a_client_that_falls_behind_and_keeps_the_others() -> 
             [envelope.Reading("d1", 1_000_000_000, {"temp": 1.5}, {})], []))
         for _ in range(3):
             hub.publish(message[1], message[2])
-            if not fast.queue.empty():
-                await fast.queue.get()             # the fast client keeps up
+            assert (await fast.take(1)).count(b"event: reading") == 1       # the fast client keeps up
         assert hub.counters["stream_clients_too_slow"] == 1
-        assert await slow.queue.get() is None      # told to end its stream
+        assert await slow.take(1) is None          # told to end its stream
         assert hub.clients == 1
         hub.publish(message[1], message[2])
-        assert b'"fields":{"temp":1.5}' in await fast.queue.get()
+        hub.publish(message[1], message[2])
+        both = await fast.take(1)                  # what waited goes out in one piece
+        assert both.count(b'"fields":{"temp":1.5}') == 2
+        assert await fast.take(0.01) == b""        # nothing: a keepalive is due
 
     asyncio.run(scenario())
+
+
+def test_readyz_waits_for_a_sink_failing_longer_than_allowed(pipeline_factory) -> None:
+    p = pipeline_factory(http="sink_failing_for_s = 0.5")
+    for role in ("query", "parser", "edge", "http"):          # the enabled SQLite sink is not running
+        p.start(role)
+    wait_http(p)
+    client = web(p)
+
+    def sinks_check() -> dict:
+        return client.get("/readyz").json()["checks"]["sinks"]
+
+    detail = wait_for(lambda: not sinks_check()["ok"] and sinks_check()["detail"], message="the sink counted as failing")
+    assert "sqlite failing for" in detail and client.get("/readyz").status_code == 503
+    p.start("sink-sqlite")
+    wait_for(lambda: client.get("/readyz").status_code == 200, message="ready once the sink reports")

@@ -99,19 +99,41 @@ class QueryClient:
 
 
 class Subscriber:
-    """One live-stream client: chunks of Server-Sent Events wait in a bounded queue. A client that
-    falls ``stream_queue`` chunks behind is cut off (counted) rather than slowing everyone else."""
+    """One live-stream client: chunks of Server-Sent Events wait in a list until its stream takes them
+    all in one write. Offering a chunk is an append and a flag, whatever the client's pace; a client
+    that lets ``bound`` chunks pile up is cut off (counted) rather than slowing everyone else."""
 
     def __init__(self, topic: str, bound: int) -> None:
         self.topic = topic
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(bound)
+        self.bound = bound
+        self.pending: list[bytes] = []
+        self.ready = asyncio.Event()
+        self.cut = False
 
     def offer(self, chunk: bytes) -> bool:
-        try:
-            self.queue.put_nowait(chunk)
-            return True
-        except asyncio.QueueFull:
+        if len(self.pending) >= self.bound:
             return False
+        self.pending.append(chunk)
+        self.ready.set()
+        return True
+
+    def cut_off(self) -> None:
+        self.cut = True
+        self.pending.clear()
+        self.ready.set()
+
+    async def take(self, timeout_s: float) -> bytes | None:
+        """What is waiting, in one piece; ``b""`` after ``timeout_s`` of nothing; None once cut off."""
+        if not self.ready.is_set():
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return b""
+        if self.cut:
+            return None
+        chunks, self.pending = self.pending, []
+        self.ready.clear()
+        return b"".join(chunks)
 
 
 class LiveHub:
@@ -172,9 +194,7 @@ class LiveHub:
             if not subscriber.offer(chunk):
                 self.counters["stream_clients_too_slow"] += 1
                 listeners.discard(subscriber)
-                while not subscriber.queue.empty():      # its reader finds None next and ends the stream
-                    subscriber.queue.get_nowait()
-                subscriber.queue.put_nowait(None)
+                subscriber.cut_off()                     # its stream ends at its next take
 
 
 def sse(event: str, data: Any) -> bytes:

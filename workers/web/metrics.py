@@ -35,7 +35,8 @@ NAMESPACE = "sensorpipe"
 # Counters that are levels (now), not totals since the worker started.
 GAUGES = {"connections", "inflight_batches", "journal_bytes", "paused_now", "replay_batches", "journal_torn_bytes",
           "pending_readings", "spool_readings", "spool_events", "spooled_batches", "spool_bytes", "spool_full_now",
-          "fsyncs_pending", "devices", "queued", "open_commands"}
+          "spool_corrupt_files", "open_commands", "devices_known", "held_messages", "injects_in_flight", "connected",
+          "state_bytes", "pending_emissions"}
 PROBE_TIMEOUT_S = 0.5
 
 

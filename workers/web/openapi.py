@@ -86,7 +86,7 @@ DOCUMENT: dict[str, Any] = {
         "/api/devices/{device}/stream": {"get": {
             "summary": "Live: this device's readings, events and presence (Server-Sent Events)",
             "description": "Events `reading` ({device, ts, fields}), `event` ({device, ts, kind, body}) and"
-                           " `seen` ({device, last_seen, via}). A client that falls [http] stream_queue chunks"
+                           " `seen` ({device, last_seen, via}). A client that lets [http] stream_queue chunks pile up"
                            " behind is disconnected; EventSource reconnects by itself.",
             "parameters": [DEVICE],
             "responses": {"200": _ok("an event stream", {"type": "string"}, "text/event-stream"), **AUTH}}},
