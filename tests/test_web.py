@@ -185,7 +185,7 @@ def test_tokens_read_only_and_admin_and_cors(pipeline_factory) -> None:
 
 def test_metrics_after_known_traffic_and_readiness(p: Pipeline) -> None:
     client = web(p)
-    assert client.get("/readyz").json()["ok"] is True, client.get("/readyz").text
+    wait_for(lambda: client.get("/readyz").json()["ok"], message="ready: " + client.get("/readyz").text)
     p.send(b"".join(b'{"device":"m%d","temp":%d}\n' % (i % 5, i) for i in range(100)))
     p.send(b"\xff\xfe{{{{\n")
     wait_for(lambda: p.count_rows() == 100, message="100 readings stored")
