@@ -14,7 +14,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 import zmq
@@ -140,13 +140,16 @@ class LiveHub:
     """Fans the query worker's ``readings`` out to live-stream clients, by device and for all devices.
     Each message is turned into text once per topic, however many clients listen to it."""
 
-    def __init__(self, bound: int) -> None:
+    def __init__(self, bound: int, watched: Callable[[bool], None] = lambda on: None) -> None:
         self.bound = bound
         self.topics: dict[str, set[Subscriber]] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        self.watched = watched              # told when the first client comes and the last one goes
 
     def subscribe(self, topic: str) -> Subscriber:
         subscriber = Subscriber(topic, self.bound)
+        if not self.topics:
+            self.watched(True)
         self.topics.setdefault(topic, set()).add(subscriber)
         self.counters["stream_clients_opened"] += 1
         return subscriber
@@ -157,6 +160,8 @@ class LiveHub:
             listeners.discard(subscriber)
             if not listeners:
                 del self.topics[subscriber.topic]
+                if not self.topics:
+                    self.watched(False)
 
     @property
     def clients(self) -> int:
@@ -193,8 +198,8 @@ class LiveHub:
         for subscriber in list(listeners):
             if not subscriber.offer(chunk):
                 self.counters["stream_clients_too_slow"] += 1
-                listeners.discard(subscriber)
                 subscriber.cut_off()                     # its stream ends at its next take
+                self.unsubscribe(subscriber)
 
 
 def sse(event: str, data: Any) -> bytes:
@@ -227,7 +232,8 @@ class Backend:
         self.cfg = cfg
         self.ctx = zmq.asyncio.Context()
         self.query = QueryClient(self.ctx, cfg.endpoints.query, cfg.http.request_timeout_s)
-        self.hub = LiveHub(cfg.http.stream_queue)
+        self.hub = LiveHub(cfg.http.stream_queue, self._watched)
+        self.stream_sock: zmq.asyncio.Socket | None = None
         self.health = SinkHealth()
         self.started = time.monotonic()
         self.tasks: list[asyncio.Task] = []
@@ -259,9 +265,17 @@ class Backend:
         finally:
             sock.close(linger=0)
 
+    def _watched(self, on: bool) -> None:
+        """Readings come from the query worker only while someone watches a stream: a PUB sends
+        nothing to a SUB that has no subscription, so with no stream open the pipeline does no work
+        for the HTTP worker at all."""
+        if self.stream_sock is not None:
+            self.stream_sock.setsockopt(zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE, envelope.READINGS)
+
     async def _stream(self) -> None:
-        sock = runtime.socket(self.ctx, zmq.SUB, connect=self.cfg.endpoints.stream, hwm=1000)
-        sock.setsockopt(zmq.SUBSCRIBE, envelope.READINGS)
+        sock = self.stream_sock = runtime.socket(self.ctx, zmq.SUB, connect=self.cfg.endpoints.stream, hwm=1000)
+        if self.hub.topics:
+            sock.setsockopt(zmq.SUBSCRIBE, envelope.READINGS)
         try:
             while True:
                 message = await sock.recv_multipart()
@@ -271,6 +285,7 @@ class Backend:
                     self.hub.counters["bad_messages"] += 1
                     log.warning("ignoring a bad live message: %s", exc)
         finally:
+            self.stream_sock = None
             sock.close(linger=0)
 
     async def _watch_status(self) -> None:
