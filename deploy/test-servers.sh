@@ -9,6 +9,8 @@
 #                                              so it lives in its own venv: .cache/mongoeco-venv
 #   Mosquitto (apt)        the MQTT broker users run
 #   MicroPython (npm)      WebAssembly build run by node, for the firmware's pure logic: .cache/node
+#   Chromium + chromedriver (apt)  a real browser for the dashboard test (driven by selenium)
+#   wrk (apt)              HTTP load for benchmarks/web.py
 #
 # Idempotent: each component is checked first and only installed when missing.
 # Prints one line per component; exits non-zero naming the component that could not be installed.
@@ -22,8 +24,8 @@ PYTHON313_FALLBACK=/root/.pyenv/versions/3.13.0/bin/python3.13
 NODE_PREFIX="$CACHE/node"
 MPY_PACKAGE='@micropython/micropython-webassembly-pyscript'
 MPY_VERSION='1.27.0'
-APT_PACKAGES=(victoria-metrics mosquitto mosquitto-clients)
-APT_BINARIES=(victoria-metrics mosquitto mosquitto_pub mosquitto_sub)
+APT_PACKAGES=(victoria-metrics mosquitto mosquitto-clients chromium chromium-driver wrk)
+APT_BINARIES=(victoria-metrics mosquitto mosquitto_pub mosquitto_sub chromium chromedriver wrk)
 LOG_DIR="$CACHE/install-logs"
 
 say() { printf '%-12s %s\n' "$1:" "$2"; }

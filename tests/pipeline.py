@@ -82,6 +82,7 @@ query = "tcp://127.0.0.1:{p_query}"
 command = "tcp://127.0.0.1:{p_command}"
 seen = "tcp://127.0.0.1:{p_seen}"
 downlink = "tcp://127.0.0.1:{p_downlink}"
+stream = "tcp://127.0.0.1:{p_stream}"
 
 [edge]
 batch_max_delay_ms = 5
@@ -110,26 +111,32 @@ endpoint = "tcp://127.0.0.1:{p_rollup}"
 
 [query]
 resync_after_s = 1
+
+[http]
+bind = "127.0.0.1:{http_port}"
+{http}
 """
 
 
 class Pipeline:
     def __init__(self, tmp: Path, extra_toml: str = "", max_frame: int = 65536, idle_timeout: float = 600,
                  redeliver: float = 3.0, rollups: str = "", edge: str = "", auth: str = "off", text_extra: str = "",
-                 per_address: int = 10000, rate: float = 0) -> None:
+                 per_address: int = 10000, rate: float = 0, http: str = "") -> None:
         self.tmp = tmp
         self.data = tmp / "data"
         self.text_port = free_port()
         self.binary_port = free_port()
         ports = {f"p_{n}": free_port() for n in ("frames", "acks", "live", "inject", "query", "sqlite", "rollup",
-                                                 "command", "seen", "downlink")}
+                                                 "command", "seen", "downlink", "stream")}
+        self.http_port = free_port()
         self.query_endpoint = f"tcp://127.0.0.1:{ports['p_query']}"
         self.command_endpoint = f"tcp://127.0.0.1:{ports['p_command']}"
         self.config_path = tmp / "sensorpipe.toml"
         self.config_path.write_text(BASE_TOML.format(
             data=self.data, text_port=self.text_port, binary_port=self.binary_port, max_frame=max_frame,
             idle_timeout=idle_timeout, redeliver=redeliver, rollups=rollups, edge=edge, auth=auth,
-            text_extra=text_extra, per_address=per_address, rate=rate, **ports) + extra_toml)
+            text_extra=text_extra, per_address=per_address, rate=rate, http=http, http_port=self.http_port,
+            **ports) + extra_toml)
         self.secret = runtime.pipeline_secret(self.data)      # what the workers will find there
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = tmp / "logs"

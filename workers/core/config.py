@@ -102,6 +102,7 @@ class Endpoints:
     command: str = DEFAULT_COMMAND_ENDPOINT       # clients REQ -> commands ROUTER (bind)
     seen: str = "tcp://127.0.0.1:5562"            # parsers PUSH (connect) -> commands PULL (bind)
     downlink: str = "tcp://127.0.0.1:5563"        # commands ROUTER (bind) <-> edge, MQTT DEALER (connect)
+    stream: str = "tcp://127.0.0.1:5564"          # query PUB (bind) -> http SUB (connect): readings, live
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,28 @@ class Query:
     restore_from: Literal["auto", "sqlite", "mongo", "none"] = "auto"
     resync_after_s: float = 5.0                   # a second restore after start closes the restart gap
     history_max_points: int = DEFAULT_HISTORY_MAX_POINTS   # a history request over this is refused
+
+
+@dataclass(frozen=True)
+class Http:
+    """The HTTP worker: REST API, live streams, dashboard, /metrics (docs/web.md)."""
+    enabled: bool = True
+    bind: str = "127.0.0.1:8080"                  # "host:port"; beyond this machine, set tokens
+    read_tokens: tuple[str, ...] = ()             # may read; none at all (here and in the file): open
+    admin_tokens: tuple[str, ...] = ()            # may also send commands and replay dead letters
+    tokens_file: str = "http-tokens.toml"         # more tokens, relative to the data directory, if it exists
+    cors_origins: tuple[str, ...] = ()            # e.g. ["https://app.example"], or ["*"]
+    request_timeout_s: float = 2.5                # one request to the query or commands worker
+    sink_failing_for_s: float = 60.0              # /readyz fails once an enabled sink has failed this long
+    stream_queue: int = 256                       # chunks held per live-stream client before it is cut off
+
+    @property
+    def host(self) -> str:
+        return self.bind.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.bind.rsplit(":", 1)[1])
 
 
 @dataclass(frozen=True)
@@ -263,6 +286,7 @@ class Config:
     sinks: Sinks = Sinks()
     rollups: Rollups = Rollups()
     query: Query = Query()
+    http: Http = Http()
     mqtt: Mqtt = Mqtt()
     presence: Presence = Presence()
     commands: Commands = Commands()
@@ -412,7 +436,19 @@ def _check(cfg: Config) -> None:
     _check_mqtt(cfg, DECODERS)
     _check_commands(cfg)
     cfg.sinks.webhook.check("sinks.webhook")
+    _check_http(cfg.http)
     _check_endpoints(cfg)
+
+
+def _check_http(http: Http) -> None:
+    host, _, port = http.bind.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"http.bind: expected 'host:port', got {http.bind!r}")
+    for name in ("request_timeout_s", "sink_failing_for_s"):
+        if getattr(http, name) <= 0:
+            raise ConfigError(f"http.{name}: must be more than 0")
+    if http.stream_queue < 1:
+        raise ConfigError("http.stream_queue: must be at least 1")
 
 
 def _check_endpoints(cfg: Config) -> None:

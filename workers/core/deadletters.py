@@ -202,3 +202,42 @@ class DeadLetterStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+class ReplayError(Exception):
+    """The edge did not take the replayed frames; nothing was marked replayed."""
+
+
+def replay(store: DeadLetterStore, letters: list[StoredDeadLetter], inject_endpoint: str, timeout_s: float) -> None:
+    """Feed ``letters`` through the pipeline again through the edge's inject endpoint, with their own
+    arrival times, and mark them replayed once the edge says they are in its journal."""
+    import zmq
+
+    from workers.core import envelope, runtime
+
+    conns: list[envelope.Conn] = []
+    index: dict[tuple[str, str], int] = {}
+    frames = []
+    for d in letters:
+        key = (d.listener, d.peer)
+        if key not in index:
+            index[key] = len(conns)
+            conns.append(envelope.Conn(0, d.listener, d.peer))
+        frames.append((d.raw, d.recv_ts, index[key]))
+    ctx = zmq.Context()
+    try:
+        # REQ to the edge's inject ROUTER: the answer comes once the frames are in the journal
+        sock = runtime.socket(ctx, zmq.REQ, connect=inject_endpoint)
+        try:
+            sock.send_multipart(envelope.inject_message(conns, envelope.pack_frames(frames), ref=1))
+            if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+                raise ReplayError(f"the edge does not answer at {inject_endpoint}: is the pipeline"
+                                  " running? Nothing was marked replayed")
+            _, seq, error = envelope.parse_injected(sock.recv_multipart())
+        finally:
+            sock.close(linger=0)
+    finally:
+        ctx.term()
+    if error is not None:
+        raise ReplayError(f"the edge refused the replay: {error}")
+    store.mark_replayed([d.id for d in letters])

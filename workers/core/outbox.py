@@ -45,6 +45,7 @@ from workers.core import starts
 from workers.core.config import DEFAULT_BATCH_TRIES, SinkCommon
 from workers.core.deadletters import DeadLetter, DeadLetterStore
 from workers.core.envelope import Event, Reading, Seen
+from workers.core.latency import observe_stored
 from workers.core.runtime import Counters
 from workers.core.tries import BatchTries
 from workers.sinks import Batch, BatchTooLarge, PermanentError, Sink, SinkError, TransientError
@@ -359,6 +360,7 @@ class Outbox:
             return
         self.counters.add("written_readings", len(batch.readings))
         self.counters.add("written_events", len(batch.events))
+        observe_stored(self.counters, batch.seen)
         self.backoff = self.opts.retry_initial_s
 
     def _failed(self, exc: TransientError) -> None:

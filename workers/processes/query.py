@@ -3,6 +3,7 @@
 Sockets:
     query  ROUTER  bind  <- clients REQ          JSON requests, one JSON reply each
     live   SUB     bind  <- parsers/workers PUB  ``readings`` (kept newest-first per field), ``stats``
+    stream PUB     bind  -> http SUB             the same ``readings`` messages, as they came (live streams)
 
 Requests (docs/query-protocol.md)::
 
@@ -313,6 +314,9 @@ class QueryWorker:
         live = runtime.socket(ctx, zmq.SUB, bind=cfg.endpoints.live, hwm=10000, max_message=runtime.BATCH_MESSAGE_BYTES)
         live.setsockopt(zmq.SUBSCRIBE, envelope.READINGS)
         live.setsockopt(zmq.SUBSCRIBE, envelope.STATS)
+        # Readings go on to the HTTP worker's live streams from here, so the parsers publish once, to one
+        # place. A PUB drops what no one subscribes to, and drops rather than blocks at its bound.
+        stream = runtime.socket(ctx, zmq.PUB, bind=cfg.endpoints.stream, hwm=1000)
         self.restore()          # after subscribing, so nothing falls between the two
         resync_at = time.monotonic() + cfg.query.resync_after_s
         poller = zmq.Poller()
@@ -325,9 +329,15 @@ class QueryWorker:
                 if live in events:
                     for _ in range(256):
                         try:
-                            self.on_live(live.recv_multipart(zmq.NOBLOCK))
+                            message = live.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                        self.on_live(message)
+                        if message[0] == envelope.READINGS:
+                            try:
+                                stream.send_multipart(message, zmq.NOBLOCK)
+                            except zmq.Again:
+                                pass
                 if front in events:
                     for _ in range(256):
                         try:
@@ -344,6 +354,7 @@ class QueryWorker:
         finally:
             front.close(linger=0)
             live.close(linger=0)
+            stream.close(linger=0)
             log.info("query: stopped")
 
 

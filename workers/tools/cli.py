@@ -466,10 +466,7 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Feed dead letters through the pipeline again (after a configuration fix)."""
-    import zmq
-
-    from workers.core import envelope
-    from workers.core.deadletters import DeadLetterStore
+    from workers.core.deadletters import DeadLetterStore, ReplayError, replay
 
     cfg = _load(args)
     path = Path(cfg.data_dir) / "deadletters.db"
@@ -484,32 +481,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if not letters:
             print("nothing to replay")
             return 0
-        conns: list[envelope.Conn] = []
-        index: dict[tuple[str, str], int] = {}
-        frames = []
-        for d in letters:
-            key = (d.listener, d.peer)
-            if key not in index:
-                index[key] = len(conns)
-                conns.append(envelope.Conn(0, d.listener, d.peer))
-            frames.append((d.raw, d.recv_ts, index[key]))
-        ctx = zmq.Context()
         try:
-            # REQ to the edge's inject ROUTER: the answer comes once the frames are in the journal
-            sock = runtime.socket(ctx, zmq.REQ, connect=cfg.endpoints.inject)
-            try:
-                sock.send_multipart(envelope.inject_message(conns, envelope.pack_frames(frames), ref=1))
-                if not sock.poll(int(args.timeout * 1000), zmq.POLLIN):
-                    raise CommandError(f"the edge does not answer at {cfg.endpoints.inject}: is the pipeline"
-                                       " running? Nothing was marked replayed")
-                _, seq, error = envelope.parse_injected(sock.recv_multipart())
-            finally:
-                sock.close(linger=0)
-        finally:
-            ctx.term()
-        if error is not None:
-            raise CommandError(f"the edge refused the replay: {error}")
-        store.mark_replayed([d.id for d in letters])
+            replay(store, letters, cfg.endpoints.inject, args.timeout)
+        except ReplayError as exc:
+            raise CommandError(str(exc)) from None
     finally:
         store.close()
     print(f"replayed {len(letters)} dead letter(s); any that fail again are listed by `sensorpipe deadletters`")
@@ -603,8 +578,14 @@ def _commands_worker(cfg: config_mod.Config) -> int:
     return commands.main(cfg)
 
 
+def _http_worker(cfg: config_mod.Config) -> int:
+    from workers.processes import http
+    return http.main(cfg)
+
+
 WORKERS["mqtt"] = _mqtt_worker
 WORKERS["commands"] = _commands_worker
+WORKERS["http"] = _http_worker
 
 
 def build_parser() -> argparse.ArgumentParser:
