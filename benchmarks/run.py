@@ -736,6 +736,7 @@ def steady_fleet(bench: "Bench", pipe: SensorPipe, boards: int, seconds: float,
     # Measure once every board is connected and sending (connecting 10,000 takes a few seconds).
     wait_until(lambda: pipe.status().get("edge", {}).get("connections", 0) >= boards or not sim.running(), 60)
     meter = Meter(pipe.pids())
+    profilers = bench.profile(pipe, f"fleet-{boards}")
     meter.start()
     measured_from = time.monotonic()
     ctx = zmq.Context()
@@ -788,6 +789,10 @@ def steady_fleet(bench: "Bench", pipe: SensorPipe, boards: int, seconds: float,
     finally:
         wall = time.monotonic() - measured_from
         processes = meter.stop()
+        for profiler in profilers:
+            profiler.send_signal(signal.SIGINT)
+        for profiler in profilers:
+            profiler.wait(30)
         probe.close()
         req.close()
         ctx.term()
