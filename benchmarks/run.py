@@ -862,7 +862,7 @@ def query_rate(pipe: SensorPipe, devices: list[str], clients: int, seconds: floa
     """Latest-value requests answered per second with ``clients`` concurrent REQ clients."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    query_pid = next(c.pid for c in pipe.children if c.name == "query")
+    query_pid = pipe.pids()["query"]
     meter = Meter({"query": query_pid})
     meter.start()
     workers = [ctx.Process(target=_query_clients, args=(pipe.query_endpoint, devices, clients // procs
@@ -888,7 +888,7 @@ def query_rate(pipe: SensorPipe, devices: list[str], clients: int, seconds: floa
 
 def connections(bench: "Bench", pipe: SensorPipe, count: int) -> dict[str, Any]:
     """Hold ``count`` device connections on one edge, each sending one reading; edge memory per connection."""
-    edge_pid = next(c.pid for c in pipe.children if c.name == "edge")
+    edge_pid = pipe.pids()["edge"]
     idle = rss_mb(edge_pid)
     sim = Simulation(["--devices", str(count), "--total", str(count), "--target", f"127.0.0.1:{pipe.port}",
                       "--prefix", "conn", "--hold", "600"])
@@ -1176,6 +1176,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"work directory {bench.work}; load average {os.getloadavg()[0]:.2f}")
     try:
         results = bench.run()
+    except BaseException:
+        # what was measured before the failure is kept (a full run is long)
+        broken = Path(args.out or PARTIAL)
+        broken.mkdir(parents=True, exist_ok=True)
+        (broken / "failed-run.json").write_text(json.dumps(bench.results, indent=1, default=str))
+        log(f"failed: the figures so far are in {broken / 'failed-run.json'}")
+        raise
     finally:
         if not args.keep:
             shutil.rmtree(bench.work, ignore_errors=True)
