@@ -143,7 +143,8 @@ def render(results: dict[str, Any]) -> str:
                 f"({fmt(fleet['bytes_per_write'], 0)} bytes per write) for {fleet['seconds']:.0f} s, into "
                 f"{fleet['config']}; CPU measured over {fleet['measured_s']:.0f} s once every board was connected. "
                 "A probe board sends a reading every 200 ms and polls the SQLite file (stored) and the query "
-                "worker (`latest`) until it is there.", "",
+                "worker (`latest`) until it is there. After the last send the pipeline took "
+                f"{fmt(fleet.get('catch_up_s'), 1)} s more to store everything.", "",
                 table(["sent", "stored", "lost", "dup", "achieved readings/s", "CPU % of one core (whole pipeline)",
                        "send→stored p50 / p99 ms", "send→latest p50 / p99 ms", "RSS MB (all processes)"],
                       [[fmt(fleet["sent"]), fmt(fleet["stored"]), fmt(fleet["lost"]), fmt(fleet["duplicates"]),
