@@ -199,6 +199,7 @@ class Counters(dict):
 
     def __init__(self, worker: str) -> None:
         super().__init__(starts.published(worker))      # restarts survive the restart (workers.core.starts)
+        self["pid"] = os.getpid()       # which process: a new one tells the query worker a publisher restarted
         self.worker = worker
         self._next = 0.0
         self._published = 0

@@ -23,7 +23,8 @@ arrived (heartbeats included); ``online`` is whether that is within its ``offlin
 (``[presence]``, or ``[devices.ID]``). ``history`` reads the SQLite store (read-only): the ``rollups``
 table, or ``readings`` when no window is given. On start the values are restored from the store
 (SQLite, or MongoDB when that sink is on), and restored once more ``resync_after_s`` later to cover
-readings that were on their way while the worker was down. A newer timestamp always wins, so the
+readings that were on their way while the worker was down; and again ``resync_after_s`` after a
+parser (re)starts, for what it published before its PUB socket was connected (a PUB drops that). A newer timestamp always wins, so the
 order in which parsers deliver does not matter.
 """
 from __future__ import annotations
@@ -158,6 +159,7 @@ class QueryWorker:
         self.cfg = cfg
         self.latest = LatestValues()
         self.stats: dict[str, tuple[float, dict]] = {}
+        self.resync_at = 0.0            # monotonic time of the next restore from the store; 0: none due
         self.counters = runtime.Counters("query")
         self._logged: set[str] = set()          # kinds of bad live input already logged once
         self.ops: dict[str, Callable[[dict], dict]] = {
@@ -285,6 +287,11 @@ class QueryWorker:
                 worker, counters = envelope.parse_stats(message)
                 if not isinstance(counters, dict) or not worker:
                     raise envelope.EnvelopeError(f"stats of {worker!r} are not an object of counters")
+                previous = self.stats.get(worker)
+                if worker.startswith("parser") and (previous is None or previous[1].get("pid") != counters.get("pid")):
+                    # A parser (re)started: what it published before its PUB was connected never came,
+                    # and is in the store by the time this runs out. Latest values catch up from there.
+                    self.resync_at = self.resync_at or time.monotonic() + self.cfg.query.resync_after_s
                 self.stats[worker] = (time.monotonic(), counters)
         except (envelope.EnvelopeError, IndexError, ValueError, TypeError, AttributeError) as exc:
             self._bad_live("bad_live_messages", 1, f"{kind[:20]!r} message: {exc}")
@@ -318,7 +325,7 @@ class QueryWorker:
         # place. A PUB drops what no one subscribes to, and drops rather than blocks at its bound.
         stream = runtime.socket(ctx, zmq.PUB, bind=cfg.endpoints.stream, hwm=1000)
         self.restore()          # after subscribing, so nothing falls between the two
-        resync_at = time.monotonic() + cfg.query.resync_after_s
+        self.resync_at = time.monotonic() + cfg.query.resync_after_s
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(live, zmq.POLLIN)
@@ -348,8 +355,8 @@ class QueryWorker:
                             self.counters.add("bad_messages")     # not from a REQ socket: nowhere to answer
                             continue
                         front.send_multipart([*message[:-1], self.answer(message[-1])])
-                if resync_at and time.monotonic() >= resync_at:
-                    resync_at = 0.0
+                if self.resync_at and time.monotonic() >= self.resync_at:
+                    self.resync_at = 0.0
                     self.restore()
         finally:
             front.close(linger=0)
