@@ -41,7 +41,7 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers.core import envelope, errors, runtime, updates
+from workers.core import envelope, errors, runtime, updates, worker
 from workers.core.config import Config
 from workers.core.envelope import Ack, Downlink, Seen
 
@@ -653,10 +653,4 @@ def request(endpoint: str, message: dict, timeout_s: float = 2.5) -> dict:
 
 
 def main(cfg: Config) -> int:
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        Commands(cfg).run(ctx, stop)
-    finally:
-        runtime.term(ctx)
-    return runtime.EXIT_OK
+    return worker.serve(lambda ctx, stop: Commands(cfg).run(ctx, stop))

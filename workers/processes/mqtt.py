@@ -42,7 +42,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from workers.core import envelope, runtime
+from workers.core import envelope, runtime, worker
 from workers.core.config import Config, MqttSubscription
 from workers.core.envelope import Conn
 from workers.core.templates import TemplateError, TopicTemplate
@@ -474,10 +474,4 @@ def main(cfg: Config) -> int:
     if not cfg.mqtt.enabled:
         log.info("mqtt: no [[mqtt.subscriptions]] in %s; nothing to do", cfg.source)
         return runtime.EXIT_OK
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        MqttWorker(cfg).run(ctx, stop)
-    finally:
-        runtime.term(ctx)
-    return runtime.EXIT_OK
+    return worker.serve(lambda ctx, stop: MqttWorker(cfg).run(ctx, stop))

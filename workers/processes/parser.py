@@ -28,7 +28,7 @@ from pathlib import Path
 import orjson
 import zmq
 
-from workers.core import envelope, runtime, storable
+from workers.core import envelope, runtime, storable, worker
 from workers.core.config import Config
 from workers.core.credentials import may_write_as
 from workers.core.deadletters import DeadLetter, DeadLetterStore
@@ -319,10 +319,4 @@ class Parser:
                 self.counters.add(f"skipped_busy_sink:{name}")
 
 def main(cfg: Config) -> int:
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        Parser(cfg).run(ctx, stop)
-    finally:
-        runtime.term(ctx)
-    return runtime.EXIT_OK
+    return worker.serve(lambda ctx, stop: Parser(cfg).run(ctx, stop))

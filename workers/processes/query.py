@@ -36,7 +36,7 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers.core import envelope, errors, runtime
+from workers.core import envelope, errors, runtime, worker
 from workers.core.config import Config, parse_window, window_label
 
 log = logging.getLogger(__name__)
@@ -384,10 +384,4 @@ def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, 
 
 
 def main(cfg: Config) -> int:
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        QueryWorker(cfg).run(ctx, stop)
-    finally:
-        runtime.term(ctx)
-    return runtime.EXIT_OK
+    return worker.serve(lambda ctx, stop: QueryWorker(cfg).run(ctx, stop))

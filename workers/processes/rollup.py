@@ -41,7 +41,7 @@ from typing import Callable, Iterable, NamedTuple
 import orjson
 import zmq
 
-from workers.core import envelope, runtime
+from workers.core import envelope, runtime, worker
 from workers.core.config import ROLLUP, Config, window_label
 from workers.core.deadletters import DeadLetter, DeadLetterStore
 from workers.core.storable import INT_MAX, INT_MIN, TS_MAX, TS_MIN
@@ -592,10 +592,4 @@ def main(cfg: Config) -> int:
     if not cfg.rollups.enabled:
         log.info("rollups are not enabled in %s; nothing to do", cfg.source)
         return runtime.EXIT_OK
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        RollupWorker(cfg).run(ctx, stop)
-    finally:
-        runtime.term(ctx)
-    return runtime.EXIT_OK
+    return worker.serve(lambda ctx, stop: RollupWorker(cfg).run(ctx, stop))

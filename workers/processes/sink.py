@@ -16,7 +16,7 @@ from pathlib import Path
 
 import zmq
 
-from workers.core import envelope, runtime
+from workers.core import envelope, runtime, worker
 from workers.core.config import Config
 from workers.core.deadletters import DeadLetterStore
 from workers.core.outbox import Outbox
@@ -110,9 +110,4 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
 
 
 def main(cfg: Config, name: str) -> int:
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        return run(cfg, name, ctx, stop)
-    finally:
-        runtime.term(ctx)
+    return worker.serve(lambda ctx, stop: run(cfg, name, ctx, stop))
