@@ -27,7 +27,6 @@ stored once. The worker exits 0 at once when no subscription is configured.
 from __future__ import annotations
 
 import logging
-import random
 import select
 import socket
 import ssl
@@ -97,7 +96,7 @@ class MqttWorker:
         self.session_started = False       # connected once: later connections use reconnect()
         self.stopping = False
         self.next_connect = 0.0
-        self.backoff = self.cfg.mqtt.reconnect_min_s
+        self.backoff = worker.Backoff(self.cfg.mqtt.reconnect_min_s, self.cfg.mqtt.reconnect_max_s)
         self.received: list[Received] = []
         self.injects: dict[int, Inject] = {}
         self.confirming: set[int] = set()   # mids sent to the edge, not answered yet
@@ -151,11 +150,10 @@ class MqttWorker:
             self._retry_later(now, f"cannot connect to the broker at {opts.host}:{opts.port}: {exc}")
 
     def _retry_later(self, now: float, why: str) -> None:
-        delay = self.backoff * random.uniform(0.5, 1.5)
+        delay = self.backoff.failed()
         self.next_connect = now + delay
         self.counters.add("connect_failures")
         self._log_sometimes("connect", logging.WARNING, "%s; next try in %.1f s", why, delay)
-        self.backoff = min(self.backoff * 2, self.cfg.mqtt.reconnect_max_s)
 
     def on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # Small packets back to back (a PUBACK, then a reply's PUBLISH) would otherwise wait for the
@@ -171,7 +169,7 @@ class MqttWorker:
             client.disconnect()
             return
         self.connected = True
-        self.backoff = self.cfg.mqtt.reconnect_min_s
+        self.backoff.reset()
         if not flags.session_present:
             self.ack_later.clear()           # a new session: the broker will not send those again
         subs = list(dict.fromkeys((s.uplink.filter, s.config.qos) for s in self.subscriptions))
@@ -190,7 +188,7 @@ class MqttWorker:
         if was and not self.stopping:
             self.counters.add("disconnects")
             log.warning("mqtt: lost the broker (%s); reconnecting", reason)
-        self.next_connect = time.monotonic() + self.backoff * random.uniform(0.5, 1.5)
+        self.next_connect = time.monotonic() + self.backoff.delay()
 
     def on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
