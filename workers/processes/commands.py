@@ -553,6 +553,15 @@ class Commands:
 
     # ------------------------------------------------------------------ loop
 
+    def take_request(self, message: list[bytes]) -> None:
+        if len(message) < 3 or message[-2] != b"":
+            self.counters.add("bad_messages")     # not from a REQ socket: nowhere to answer
+            return
+        reply = self.answer(message[:-1], message[-1])
+        if reply is not None:
+            assert self.front is not None
+            self.front.send_multipart([*message[:-1], orjson.dumps(reply)])
+
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
         self.front = front = runtime.socket(ctx, zmq.ROUTER, bind=cfg.endpoints.command)
@@ -574,39 +583,13 @@ class Commands:
             while not stop:
                 events = dict(poller.poll(runtime.POLL_MS))
                 if downlink in events:
-                    for _ in range(256):
-                        try:
-                            message = downlink.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        try:
-                            self.delivered(*envelope.parse_delivered(message))
-                        except envelope.EnvelopeError as exc:
-                            self.counters.add("bad_messages")
-                            log.warning("ignoring a bad downlink message: %s", exc)
+                    worker.drain(downlink, lambda message: self.delivered(*envelope.parse_delivered(message)),
+                                 counters=self.counters, logger=log, warning="ignoring a bad downlink message: %s")
                 if notices in events:
-                    for _ in range(256):
-                        try:
-                            message = notices.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        try:
-                            self.on_seen(*envelope.parse_seen_message(message))
-                        except envelope.EnvelopeError as exc:
-                            self.counters.add("bad_messages")
-                            log.warning("ignoring a bad seen message: %s", exc)
+                    worker.drain(notices, lambda message: self.on_seen(*envelope.parse_seen_message(message)),
+                                 counters=self.counters, logger=log, warning="ignoring a bad seen message: %s")
                 if front in events:
-                    for _ in range(64):
-                        try:
-                            message = front.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        if len(message) < 3 or message[-2] != b"":
-                            self.counters.add("bad_messages")     # not from a REQ socket: nowhere to answer
-                            continue
-                        reply = self.answer(message[:-1], message[-1])
-                        if reply is not None:
-                            front.send_multipart([*message[:-1], orjson.dumps(reply)])
+                    worker.drain(front, self.take_request, 64)
                 now = time.monotonic()
                 self.tick(now)
                 if now >= next_save:

@@ -381,27 +381,11 @@ class MqttWorker:
         if self.client.socket() is not None:
             self.client.loop_misc()
         if self.inject_sock in events:
-            for _ in range(256):
-                try:
-                    message = self.inject_sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    self.on_injected(message)
-                except envelope.EnvelopeError as exc:
-                    self.counters.add("bad_messages")
-                    log.warning("mqtt: ignoring a bad reply from the edge: %s", exc)
+            worker.drain(self.inject_sock, self.on_injected, counters=self.counters, logger=log,
+                         warning="mqtt: ignoring a bad reply from the edge: %s")
         if self.downlink_sock in events:
-            for _ in range(256):
-                try:
-                    message = self.downlink_sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    self.on_deliver(message)
-                except envelope.EnvelopeError as exc:
-                    self.counters.add("bad_messages")
-                    log.warning("mqtt: ignoring a bad deliver message: %s", exc)
+            worker.drain(self.downlink_sock, self.on_deliver, counters=self.counters, logger=log,
+                         warning="mqtt: ignoring a bad deliver message: %s")
         if self.client.want_write() and self.client.socket() is not None:
             self.client.loop_write()                # acks and publications made above go out now
 
