@@ -209,15 +209,8 @@ class Parser:
         try:
             while not stop:
                 if poller.poll(runtime.POLL_MS):
-                    busy_until = time.monotonic() + runtime.POLL_MS / 1000
-                    for _ in range(64):
-                        if time.monotonic() > busy_until:   # stats and the stop flag wait no longer
-                            break
-                        try:
-                            message = frames.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self.handle(message, sinks, live, notices)
+                    worker.drain(frames, lambda message: self.handle(message, sinks, live, notices), 64,
+                                 budget_s=runtime.POLL_MS / 1000)
                 self.counters.publish_due(live)
         finally:
             for sock in (frames, live, notices, *sinks.values()):

@@ -538,12 +538,8 @@ class RollupWorker:
                 timeout = min([runtime.POLL_MS,
                                *(int(outbox.next_due_in(now) * 1000) + 1 for outbox in self.outboxes.values())])
                 if poller.poll(timeout):
-                    messages = []
-                    for _ in range(MAX_MESSAGES_PER_POLL):
-                        try:
-                            messages.append(inbox.recv_multipart(zmq.NOBLOCK))
-                        except zmq.Again:
-                            break
+                    messages: list[list[bytes]] = []
+                    worker.drain(inbox, messages.append, MAX_MESSAGES_PER_POLL)
                     self.take(messages, acks)
                 now = time.monotonic()
                 if now >= next_close:
