@@ -73,7 +73,7 @@ def test_a_message_over_the_bound_is_refused_by_zeromq_before_the_worker(pipelin
             after = pipeline.query({"op": "status"})["workers"]["query"]["requests"]
             assert after == before + 1                 # only the status request itself reached the worker
             big = pipeline.query({"op": "ping", "pad": "x" * 100_000})      # under ZeroMQ's bound: a clear error
-            assert big == {"ok": False, "error": "request larger than 65536 bytes"}
+            assert big == {"ok": False, "code": "bad_request", "error": "request larger than 65536 bytes"}
         good.check()
     finally:
         ctx.term()
