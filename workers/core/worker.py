@@ -7,12 +7,16 @@ most ``runtime.POLL_MS`` that checks ``stop``, close sockets with ``linger=0`` i
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import random
+import signal
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import zmq
+import zmq.asyncio
 
 from workers.core import envelope, runtime
 
@@ -32,6 +36,33 @@ def serve(run: Callable[[zmq.Context, runtime.StopFlag], int | None]) -> int:
     finally:
         runtime.term(ctx)
     return runtime.EXIT_OK if code is None else code
+
+
+def serve_async(run: Callable[[zmq.asyncio.Context], Awaitable[int]]) -> int:
+    """``serve`` for a worker on asyncio (the edge): make the context, run ``run(ctx)`` in a new event
+    loop, end the context. ``run`` installs the stop flag with ``stop_on_signals`` once its loop runs."""
+    ctx = zmq.asyncio.Context()
+    try:
+        return asyncio.run(run(ctx))
+    finally:
+        runtime.term(ctx)
+
+
+def stop_on_signals(stop: Callable[[], None]) -> runtime.StopFlag:
+    """The stop flag of a worker on asyncio: SIGTERM/SIGINT set it and call ``stop`` (on the running
+    loop, not inside a signal handler); a second signal exits at once, as ``runtime.StopFlag`` does."""
+    flag = runtime.StopFlag()
+
+    def on_signal(signum: int) -> None:
+        if flag.is_set:
+            os._exit(128 + signum)
+        flag.set()
+        stop()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return flag
 
 
 def drain(sock: zmq.Socket, take: Callable[[list[bytes]], object], limit: int = DRAIN_LIMIT, *,

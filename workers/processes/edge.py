@@ -33,7 +33,7 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from workers.core import envelope, runtime
+from workers.core import envelope, runtime, worker
 from workers.core.stamps import ArrivalClock
 from workers.core.config import Config, Listener
 from workers.core.envelope import Conn
@@ -670,29 +670,11 @@ class Edge:
 
 
 def main(cfg: Config) -> int:
-    ctx = zmq.asyncio.Context()
-    try:
-        return asyncio.run(_main(cfg, ctx))
-    finally:
-        runtime.term(ctx)
+    return worker.serve_async(lambda ctx: _main(cfg, ctx))
 
 
 async def _main(cfg: Config, ctx: zmq.asyncio.Context) -> int:
-    import signal
-
     edge = Edge(cfg, ctx)
-    loop = asyncio.get_running_loop()
-    stops = 0
-
-    def on_signal() -> None:
-        nonlocal stops
-        stops += 1
-        if stops > 1:
-            import os
-            os._exit(1)
-        edge.stop.set()
-
-    loop.add_signal_handler(signal.SIGTERM, on_signal)
-    loop.add_signal_handler(signal.SIGINT, on_signal)
+    worker.stop_on_signals(edge.stop.set)
     await edge.run()
     return runtime.EXIT_FAILURE if edge.failed else runtime.EXIT_OK
