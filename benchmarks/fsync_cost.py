@@ -75,6 +75,10 @@ query = "tcp://127.0.0.1:{query}"
 command = "tcp://127.0.0.1:{command}"
 seen = "tcp://127.0.0.1:{seen}"
 downlink = "tcp://127.0.0.1:{downlink}"
+stream = "tcp://127.0.0.1:{stream}"
+
+[http]
+bind = "127.0.0.1:{http}"
 
 [rollups]                         # what is measured is the journal's cost: no rollup worker
 enabled = false
@@ -106,7 +110,7 @@ class Run:
         self.dir = Path(tempfile.mkdtemp(prefix=f"fsync-{policy}-", dir=base))
         self.ports = {name: free_port() for name in ("text", "binary", "frames", "acks", "live", "inject",
                                                       "query", "sqlite", "command", "seen", "downlink",
-                                                      "rollup")}
+                                                      "rollup", "stream", "http")}
         self.config = self.dir / "sensorpipe.toml"
         self.config.write_text(CONFIG.format(data=self.dir / "data", policy=policy, **self.ports))
         runtime.use_secret(runtime.pipeline_secret(self.dir / "data"))   # the workers' credentials

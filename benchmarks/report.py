@@ -13,19 +13,23 @@ from pathlib import Path
 from typing import Any
 
 # The issue's targets (on the 2-core machine, everything sharing it).
-TARGET_VS_TUNED = 1.5              # x the tuned Node-RED flow's throughput
+TARGET_VS_TUNED = 2.0              # x the tuned Node-RED flow's throughput (issue 14)
 TARGET_VS_CEILING = 0.7            # x the direct-to-VictoriaMetrics ceiling
 TARGET_CPU_VS_TUNED = 0.5          # at most this x the tuned flow's CPU seconds per 100,000 readings
+TARGET_FLEET_CPU_PCT = 50.0        # the steady fleet: % of one core, the whole pipeline
 TARGET_P99_MS = 100.0
 TARGET_CONN_RSS_MB = 300.0
 TARGET_QUERY_RPS = 20_000.0
 
-SP_INFLUX = "sensorpipe (InfluxDB)"
-SP_SQLITE = "sensorpipe (SQLite)"
+SP_INFLUX = "sensorpipe shipped + InfluxDB"    # deploy/sensorpipe.toml (SQLite, rollups) plus [sinks.influx]
+SP_SQLITE = "sensorpipe shipped (SQLite)"      # deploy/sensorpipe.toml as it is
+# The hops in the order a reading visits them (the per-process table's columns)
+HOPS = ("edge", "parser:1", "parser:2", "sink-sqlite", "sink-influx", "rollup", "query", "commands", "supervisord")
+MAIN_GROUPS = ("ceiling", "sensorpipe", "nodered-tuned", "nodered-tutorial", "threaded")
 
 
 def reference(results: dict[str, Any]) -> str:
-    """The sensorpipe run the others are compared with: the InfluxDB sink, or SQLite when there is none."""
+    """The sensorpipe run the others are compared with: shipped + InfluxDB, or SQLite when there is none."""
     return SP_INFLUX if any(r["system"] == SP_INFLUX for r in results.get("runs", [])) else SP_SQLITE
 
 
@@ -83,22 +87,25 @@ def render(results: dict[str, Any]) -> str:
                     f"{sim['devices']:,} boards, sent at {fmt(sim['send_rate'])}/s, all "
                     f"{sim['bytes_received']:,} bytes received at {fmt(sim['received_rate'])} readings/s."]
 
-    devices_seen = sorted({r["devices"] for r in _runs(results) if not r["group"].startswith("parsers")})
+    devices_seen = sorted({r["devices"] for r in _runs(results) if r["group"] in MAIN_GROUPS})
     for devices in devices_seen:
         rows = []
         for r in _runs(results, devices):
-            if r["group"].startswith("parsers"):
+            if r["group"] not in MAIN_GROUPS:
                 continue
             rows.append([r["system"], fmt(r["sent"]), fmt(r["stored"]), fmt(r["lost"]), fmt(r["duplicates"]),
                          fmt(r["seconds"], 2) + (" (cap)" if r["capped"] else ""), f"**{fmt(r['rate'])}**",
                          fmt(r["server_cpu_s"], 1), fmt(r["cpu_per_100k"], 2), fmt(_peak(r), 0),
                          fmt(r["db_cpu_s"], 1), fmt(r["sim_rate"])])
-        out += ["", f"## {devices:,} devices", "",
+        bpw = next((r.get("bytes_per_write") for r in _runs(results, devices, "sensorpipe")), None)
+        out += ["", f"## {devices:,} devices, one reading per TCP write", "",
+                f"Every board its own connection, each reading its own `send()` "
+                f"({fmt(bpw, 0)} bytes: one JSON line), as boards send.", "",
                 table(["system", "sent", "stored", "lost (not stored)", "dup", "s (first send → last stored)",
                        "readings/s", "CPU s (server)", "CPU s / 100k", "peak RSS MB (largest process)", "VM CPU s",
                        "simulator sent/s"], rows)]
         notes = [f"- {r['system']}: {r['note']}" for r in _runs(results, devices)
-                 if r["note"] and not r["group"].startswith("parsers")]
+                 if r["note"] and r["group"] in MAIN_GROUPS]
         if notes:
             out += ["", "What their logs say:", "", *notes]
         ref = reference(results)
@@ -106,7 +113,7 @@ def render(results: dict[str, Any]) -> str:
         if sp:
             ratio_rows = []
             for other in _runs(results, devices):
-                if other is sp or other["group"].startswith("parsers"):
+                if other is sp or other["group"] not in MAIN_GROUPS:
                     continue
                 t = sp["rate"] / other["rate"] if other["rate"] else float("inf")
                 c = (sp["cpu_per_100k"] / other["cpu_per_100k"]) if other["cpu_per_100k"] and sp["cpu_per_100k"] \
@@ -116,13 +123,37 @@ def render(results: dict[str, Any]) -> str:
             out += ["", f"{ref} against each, {devices:,} devices (throughput: higher is better; CPU "
                         "per 100k readings: lower is better):", "",
                     table(["compared with", "throughput ratio", "CPU per 100k ratio"], ratio_rows)]
-        detail = []
-        for r in _runs(results, devices):
-            if r["system"].startswith("sensorpipe") and not r["group"].startswith("parsers"):
-                detail.append([r["system"], ", ".join(f"{k} {v['cpu_s']:.1f} s / {v['peak_rss_mb']:.0f} MB"
-                                                      for k, v in r["processes"].items())])
-        if detail:
-            out += ["", "Per process (CPU seconds / peak RSS):", "", table(["system", "processes"], detail)]
+        out += per_process(results, [r for r in _runs(results, devices, "sensorpipe")])
+
+    batched = _runs(results, group="batched")
+    if batched:
+        rows = [[r["system"], fmt(r["devices"]), fmt(r["chunk"]), fmt(r.get("bytes_per_write"), 0), fmt(r["sent"]),
+                 fmt(r["stored"]), fmt(r["lost"]), fmt(r["duplicates"]), f"**{fmt(r['rate'])}**",
+                 fmt(r["cpu_per_100k"], 2)] for r in batched]
+        out += ["", "## Batched writes (a gateway, or a board sending its backlog)", "",
+                table(["system", "devices", "readings per write", "bytes per write", "sent", "stored", "lost", "dup",
+                       "readings/s", "CPU s / 100k"], rows)]
+        out += per_process(results, [r for r in batched if r["system"].startswith("sensorpipe")])
+
+    fleet = results.get("fleet")
+    if fleet:
+        hops = [h for h in HOPS if h in fleet["cpu_pct"]]
+        out += ["", "## Steady fleet", "",
+                f"{fleet['boards']:,} boards, each on its own connection sending one reading a second "
+                f"({fmt(fleet['bytes_per_write'], 0)} bytes per write) for {fleet['seconds']:.0f} s, into "
+                f"{fleet['config']}; CPU measured over {fleet['measured_s']:.0f} s once every board was connected. "
+                "A probe board sends a reading every 200 ms and polls the SQLite file (stored) and the query "
+                "worker (`latest`) until it is there. After the last send the pipeline took "
+                f"{fmt(fleet.get('catch_up_s'), 1)} s more to store everything.", "",
+                table(["sent", "stored", "lost", "dup", "achieved readings/s", "CPU % of one core (whole pipeline)",
+                       "send→stored p50 / p99 ms", "send→latest p50 / p99 ms", "RSS MB (all processes)"],
+                      [[fmt(fleet["sent"]), fmt(fleet["stored"]), fmt(fleet["lost"]), fmt(fleet["duplicates"]),
+                        fmt(fleet["achieved_rate"]), f"**{fmt(fleet['cpu_pct_one_core'], 1)}**",
+                        f"{fmt(fleet['stored_p50_ms'], 1)} / {fmt(fleet['stored_p99_ms'], 1)}",
+                        f"{fmt(fleet['latest_p50_ms'], 1)} / {fmt(fleet['latest_p99_ms'], 1)}",
+                        fmt(fleet["rss_total_mb"], 0)]]),
+                "", "CPU % of one core by process (RSS MB):", "",
+                table(hops, [[f"{fleet['cpu_pct'][h]:.1f} ({fleet['rss_mb'].get(h, 0):.0f})" for h in hops]])]
 
     scaling = [r for r in _runs(results) if r["group"].startswith("parsers")]
     if scaling:
@@ -164,6 +195,20 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def per_process(results: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
+    """µs of CPU per stored reading, for every process of the sensorpipe runs: what each hop costs."""
+    if not runs:
+        return []
+    hops = [h for h in HOPS if any(h in r["processes"] for r in runs)]
+    rows = []
+    for r in runs:
+        stored = r["stored"] or 1
+        cells = [fmt(r["processes"][h]["cpu_s"] * 1e6 / stored, 1) if h in r["processes"] else "–" for h in hops]
+        total = sum(p["cpu_s"] for p in r["processes"].values()) * 1e6 / stored
+        rows.append([f"{r['system']}, {r['devices']:,} devices, {r['chunk']} per write", *cells, f"**{total:.1f}**"])
+    return ["", "CPU µs per stored reading, by process:", "", table(["run", *hops, "all"], rows)]
+
+
 def targets(results: dict[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
 
@@ -180,6 +225,9 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
     if conn:
         loss.append(("connections run", conn["connections"], max(0, conn.get("sent", 0) - conn.get("stored", 0)),
                      conn.get("duplicates", 0)))
+    if results.get("fleet"):
+        f = results["fleet"]
+        loss.append(("steady fleet", f["boards"], f["lost"], f["duplicates"]))
     if loss:
         bad = [f"{s} {d}: {lost} lost, {dup} dup" for s, d, lost, dup in loss if lost or dup]
         check("zero readings lost or duplicated (sensorpipe, every load)", "; ".join(bad) or f"0 in {len(loss)} runs",
@@ -201,11 +249,15 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
                   ratio >= TARGET_VS_CEILING)
         if sp and tuned and tuned["cpu_per_100k"] and sp["cpu_per_100k"]:
             ratio = sp["cpu_per_100k"] / tuned["cpu_per_100k"]
-            both = _find(results, "sensorpipe (InfluxDB + SQLite)", devices)
-            extra = f"; with SQLite on as well {both['cpu_per_100k']:.2f} s" if both else ""
+            alone = _find(results, SP_SQLITE, devices, "sensorpipe") if ref != SP_SQLITE else None
+            extra = f"; shipped (SQLite) alone {alone['cpu_per_100k']:.2f} s" if alone else ""
             check(f"≤ {TARGET_CPU_VS_TUNED}× tuned Node-RED CPU per 100k ({devices} devices)",
                   f"{sp['cpu_per_100k']:.2f} s vs {tuned['cpu_per_100k']:.2f} s = {ratio:.2f}×{extra}",
                   ratio <= TARGET_CPU_VS_TUNED)
+    fleet = results.get("fleet")
+    if fleet:
+        check(f"steady fleet ({fleet['boards']:,} boards, 1 reading/s each) under {TARGET_FLEET_CPU_PCT:.0f}% of one "
+              "core", f"{fleet['cpu_pct_one_core']:.1f}%", fleet["cpu_pct_one_core"] < TARGET_FLEET_CPU_PCT)
     if lat:
         check(f"p99 send-to-latest < {TARGET_P99_MS:.0f} ms at {lat['rate']:,.0f} readings/s",
               f"{lat['p99_ms']:.1f} ms (achieved {lat['achieved_rate']:,.0f}/s)", lat["p99_ms"] < TARGET_P99_MS)
@@ -219,8 +271,9 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
               q["requests_per_s"] >= TARGET_QUERY_RPS)
     sim = results.get("simulator")
     if sim:
-        check("simulator ≥ 200,000 readings/s of sending", f"{sim['received_rate']:,.0f}/s received",
-              sim["received_rate"] >= 200_000)
+        # (issue 6's 200,000/s was at 32 readings per write; at one per write it is shown, not judged)
+        check("simulator alone, one reading per write (shares the cores with the system under test)",
+              f"{sim['received_rate']:,.0f}/s received", None)
     return rows
 
 

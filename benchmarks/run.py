@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -55,6 +56,9 @@ POLL_S = 0.05                      # how often the store is counted while a work
 IDLE_CPU_SHARE = 0.05              # a system using less CPU than this (of one core) has stopped working
 START_TIMEOUT_S = 60.0
 FIELDS = ("temp", "humi", "rssi")
+BATCHED_CHUNK = 32                 # readings per write in the batched table (the simulator's full-speed default)
+SP_SHIPPED = "sensorpipe shipped + InfluxDB"   # deploy/sensorpipe.toml (SQLite, rollups) plus [sinks.influx]
+SP_DEFAULT = "sensorpipe shipped (SQLite)"     # deploy/sensorpipe.toml as it is
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,17 @@ class Workload:
     connections: int
     query_s: float
     query_clients: int
+    fleet_boards: int              # the steady fleet: boards sending one reading a second each
+    fleet_s: float
+    batched_readings: int          # the batched table (BATCHED_CHUNK readings per write)
 
 
 FULL = Workload(readings=300_000, ceiling_readings=1_000_000, tutorial_readings=100_000, threaded_readings=20_000,
-                baseline_cap_s=60, latency_rate=20_000, latency_s=20, connections=10_000, query_s=6, query_clients=50)
+                baseline_cap_s=60, latency_rate=20_000, latency_s=20, connections=10_000, query_s=6, query_clients=50,
+                fleet_boards=10_000, fleet_s=60, batched_readings=300_000)
 QUICK = Workload(readings=60_000, ceiling_readings=300_000, tutorial_readings=20_000, threaded_readings=3_000,
-                 baseline_cap_s=20, latency_rate=20_000, latency_s=8, connections=10_000, query_s=3, query_clients=50)
+                 baseline_cap_s=20, latency_rate=20_000, latency_s=8, connections=10_000, query_s=3, query_clients=50,
+                 fleet_boards=10_000, fleet_s=20, batched_readings=60_000)
 
 
 def log(message: str) -> None:
@@ -267,15 +276,22 @@ class System:
 
 
 class SensorPipe(System):
+    """sensorpipe on free ports. ``supervised``: the whole pipeline under supervisord, as `sensorpipe run`
+    starts it (every worker, supervisord included, is measured); otherwise the workers alone, started here
+    (the parser-count runs, which supervisord.conf's fixed ``numprocs`` cannot vary)."""
     ROLES = ("query", "sinks", "parsers", "edge")
+    NAMES = {"influx": "InfluxDB", "sqlite": "SQLite"}
 
     def __init__(self, workdir: Path, sinks: tuple[str, ...], vm: Victoria | None, measurement: str,
-                 parsers: int = 2) -> None:
+                 parsers: int = 2, rollups: bool = True, supervised: bool = True) -> None:
         super().__init__()
-        self.label = "sensorpipe (" + " + ".join({"influx": "InfluxDB", "sqlite": "SQLite"}[s] for s in sinks) + ")"
+        self.label = sensorpipe_label(sinks, rollups)
         self.workdir = workdir
         self.sinks = sinks
         self.parsers = parsers
+        self.rollups = rollups
+        self.supervised = supervised
+        self.workers: dict[str, int] = {}
         self.data = workdir / "data"
         from workers.core import runtime
         self.secret = runtime.pipeline_secret(self.data)       # the internal sockets' credentials
@@ -283,10 +299,11 @@ class SensorPipe(System):
         self.port = free_port()
         self.ports = {n: free_port()
                       for n in ("binary", "frames", "acks", "live", "inject", "query", "sqlite", "influx",
-                                "command", "seen", "downlink", "rollup")}
+                                "command", "seen", "downlink", "rollup", "mongo", "webhook", "stream", "http")}
         self.query_endpoint = f"tcp://127.0.0.1:{self.ports['query']}"
         self.config = workdir / "sensorpipe.toml"
         p = self.ports
+        # deploy/sensorpipe.toml on free ports: its values are the defaults, and its example rollup windows
         self.config.write_text(f"""
 data_dir = "{self.data}"
 log_level = "WARNING"
@@ -316,11 +333,15 @@ query = "tcp://127.0.0.1:{p['query']}"
 command = "tcp://127.0.0.1:{p['command']}"
 seen = "tcp://127.0.0.1:{p['seen']}"
 downlink = "tcp://127.0.0.1:{p['downlink']}"
+stream = "tcp://127.0.0.1:{p['stream']}"
 
-# Ingestion is what is compared (the baselines keep no aggregates): no rollup worker to feed.
+[http]
+bind = "127.0.0.1:{p['http']}"
+
 [rollups]
-enabled = false
+enabled = {str(rollups).lower()}
 endpoint = "tcp://127.0.0.1:{p['rollup']}"
+windows = ["1m", "1h", "1d"]
 
 [sinks.sqlite]
 enabled = {str('sqlite' in sinks).lower()}
@@ -332,6 +353,12 @@ endpoint = "tcp://127.0.0.1:{p['influx']}"
 url = "{vm.url if vm else 'http://127.0.0.1:8086'}"
 token = "benchmark"
 measurement = "{measurement}"
+
+[sinks.mongo]
+endpoint = "tcp://127.0.0.1:{p['mongo']}"
+
+[sinks.webhook]
+endpoint = "tcp://127.0.0.1:{p['webhook']}"
 """)
         self.store: VictoriaStore | SqliteStore
         if "influx" in sinks:
@@ -340,9 +367,24 @@ measurement = "{measurement}"
         else:
             self.store = SqliteStore(self.data / "sensorpipe.db")
 
+    def expected_workers(self) -> list[str]:
+        return ["edge", "query", "commands", *[f"parser:{i + 1}" for i in range(self.parsers)],
+                *[f"sink-{s}" for s in self.sinks], *(["rollup"] if self.rollups else [])]
+
     def start(self) -> "SensorPipe":
         logs = self.workdir / "logs"
-        roles = ["query", *[f"sink-{s}" for s in self.sinks], *["parser"] * self.parsers, "edge"]
+        if self.supervised:
+            run = child("supervisord", [PYTHON, "-m", "workers", "--config", str(self.config), "run"], logs,
+                        lambda: self._edge_ready() and self._query_ready())
+            self.children.append(run)
+            if not wait_until(lambda: set(self.expected_workers()) <= set(self._find_workers(run.pid or 0)), 30):
+                raise RuntimeError(f"not every worker started under supervisord: {self._find_workers(run.pid or 0)}")
+            found = self._find_workers(run.pid or 0)
+            # only the workers that stay (disabled sinks and the MQTT worker exit 0 as they start)
+            self.workers = {k: v for k, v in found.items() if k in self.expected_workers() or k == "supervisord"}
+            return self
+        roles = ["query", *[f"sink-{s}" for s in self.sinks], *(["rollup"] if self.rollups else []),
+                 *["parser"] * self.parsers, "edge"]
         counts: dict[str, int] = {}
         for role in roles:
             counts[role] = counts.get(role, 0) + 1
@@ -351,6 +393,34 @@ measurement = "{measurement}"
             self.children.append(child(name, [PYTHON, "-m", "workers", "--config", str(self.config), "worker", role],
                                        logs, ready, env={"SUPERVISOR_PROCESS_NAME": name.replace(":", "_")}))
         return self
+
+    @staticmethod
+    def _find_workers(supervisord_pid: int) -> dict[str, int]:
+        """supervisord's running workers by role (parsers numbered), supervisord itself included."""
+        found = {"supervisord": supervisord_pid}
+        try:
+            kids = sorted(psutil.Process(supervisord_pid).children(), key=lambda p: p.pid)
+        except psutil.Error:
+            return found
+        parsers = 0
+        for kid in kids:
+            try:
+                if kid.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                argv = kid.cmdline()
+            except psutil.Error:
+                continue
+            if len(argv) < 2 or argv[-2] != "worker":
+                continue                      # exited, or not one of ours
+            role = argv[-1]
+            if role == "parser":
+                parsers += 1
+                role = f"parser:{parsers}"
+            found[role] = kid.pid
+        return found
+
+    def pids(self) -> dict[str, int]:
+        return dict(self.workers) if self.supervised else super().pids()
 
     def _query_ready(self) -> bool:
         return bool(self.request({"op": "ping"}, timeout=0.5).get("ok"))
@@ -367,6 +437,15 @@ measurement = "{measurement}"
             return self.request({"op": "status"}).get("workers", {})
         except Exception:  # noqa: BLE001 -- not answering right now
             return {}
+
+
+def sensorpipe_label(sinks: tuple[str, ...], rollups: bool) -> str:
+    if set(sinks) == {"sqlite", "influx"} and rollups:
+        return SP_SHIPPED
+    if sinks == ("sqlite",) and rollups:
+        return SP_DEFAULT
+    names = " + ".join(SensorPipe.NAMES[s] for s in sinks)
+    return f"sensorpipe ({names}{', rollups' if rollups else ', no rollups'})"
 
 
 class NodeRed(System):
@@ -461,8 +540,10 @@ class Simulation:
 
 
 def simulate(target_port: int, devices: int, total: int, prefix: str, *extra: str) -> Simulation:
+    """The simulator as the bench plays it: one reading per TCP write unless ``extra`` says ``--chunk``."""
+    chunk = [] if "--chunk" in extra else ["--chunk", "1"]
     return Simulation(["--devices", str(devices), "--total", str(total), "--target", f"127.0.0.1:{target_port}",
-                       "--prefix", prefix, *extra])
+                       "--prefix", prefix, *chunk, *extra])
 
 
 def children_cpu() -> float:
@@ -494,17 +575,20 @@ class Run:
     cpu_per_100k: float | None = None
     db_cpu_s: float = 0.0              # VictoriaMetrics (or 0 for SQLite, which lives in the sink)
     note: str = ""
+    chunk: int = 1                     # readings per TCP write (1: as boards send)
+    bytes_per_write: float = 0.0
 
 
 def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: str = "json",
-               cap_s: float = 180.0, stall_s: float = 8.0, sim_args: tuple[str, ...] = ()) -> Run:
-    """Play ``total`` readings from ``devices`` boards into ``system``; count what its store holds."""
+               cap_s: float = 180.0, stall_s: float = 8.0, sim_args: tuple[str, ...] = (), chunk: int = 1) -> Run:
+    """Play ``total`` readings from ``devices`` boards into ``system``, ``chunk`` readings per TCP write
+    (1, as boards send: every reading its own write); count what its store holds."""
     prefix = f"d{devices}"
-    run = Run(system.label, devices, total)
+    run = Run(system.label, devices, total, chunk=chunk)
     meter = Meter(system.pids())
     vm_meter = Meter({"victoria-metrics": bench.vm.process.pid}) if isinstance(system.store, VictoriaStore) else None
     store = system.store
-    extra = ["--format", fmt, "--measurement", getattr(store, "measurement", "sim"), *sim_args]
+    extra = ["--format", fmt, "--measurement", getattr(store, "measurement", "sim"), "--chunk", str(chunk), *sim_args]
     cpu_before = children_cpu()
     profilers = bench.profile(system, f"{system.label}-{devices}")
     meter.start()
@@ -563,6 +647,7 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
     run.sim_cpu_s = round(sim.cpu_s - cpu_before, 2)
     count = store.count(summary)
     run.sent = summary["sent"]
+    run.bytes_per_write = round(summary["bytes"] / max(1, math.ceil(summary["sent"] / chunk)), 1)
     run.sim_rate = summary["rate"]
     run.stored, run.duplicates, run.unexpected = count.stored, count.duplicates, count.unexpected
     run.fields_complete = count.fields_complete
@@ -648,6 +733,110 @@ def latency(bench: "Bench", pipe: SensorPipe, rate: float, seconds: float) -> di
     return result
 
 
+def steady_fleet(bench: "Bench", pipe: SensorPipe, boards: int, seconds: float,
+                 probe_every_s: float = 0.2) -> dict[str, Any]:
+    """``boards`` boards each sending one reading a second for ``seconds``, as a fleet does all day: the
+    whole pipeline's CPU (% of one core), per process, memory, and a probe board's send->stored (the
+    SQLite row is there) and send->latest (the query worker answers it) latencies."""
+    import zmq
+
+    sim = Simulation(["--devices", str(boards), "--rate", str(boards), "--duration", str(seconds),
+                      "--chunk", "1", "--target", f"127.0.0.1:{pipe.port}", "--prefix", "fleet"])
+    # Measure once every board is connected and sending (connecting 10,000 takes a few seconds).
+    wait_until(lambda: pipe.status().get("edge", {}).get("connections", 0) >= boards or not sim.running(), 60)
+    meter = Meter(pipe.pids())
+    profilers = bench.profile(pipe, f"fleet-{boards}")
+    meter.start()
+    measured_from = time.monotonic()
+    from workers.core import runtime
+
+    ctx = zmq.Context()
+    req = runtime.socket(ctx, zmq.REQ, connect=pipe.query_endpoint)      # with the pipeline's secret
+    db = sqlite3.connect(f"file:{pipe.store.path}?mode=ro", uri=True, timeout=10) \
+        if isinstance(pipe.store, SqliteStore) else None
+    to_latest: list[float] = []
+    to_stored: list[float] = []
+    missed = 0
+    probe = socket.create_connection(("127.0.0.1", pipe.port))
+    probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    request = json.dumps({"op": "latest", "device": "fleet-probe"}).encode()
+    seq = 0
+    try:
+        while sim.running():
+            seq += 1
+            ts_ms = time.time_ns() // 1_000_000
+            sent_at = time.monotonic()
+            probe.sendall(b'{"device":"fleet-probe","ts":%d,"seq":%d}\n' % (ts_ms, seq))
+            latest_at = stored_at = None
+            while time.monotonic() - sent_at < 5.0 and (latest_at is None or (db and stored_at is None)):
+                if latest_at is None:
+                    req.send(request)
+                    if not req.poll(2000):
+                        req.close()
+                        req = runtime.socket(ctx, zmq.REQ, connect=pipe.query_endpoint)
+                        continue
+                    reply = json.loads(req.recv())
+                    if reply.get("ok") and reply["fields"].get("seq", {}).get("value") == seq:
+                        latest_at = time.monotonic()
+                if db is not None and stored_at is None:
+                    try:
+                        if db.execute("SELECT 1 FROM readings WHERE device = 'fleet-probe' AND field = 'seq' "
+                                      "AND ts = ?", (ts_ms * 1_000_000,)).fetchone():
+                            stored_at = time.monotonic()
+                    except sqlite3.OperationalError:
+                        pass                  # the table is not there yet
+                time.sleep(0.002)
+            if latest_at is None or (db is not None and stored_at is None):
+                missed += 1
+            if latest_at is not None:
+                to_latest.append((latest_at - sent_at) * 1000)
+            if stored_at is not None:
+                to_stored.append((stored_at - sent_at) * 1000)
+            time.sleep(max(0.0, probe_every_s - (time.monotonic() - sent_at)))
+    finally:
+        wall = time.monotonic() - measured_from
+        processes = meter.stop()
+        for profiler in profilers:
+            profiler.send_signal(signal.SIGINT)
+        for profiler in profilers:
+            profiler.wait(30)
+        probe.close()
+        req.close()
+        ctx.term()
+        if db is not None:
+            db.close()
+    rss = {label: round(rss_mb(pid), 1) for label, pid in pipe.pids().items()}
+    summary = sim.finish(timeout=60)
+    # a pipeline that fell behind (a loaded machine) is given time to catch up: lost means never stored
+    caught_up = time.monotonic()
+    wait_until(lambda: pipe.store.samples() >= summary["sent"], 180)
+    caught_up = time.monotonic() - caught_up
+    count = pipe.store.count(summary)
+
+    def pct(values: list[float], p: float) -> float:
+        values = sorted(values)
+        return round(values[min(len(values) - 1, int(len(values) * p))], 1) if values else float("nan")
+
+    cpu_s = sum(p["cpu_s"] for p in processes.values())
+    result = {"boards": boards, "seconds": seconds, "config": pipe.label, "measured_s": round(wall, 1),
+              "sent": summary["sent"], "stored": count.stored, "lost": max(0, summary["sent"] - count.stored),
+              "duplicates": count.duplicates, "achieved_rate": summary["rate"],
+              "cpu_s": round(cpu_s, 2), "cpu_pct_one_core": round(100 * cpu_s / wall, 1) if wall else None,
+              "cpu_pct": {k: round(100 * v["cpu_s"] / wall, 2) for k, v in processes.items()} if wall else {},
+              "rss_mb": rss, "rss_total_mb": round(sum(rss.values()), 1),
+              "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in processes.items()},
+              "probes": seq, "missed": missed,
+              "stored_p50_ms": pct(to_stored, 0.5), "stored_p99_ms": pct(to_stored, 0.99),
+              "latest_p50_ms": pct(to_latest, 0.5), "latest_p99_ms": pct(to_latest, 0.99),
+              "bytes_per_write": round(summary["bytes"] / max(1, summary["sent"]), 1),
+              "catch_up_s": round(caught_up, 1)}
+    log(f"steady fleet, {boards:,} boards at 1 reading/s: CPU {result['cpu_pct_one_core']}% of one core; "
+        f"send->stored p50 {result['stored_p50_ms']} ms p99 {result['stored_p99_ms']} ms; send->latest p50 "
+        f"{result['latest_p50_ms']} ms p99 {result['latest_p99_ms']} ms; RSS {result['rss_total_mb']} MB; "
+        f"stored {count.stored:,}/{summary['sent']:,}")
+    return result
+
+
 def _query_clients(endpoint: str, devices: list[str], clients: int, seconds: float, out,
                    secret: bytes) -> None:
     import zmq
@@ -684,7 +873,7 @@ def query_rate(pipe: SensorPipe, devices: list[str], clients: int, seconds: floa
     """Latest-value requests answered per second with ``clients`` concurrent REQ clients."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    query_pid = next(c.pid for c in pipe.children if c.name == "query")
+    query_pid = pipe.pids()["query"]
     meter = Meter({"query": query_pid})
     meter.start()
     workers = [ctx.Process(target=_query_clients, args=(pipe.query_endpoint, devices, clients // procs
@@ -711,7 +900,7 @@ def query_rate(pipe: SensorPipe, devices: list[str], clients: int, seconds: floa
 
 def connections(bench: "Bench", pipe: SensorPipe, count: int) -> dict[str, Any]:
     """Hold ``count`` device connections on one edge, each sending one reading; edge memory per connection."""
-    edge_pid = next(c.pid for c in pipe.children if c.name == "edge")
+    edge_pid = pipe.pids()["edge"]
     idle = rss_mb(edge_pid)
     sim = Simulation(["--devices", str(count), "--total", str(count), "--target", f"127.0.0.1:{pipe.port}",
                       "--prefix", "conn", "--hold", "600"])
@@ -835,7 +1024,9 @@ class Bench:
         return self.results
 
     def _run_all(self, load: Workload) -> None:
-        sinks_variants = [("influx",), ("sqlite",)] + ([] if self.args.quick else [("influx", "sqlite")])
+        # The headline: the shipped configuration plus the InfluxDB sink (counted in VictoriaMetrics, where
+        # the baselines write too), and the shipped configuration as it is (SQLite, rollups).
+        sinks_variants = [("sqlite", "influx"), ("sqlite",)]
         if self.main_sinks == ("sqlite",):
             sinks_variants = [("sqlite",)]
         for devices in self.devices:
@@ -865,11 +1056,29 @@ class Bench:
                 self.add(self.with_system(Threaded(self.sub("threaded"), self.vm, m),
                                           lambda s: throughput(self, s, devices, load.threaded_readings,
                                                                cap_s=load.baseline_cap_s)), "threaded")
+        if self.wants("batched"):
+            # The simulator's full-speed mode: 32 readings per write (a gateway, or a board's backlog)
+            devices = self.devices[0]
+            m = self.measurement("sp_batched")
+            pipe = SensorPipe(self.sub("batched"), sinks_variants[0], self.vm, m)
+            self.add(self.with_system(pipe, lambda s: throughput(self, s, devices, load.batched_readings,
+                                                                 chunk=BATCHED_CHUNK)), "batched")
+            if self.wants("nodered"):
+                m = self.measurement("nr_batched")
+                self.add(self.with_system(NodeRed(self.sub("nr-batched"), "tuned", self.vm, m),
+                                          lambda s: throughput(self, s, devices, load.batched_readings,
+                                                               chunk=BATCHED_CHUNK)), "batched")
+        if self.wants("fleet"):
+            m = self.measurement("fleet")
+            pipe = SensorPipe(self.sub("fleet"), ("sqlite",), self.vm, m)
+            self.results["fleet"] = self.with_system(pipe, lambda s: steady_fleet(self, s, load.fleet_boards,
+                                                                                  load.fleet_s))
         if self.wants("parsers"):
             devices = self.devices[0]
             for parsers in (1, 4):
                 m = self.measurement(f"p{parsers}")
-                pipe = SensorPipe(self.sub(f"parsers{parsers}"), self.main_sinks, self.vm, m, parsers=parsers)
+                pipe = SensorPipe(self.sub(f"parsers{parsers}"), self.main_sinks, self.vm, m, parsers=parsers,
+                                  rollups=False, supervised=False)
                 run = self.with_system(pipe, lambda s: throughput(self, s, devices, load.readings))
                 run.note = f"{parsers} parser" + ("s" if parsers > 1 else "")
                 self.add(run, f"parsers-{parsers}")
@@ -968,7 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default=DEFAULT_DEVICES, help="board counts for the throughput runs")
     parser.add_argument("--readings", type=int, help="readings per throughput run (overrides the mode's)")
     parser.add_argument("--only", help="comma-separated parts: simulator, ceiling, sensorpipe, nodered, threaded, "
-                                       "parsers, latency, connections, query")
+                                       "batched, fleet, parsers, latency, connections, query")
     parser.add_argument("--out", help=f"where to write last-run.md and last-run.json (default: {RESULTS} for a "
                                       f"full run, {PARTIAL} for --quick, --only, --devices or --readings)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
@@ -979,6 +1188,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"work directory {bench.work}; load average {os.getloadavg()[0]:.2f}")
     try:
         results = bench.run()
+    except BaseException:
+        # what was measured before the failure is kept (a full run is long)
+        broken = Path(args.out or PARTIAL)
+        broken.mkdir(parents=True, exist_ok=True)
+        (broken / "failed-run.json").write_text(json.dumps(bench.results, indent=1, default=str))
+        log(f"failed: the figures so far are in {broken / 'failed-run.json'}")
+        raise
     finally:
         if not args.keep:
             shutil.rmtree(bench.work, ignore_errors=True)

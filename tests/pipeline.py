@@ -177,8 +177,12 @@ class Pipeline:
         return {name for name, proc in self.procs.items() if name.startswith("parser:") and proc.poll() is None}
 
     def _port_open(self) -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.text_port)) == 0
+        # both listeners: the edge opens them one after the other, and a test may use either at once
+        for port in (self.text_port, self.binary_port):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) != 0:
+                    return False
+        return True
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         proc = self.procs[name]

@@ -148,9 +148,11 @@ def test_the_rollup_worker_sets_aside_readings_it_keeps_failing_on(tmp_path: Pat
         return real_add(batch, at)
 
     monkeypatch.setattr(worker.store, "add", add)
-    worker.take([message], acks)                      # try 1: not acknowledged
+    worker.hold([message])
+    worker.commit(acks)                               # try 1: not acknowledged
     assert acks.sent == [] and worker.counters["failed_batches"] == 1
-    worker.take([message], acks)                      # try 2, the last: reading by reading
+    worker.hold([message])
+    worker.commit(acks)                               # try 2, the last: reading by reading
     assert len(acks.sent) == 1
     (letter,) = worker.deadletters.list()
     assert letter.device == "poison" and letter.source == "rollup" and "a bug" in letter.reason

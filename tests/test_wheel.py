@@ -81,13 +81,18 @@ def test_installed_wheel_runs_the_pipeline_from_anywhere(installed: Path, tmp_pa
     assert check.returncode == 0, check.stderr
     assert "sensorpipe.toml: ok" in check.stdout and "sinks: sqlite" in check.stdout
 
+    add = sensorpipe("devices", "add", "greenhouse-1")     # the shipped listeners require a credential
+    assert add.returncode == 0, add.stderr
+    token = add.stdout.strip().splitlines()[-1]
+
     log = open(tmp_path / "run.log", "wb")
     run = subprocess.Popen([str(installed / "sensorpipe"), "run"], cwd=home, env=env,
                            stdout=log, stderr=subprocess.STDOUT)
     log.close()
     try:
         def fed() -> bool:
-            feed = sensorpipe("feed", '{"device":"greenhouse-1","temp":22.6,"humi":52}', timeout=10)
+            feed = sensorpipe("feed", "--device", "greenhouse-1", "--token", token, '{"temp":22.6,"humi":52}',
+                              timeout=10)
             return feed.returncode == 0
 
         # The first feed may come before the edge listens: retried until the deadline.

@@ -283,7 +283,9 @@ def parse_readings(header: bytes, body: bytes) -> tuple[list[int], list[Reading]
     try:
         seqs = orjson.loads(header)["seqs"]
         raw_readings, raw_events = orjson.loads(body)
-        return seqs, [Reading(*r) for r in raw_readings], [Event(*e) for e in raw_events]
+        # _make, not Reading(*r): the same length check, without a Python-level __new__ per reading
+        # (a third of parse_readings' time, and every sink and the rollup worker parse every batch)
+        return seqs, list(map(Reading._make, raw_readings)), list(map(Event._make, raw_events))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise EnvelopeError(f"bad readings message: {exc}") from None
 

@@ -286,4 +286,6 @@ def dispatch(raw: bytes, ops: dict[str, Callable[..., Any]], counters: Counters,
         return errors.failure(exc.code, str(exc))
     except Exception as exc:
         log.exception("request failed: %r", raw[:200])
-        return errors.failure(errors.INTERNAL, f"internal error: {exc!r}")
+        # Not the request's fault: a bug, with its traceback in the worker's log. The reply says so in words.
+        return errors.failure(errors.INTERNAL, f"the worker failed on this request (a bug; its log has the"
+                                               f" details): {exc}")

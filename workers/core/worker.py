@@ -38,12 +38,15 @@ def serve(run: Callable[[zmq.Context, runtime.StopFlag], int | None]) -> int:
     return runtime.EXIT_OK if code is None else code
 
 
-def serve_async(run: Callable[[zmq.asyncio.Context], Awaitable[int]]) -> int:
+def serve_async(run: Callable[[zmq.asyncio.Context], Awaitable[int]],
+                loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> int:
     """``serve`` for a worker on asyncio (the edge): make the context, run ``run(ctx)`` in a new event
-    loop, end the context. ``run`` installs the stop flag with ``stop_on_signals`` once its loop runs."""
+    loop (from ``loop_factory``, else asyncio's), end the context. ``run`` installs the stop flag with
+    ``stop_on_signals`` once its loop runs."""
     ctx = zmq.asyncio.Context()
     try:
-        return asyncio.run(run(ctx))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(run(ctx))
     finally:
         runtime.term(ctx)
 

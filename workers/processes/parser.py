@@ -4,7 +4,8 @@ Sockets:
     frames   PULL  connect <- edge PUSH          batches of frames
     <sink>   PUSH  connect -> each sink's PULL   ``readings`` with the batch's seq (fan-out; the rollup
                                                  worker's PULL too: ``Config.consumers()``)
-    live     PUB   connect -> query SUB          the same ``readings``, and ``stats``
+    live     PUB   connect -> query SUB          ``readings``: of each batch only what the latest values
+                                                 need (``newest_per_field``), and ``stats``
     seen     PUSH  connect -> commands PULL      ``seen``: where each device was seen, command acks,
                                                  automatic replies to send
 
@@ -45,6 +46,38 @@ LOG_EVERY_S = 10.0        # bad input from one peer is logged at most this often
 SEEN_HWM = 1000           # seen messages queued for the commands worker before they are skipped
 REPLY_MAX_AGE_S = 30.0    # a heartbeat older than this (replayed from the journal) is not answered
 ACK_KIND = "cmd_ack"
+
+
+def newest_per_field(readings: list[Reading]) -> list[Reading]:
+    """What the query worker's latest values need of a batch: per device its newest reading, and an
+    older one only for a field the newer ones lack. A board whose 20 readings share a batch then costs
+    the query worker one reading instead of 20; ``readings`` itself when there is nothing to drop."""
+    by_device: dict[str, list[Reading]] = {}
+    for reading in readings:
+        group = by_device.get(reading.device)
+        if group is None:
+            by_device[reading.device] = [reading]
+        else:
+            group.append(reading)
+    if len(by_device) == len(readings):
+        return readings
+    out: list[Reading] = []
+    for group in by_device.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        group.reverse()              # of equal timestamps the later wins, as in the query worker
+        group.sort(key=_reading_ts, reverse=True)          # (a stable sort: that order stays)
+        covered: set[str] = set()
+        for reading in group:
+            if not covered.issuperset(reading.fields):
+                out.append(reading)
+                covered.update(reading.fields)
+    return out
+
+
+def _reading_ts(reading: Reading) -> int:
+    return reading.ts
 
 
 class Parser:
@@ -291,15 +324,25 @@ class Parser:
         self.counters.add("readings", len(readings))
         self.counters.add("events", len(events))
         out = envelope.readings_message([seq] if seq is not None else [], body, seen)
-        self.send(out, targets, sinks, live if targets is None and (readings or events or seen) else None)
+        live_out = None
+        if targets is None and (readings or events or seen):
+            latest = newest_per_field(readings)
+            if latest is not readings:        # (the query worker reads no events)
+                live_out = envelope.readings_message([seq] if seq is not None else [],
+                                                     envelope.readings_body(latest, ()), seen)
+            else:
+                live_out = out
+        self.send(out, targets, sinks, live, live_out)
 
     def send(self, out: list, targets: list[str] | None, sinks: dict[str, zmq.Socket],
-             live: zmq.Socket | None) -> None:
+             live: zmq.Socket | None, live_out: list | None = None) -> None:
+        """``out`` to the sinks (``targets``, or all); ``live_out``, what the query worker's latest values
+        need of it, published first."""
         # Live first: a batch sent again to some sinks only (``targets``) is not published again, so
         # the query worker must have seen it before any sink could acknowledge it.
-        if live is not None:
+        if live is not None and live_out is not None:
             try:
-                live.send_multipart(out, zmq.NOBLOCK, copy=False)
+                live.send_multipart(live_out, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 pass
         for name in targets if targets is not None else sinks:

@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 
 INBOX_HWM = 100
 MAX_MESSAGES_PER_POLL = 256
+# Readings are gathered this long (or up to this many) before one transaction: a commit rewrites every
+# page it touched, so 25 readings a commit cost 4x the CPU per reading of 5,000 (36 vs 10 µs, measured).
+# Nothing is acknowledged before its commit, so holding them loses nothing.
+TAKE_DELAY_S = 0.2
+TAKE_MAX_READINGS = 5000
 CLOSE_EVERY_S = 0.25
 PRUNE_EVERY_S = 60.0
 
@@ -72,6 +77,9 @@ class RollupWorker:
         self.inflight: dict[tuple[str, str, int, int], int] = {}     # window key -> version being sent
         self.delivered: list[tuple[tuple[str, str, int, int], int]] = []
         self._seq = 0
+        self.held_seqs: list[int] = []             # received, not yet in the state file nor acknowledged
+        self.held_readings: list[Reading] = []
+        self.held_since = 0.0                      # monotonic time of the oldest held message
 
     def open_outboxes(self) -> None:
         for name, opts in self.cfg.sinks.enabled().items():
@@ -98,9 +106,25 @@ class RollupWorker:
 
     # ------------------------------------------------------------------ one tick
 
-    def take(self, messages: list[list[bytes]], acks: zmq.Socket) -> None:
-        seqs: list[int] = []
-        readings: list[Reading] = []
+    def take(self, messages: list[list[bytes]], acks: zmq.Socket, now: float | None = None) -> None:
+        """Hold the readings of ``messages``; commit what is held once it is old or large enough."""
+        if not self.held_seqs and messages:
+            self.held_since = time.monotonic() if now is None else now
+        self.hold(messages)
+        if self.take_due_in(time.monotonic() if now is None else now) <= 0:
+            self.commit(acks)
+
+    def take_due_in(self, now: float) -> float:
+        """Seconds until what is held must be committed (inf: nothing held)."""
+        if not self.held_seqs:
+            return float("inf")
+        if len(self.held_readings) >= TAKE_MAX_READINGS:
+            return 0.0
+        return self.held_since + TAKE_DELAY_S - now
+
+    def hold(self, messages: list[list[bytes]]) -> None:
+        seqs = self.held_seqs
+        readings = self.held_readings
         for message in messages:
             try:
                 if len(message) != 3 or message[0] != envelope.READINGS:
@@ -112,7 +136,12 @@ class RollupWorker:
                 continue
             seqs.extend(batch_seqs)
             readings.extend(batch_readings)
-        self.counters.add("received_readings", len(readings))
+            self.counters.add("received_readings", len(batch_readings))
+
+    def commit(self, acks: zmq.Socket) -> None:
+        """The held readings into the state file in one transaction, then their seqs acknowledged."""
+        seqs, readings = self.held_seqs, self.held_readings
+        self.held_seqs, self.held_readings = [], []
         # The poison-batch rule (workers.core.tries): a batch the worker failed on is not acknowledged
         # and comes again; its last try goes reading by reading, setting aside those at fault; after
         # that (the worker died even so) the batch is set aside whole.
@@ -227,12 +256,12 @@ class RollupWorker:
                      cfg.rollups.correct_for_s, cfg.rollups.endpoint, sorted(self.outboxes))
             while not stop:
                 now = time.monotonic()
-                timeout = min([runtime.POLL_MS,
+                timeout = min([runtime.POLL_MS, int(max(0.0, min(self.take_due_in(now), 1.0)) * 1000) + 1,
                                *(int(outbox.next_due_in(now) * 1000) + 1 for outbox in self.outboxes.values())])
+                messages: list[list[bytes]] = []
                 if poller.poll(timeout):
-                    messages: list[list[bytes]] = []
                     worker.drain(inbox, messages.append, MAX_MESSAGES_PER_POLL)
-                    self.take(messages, acks)
+                self.take(messages, acks)
                 now = time.monotonic()
                 if now >= next_close:
                     next_close = now + CLOSE_EVERY_S
@@ -253,6 +282,7 @@ class RollupWorker:
                     counters.publish_due(live)
         finally:
             try:
+                self.commit(acks)        # what is held goes in now rather than being sent again
                 for outbox in self.outboxes.values():
                     outbox.close()
                 self.record_delivered()

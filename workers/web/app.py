@@ -370,7 +370,8 @@ def build_app(cfg: Config) -> Starlette:
 
     async def on_error(request: Request, exc: Exception) -> Response:
         log.exception("http: %s %s failed", request.method, request.url.path)
-        return error_response(500, "internal", f"internal error: {exc!r}")
+        return error_response(500, "internal", f"the HTTP worker failed on this request (a bug; its log has"
+                                               f" the details): {exc}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
