@@ -166,7 +166,8 @@ class Pipeline:
         self.wait_ready()
 
     def wait_ready(self) -> None:
-        wait_for(lambda: self.query({"op": "ping"}, timeout=0.5).get("ok"), message="query worker")
+        # Several workers import and start at once on two cores: on a busy machine that takes a while.
+        wait_for(lambda: self.query({"op": "ping"}, timeout=0.5).get("ok"), timeout=30, message="query worker")
         wait_for(self._port_open, message="edge listener")
         # A parser's readings reach the query worker over PUB/SUB, which drops what is sent before the
         # connection is up: a parser is ready once its stats got through.

@@ -36,14 +36,18 @@ def hmac_sha256(key, msg):
     # RFC 2104 over hashlib.sha256 (MicroPython has no hmac module)
     if len(key) > 64:
         key = hashlib.sha256(key).digest()
-    k = bytearray(64)
-    k[:len(key)] = key
+    pad = bytearray(64)
+    pad[:len(key)] = key
     inner = bytearray(64)
     outer = bytearray(64)
     for i in range(64):
-        inner[i] = k[i] ^ 0x36
-        outer[i] = k[i] ^ 0x5C
-    return hashlib.sha256(bytes(outer) + hashlib.sha256(bytes(inner) + msg).digest()).digest()
+        inner[i] = pad[i] ^ 0x36
+        outer[i] = pad[i] ^ 0x5C
+    h = hashlib.sha256(bytes(inner))
+    h.update(msg)
+    o = hashlib.sha256(bytes(outer))
+    o.update(h.digest())
+    return o.digest()
 
 
 def sign(packet, key, counter):

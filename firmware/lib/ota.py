@@ -22,6 +22,7 @@ except ImportError:
     import binascii
 
 import otaboot
+from devauth import hmac_sha256  # noqa: F401 (also this module's API)
 
 STATE = "ota_state.json"  # the manifest being downloaded
 MAX_FILE = 131072  # bytes; more than an ESP8266's flash filesystem wants in one file
@@ -33,24 +34,6 @@ NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-/
 
 class OtaError(Exception):
     pass
-
-
-def hmac_sha256(key, msg):
-    # RFC 2104 over hashlib.sha256 (MicroPython has no hmac module)
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    pad = bytearray(64)
-    pad[:len(key)] = key
-    inner = bytearray(64)
-    outer = bytearray(64)
-    for i in range(64):
-        inner[i] = pad[i] ^ 0x36
-        outer[i] = pad[i] ^ 0x5C
-    h = hashlib.sha256(bytes(inner))
-    h.update(msg)
-    o = hashlib.sha256(bytes(outer))
-    o.update(h.digest())
-    return o.digest()
 
 
 def manifest_message(device_id, version, files):

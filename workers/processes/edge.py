@@ -670,12 +670,16 @@ class Edge:
 
 
 def main(cfg: Config) -> int:
-    return worker.serve_async(lambda ctx: _main(cfg, ctx), _loop_factory())
+    return worker.serve_async(lambda ctx: _main(cfg, ctx), _loop_factory(cfg))
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def _loop_factory(cfg: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop where it is installed: with a board's every reading its own segment, the event loop's own
-    work per ``data_received`` is most of the edge's CPU, and uvloop's is a fraction of asyncio's."""
+    work per ``data_received`` is most of the edge's CPU, and uvloop's is a fraction of asyncio's.
+    Not when a listener speaks TLS: the guard upgrades a connection with ``loop.start_tls`` after its
+    limits are checked, and under uvloop that upgrade answered clients in plain text (tests/test_security.py)."""
+    if any(listener.tls for listener in cfg.listeners):
+        return None
     try:
         import uvloop
     except ImportError:                    # a platform without it: the default loop works the same
