@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -48,6 +47,7 @@ from workers.core.envelope import Event, Reading, Seen
 from workers.core.latency import observe_stored
 from workers.core.runtime import Counters
 from workers.core.tries import BatchTries
+from workers.core.worker import Backoff
 from workers.sinks import Batch, BatchTooLarge, PermanentError, Sink, SinkError, TransientError
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class Outbox:
         self.attempts: dict[Path, int] = {}  # spooled batch -> failed writes (max_attempts)
         self.first_added = 0.0
         self.retry_at = 0.0
-        self.backoff = opts.retry_initial_s
+        self.backoff = Backoff(opts.retry_initial_s, opts.retry_max_s)
         self.blocked = False                  # spool full with spool_full = "block"
         if len(self.spool):
             log.info("%s: %d spooled batches (%d bytes) from the last run will be written first",
@@ -314,7 +314,7 @@ class Outbox:
             self.counters.add("unspooled_readings", len(batch.readings))
         if not len(self.spool):
             log.info("%s: spool written back; the server is keeping up again", self.sink.name)
-            self.backoff = self.opts.retry_initial_s
+            self.backoff.reset()
         if self.blocked and self.spool.bytes < self.opts.spool_max_bytes:
             self.blocked = False
             self.flush()
@@ -361,16 +361,18 @@ class Outbox:
         self.counters.add("written_readings", len(batch.readings))
         self.counters.add("written_events", len(batch.events))
         observe_stored(self.counters, batch.seen)
-        self.backoff = self.opts.retry_initial_s
+        self.backoff.reset()
 
     def _failed(self, exc: TransientError) -> None:
-        delay = exc.retry_after if exc.retry_after is not None else self.backoff * random.uniform(0.5, 1.5)
+        first = self.backoff.fresh
+        delay = self.backoff.failed()
+        if exc.retry_after is not None:
+            delay = exc.retry_after
         self.retry_at = time.monotonic() + delay
-        if self.backoff == self.opts.retry_initial_s:
+        if first:
             log.warning("%s: write failed (%s); spooling and retrying with backoff", self.sink.name, exc)
         else:
             log.info("%s: still failing (%s); next try in %.1f s", self.sink.name, exc, delay)
-        self.backoff = min(self.backoff * 2, self.opts.retry_max_s)
         self.counters.add("write_failures")
 
     def _give_up(self, batch: Batch, attempts: int, exc: TransientError) -> None:

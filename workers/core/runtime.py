@@ -3,7 +3,8 @@
 The shape of every worker (zguide): build sockets, one poll loop with a timeout of at most a second
 that checks ``stop``, close sockets with ``linger=0`` in ``finally``. The caller owns the context
 and ends it with ``term`` (which stops its authenticator first).
-SIGTERM/SIGINT set the flag; a second signal exits at once.
+SIGTERM/SIGINT set the flag; a second signal exits at once. What every worker repeats around this
+(its ``main``, the drain-and-count loop, backoff) is in ``workers.core.worker``.
 
 Every socket is made by ``socket``, the one place that sets what all of them need: ``linger = 0``,
 ``ZMQ_MAXMSGSIZE`` (a peer that sends more is disconnected by ZeroMQ before anything is read), and

@@ -26,8 +26,6 @@ import asyncio
 import ctypes
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 from typing import Callable, cast
@@ -35,14 +33,15 @@ from typing import Callable, cast
 import zmq
 import zmq.asyncio
 
-from workers.core import envelope, runtime
+from workers.core import envelope, runtime, worker
 from workers.core.stamps import ArrivalClock
 from workers.core.config import Config, Listener
 from workers.core.envelope import Conn
 from workers.core.credentials import PACKET_TRAILER
 from workers.core.framing import make_framer
 from workers.core.guard import Guard, Session
-from workers.core.journal import Journal, JournalError, Location
+from workers.core.inflight import InFlight, InFlightLedger
+from workers.core.journal import Journal, JournalError
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +61,12 @@ FRAMES_HWM = 8            # batches ZeroMQ may queue per parser: the backlog wai
                           # counted, bounded and not yet on the redelivery clock
 SWEEP_INTERVAL_S = 5.0
 REDELIVER_PER_TICK = 256
-REDELIVER_MAX_BACKOFF = 4          # a silent sink is sent a batch again at most every 2**4 * redeliver_after_s
 CHECKPOINT_INTERVAL_S = 1.0        # how often acknowledgements are checkpointed (less replay after a restart)
 LOG_EVERY_S = 10.0
 BINARY_ACK = b"A"
 BATCH_MAX_BYTES = 8 * 1024 * 1024  # a batch is cut at this many frame bytes too (runtime.BATCH_MESSAGE_BYTES)
 DOWNLINK_BUFFER_MAX = 64 * 1024    # lines waiting for a device that does not read: refuse more
 TRIM_AFTER_BYTES = 4 * 1024 * 1024
-
-
-@dataclass
-class InFlight:
-    location: Location
-    pending: set[str]          # sinks that have not acknowledged yet
-    sent_at: float             # monotonic; 0 = never sent (replayed from the journal)
-    attempts: int = 0
 
 
 class DeviceConnection(asyncio.Protocol):
@@ -197,15 +187,14 @@ class Edge:
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)
         self.connections: set[DeviceConnection] = set()
         self.per_listener: dict[str, int] = {}
-        self.inflight: OrderedDict[int, InFlight] = OrderedDict()
+        self.inflight = InFlightLedger(self.sinks, cfg.edge.redeliver_after_s)
         self.outq: asyncio.Queue[tuple[int, list[bytes]]] = asyncio.Queue()   # (seq, frames message)
         self.paused = False
         self.reading = asyncio.Event()          # set while not paused: the inject loop waits on it
         self.reading.set()
         self.journal_failing = False            # the last append failed (disk full, I/O error)
         self.failed = False                     # a task died: exit non-zero so supervisord restarts us
-        self.last_ack: dict[str, float] = {}    # sink -> monotonic time of its last ack
-        self._acks_changed = False
+        self.last_ack = self.inflight.last_ack  # sink -> monotonic time of its last ack
         self._last_redeliver_log = 0.0
         self.stop = asyncio.Event()
         self._conn_ids = time.time_ns() // 1000
@@ -454,48 +443,24 @@ class Edge:
     # ------------------------------------------------------------------ acknowledgements
 
     def acknowledged(self, sink: str, seqs: list[int]) -> None:
-        now = time.monotonic()
-        last = self.last_ack.get(sink)
-        self.last_ack[sink] = now
-        if last is not None and now - last > self.cfg.edge.redeliver_after_s:
-            self._sink_back(sink)
-        self._acks_changed = True
-        for seq in seqs:
-            entry = self.inflight.get(seq)
-            if entry is None:
-                continue
-            entry.pending.discard(sink)
-            if not entry.pending:
-                del self.inflight[seq]
-                self.journal.done(entry.location, seq)
-                self.counters.add("batches_done")
+        for seq, entry in self.inflight.acknowledged(sink, seqs, time.monotonic()):
+            self.journal.done(entry.location, seq)
+            self.counters.add("batches_done")
         self._check_pressure()
-
-    def _sink_back(self, sink: str) -> None:
-        """A sink acknowledges again after a silence: what it misses goes to it now, not after backoff."""
-        count = 0
-        for entry in self.inflight.values():
-            if entry.attempts and sink in entry.pending:
-                entry.attempts = 0
-                count += 1
-        if count:
-            log.info("sink %s acknowledges again: sending it its %d missing batches now", sink, count)
 
     def redeliver(self, now: float) -> None:
         """Send again what a sink has not acknowledged in time, to the sinks that miss it.
 
-        Replayed batches (``sent_at == 0``) go at once. The rest wait ``redeliver_after_s``, doubled
-        with each attempt up to 16 times that, so a sink that is down for long is not flooded; the
-        queue to the parsers is bounded, so a long backlog goes out as fast as parsers take it."""
+        When a batch is due: ``InFlightLedger.due``. The queue to the parsers is bounded, so a long
+        backlog goes out as fast as parsers take it."""
+        if self.outq.qsize() >= OUTQ_HIGH:       # not a batch would go: no need to look for due ones
+            return
         budget = REDELIVER_PER_TICK
-        timeout = self.cfg.edge.redeliver_after_s
         sent: dict[tuple[str, ...], int] = {}
         lost: list[int] = []
-        for seq, entry in self.inflight.items():
+        for seq, entry in self.inflight.due(now):
             if budget <= 0 or self.outq.qsize() >= OUTQ_HIGH:
                 break
-            if entry.sent_at and now - entry.sent_at < timeout * (2 ** min(entry.attempts, REDELIVER_MAX_BACKOFF)):
-                continue
             try:
                 _, record = self.journal.read(entry.location)
                 conns, body = envelope.parse_journal_record(record)
@@ -519,9 +484,8 @@ class Edge:
             entry.sent_at = now
             budget -= 1
         for seq in lost:
-            entry = self.inflight.pop(seq)
+            entry = self.inflight.forget(seq)
             self.journal.done(entry.location, seq)
-            self._acks_changed = True
         if sent and now - self._last_redeliver_log >= LOG_EVERY_S:
             self._last_redeliver_log = now
             log.warning("sending batches again that were not acknowledged in time: %s",
@@ -529,14 +493,14 @@ class Edge:
 
     def checkpoint(self) -> None:
         """Write down which batches still miss which sinks, so a restart replays only those."""
-        if not self._acks_changed:
+        if not self.inflight.changed:
             return
         try:
-            self.journal.checkpoint((seq, entry.pending) for seq, entry in self.inflight.items())
+            self.journal.checkpoint(self.inflight.checkpoint_rows())
         except OSError as exc:
             log.warning("could not checkpoint acknowledgements (%s); a restart replays more", exc)
             return
-        self._acks_changed = False
+        self.inflight.changed = False
         self.counters.add("checkpoints")
 
     def sweep_idle(self, now: float) -> None:
@@ -706,12 +670,7 @@ class Edge:
 
 
 def main(cfg: Config) -> int:
-    ctx = zmq.asyncio.Context()
-    try:
-        with asyncio.Runner(loop_factory=_loop_factory(cfg)) as runner:
-            return runner.run(_main(cfg, ctx))
-    finally:
-        runtime.term(ctx)
+    return worker.serve_async(lambda ctx: _main(cfg, ctx), _loop_factory(cfg))
 
 
 def _loop_factory(cfg: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -729,21 +688,7 @@ def _loop_factory(cfg: Config) -> Callable[[], asyncio.AbstractEventLoop] | None
 
 
 async def _main(cfg: Config, ctx: zmq.asyncio.Context) -> int:
-    import signal
-
     edge = Edge(cfg, ctx)
-    loop = asyncio.get_running_loop()
-    stops = 0
-
-    def on_signal() -> None:
-        nonlocal stops
-        stops += 1
-        if stops > 1:
-            import os
-            os._exit(1)
-        edge.stop.set()
-
-    loop.add_signal_handler(signal.SIGTERM, on_signal)
-    loop.add_signal_handler(signal.SIGINT, on_signal)
+    worker.stop_on_signals(edge.stop.set)
     await edge.run()
     return runtime.EXIT_FAILURE if edge.failed else runtime.EXIT_OK

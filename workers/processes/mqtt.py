@@ -27,7 +27,6 @@ stored once. The worker exits 0 at once when no subscription is configured.
 from __future__ import annotations
 
 import logging
-import random
 import select
 import socket
 import ssl
@@ -42,7 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from workers.core import envelope, runtime
+from workers.core import envelope, runtime, worker
 from workers.core.config import Config, MqttSubscription
 from workers.core.envelope import Conn
 from workers.core.templates import TemplateError, TopicTemplate
@@ -97,7 +96,7 @@ class MqttWorker:
         self.session_started = False       # connected once: later connections use reconnect()
         self.stopping = False
         self.next_connect = 0.0
-        self.backoff = self.cfg.mqtt.reconnect_min_s
+        self.backoff = worker.Backoff(self.cfg.mqtt.reconnect_min_s, self.cfg.mqtt.reconnect_max_s)
         self.received: list[Received] = []
         self.injects: dict[int, Inject] = {}
         self.confirming: set[int] = set()   # mids sent to the edge, not answered yet
@@ -151,11 +150,10 @@ class MqttWorker:
             self._retry_later(now, f"cannot connect to the broker at {opts.host}:{opts.port}: {exc}")
 
     def _retry_later(self, now: float, why: str) -> None:
-        delay = self.backoff * random.uniform(0.5, 1.5)
+        delay = self.backoff.failed()
         self.next_connect = now + delay
         self.counters.add("connect_failures")
         self._log_sometimes("connect", logging.WARNING, "%s; next try in %.1f s", why, delay)
-        self.backoff = min(self.backoff * 2, self.cfg.mqtt.reconnect_max_s)
 
     def on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # Small packets back to back (a PUBACK, then a reply's PUBLISH) would otherwise wait for the
@@ -171,7 +169,7 @@ class MqttWorker:
             client.disconnect()
             return
         self.connected = True
-        self.backoff = self.cfg.mqtt.reconnect_min_s
+        self.backoff.reset()
         if not flags.session_present:
             self.ack_later.clear()           # a new session: the broker will not send those again
         subs = list(dict.fromkeys((s.uplink.filter, s.config.qos) for s in self.subscriptions))
@@ -190,7 +188,7 @@ class MqttWorker:
         if was and not self.stopping:
             self.counters.add("disconnects")
             log.warning("mqtt: lost the broker (%s); reconnecting", reason)
-        self.next_connect = time.monotonic() + self.backoff * random.uniform(0.5, 1.5)
+        self.next_connect = time.monotonic() + self.backoff.delay()
 
     def on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
@@ -383,27 +381,11 @@ class MqttWorker:
         if self.client.socket() is not None:
             self.client.loop_misc()
         if self.inject_sock in events:
-            for _ in range(256):
-                try:
-                    message = self.inject_sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    self.on_injected(message)
-                except envelope.EnvelopeError as exc:
-                    self.counters.add("bad_messages")
-                    log.warning("mqtt: ignoring a bad reply from the edge: %s", exc)
+            worker.drain(self.inject_sock, self.on_injected, counters=self.counters, logger=log,
+                         warning="mqtt: ignoring a bad reply from the edge: %s")
         if self.downlink_sock in events:
-            for _ in range(256):
-                try:
-                    message = self.downlink_sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    self.on_deliver(message)
-                except envelope.EnvelopeError as exc:
-                    self.counters.add("bad_messages")
-                    log.warning("mqtt: ignoring a bad deliver message: %s", exc)
+            worker.drain(self.downlink_sock, self.on_deliver, counters=self.counters, logger=log,
+                         warning="mqtt: ignoring a bad deliver message: %s")
         if self.client.want_write() and self.client.socket() is not None:
             self.client.loop_write()                # acks and publications made above go out now
 
@@ -474,10 +456,4 @@ def main(cfg: Config) -> int:
     if not cfg.mqtt.enabled:
         log.info("mqtt: no [[mqtt.subscriptions]] in %s; nothing to do", cfg.source)
         return runtime.EXIT_OK
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        MqttWorker(cfg).run(ctx, stop)
-    finally:
-        runtime.term(ctx)
-    return runtime.EXIT_OK
+    return worker.serve(lambda ctx, stop: MqttWorker(cfg).run(ctx, stop))

@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 import zmq
 
-from workers.core import envelope, runtime, storable
+from workers.core import envelope, runtime, storable, worker
 from workers.core.config import Config
 from workers.core.credentials import may_write_as
 from workers.core.deadletters import DeadLetter, DeadLetterStore
@@ -242,15 +242,8 @@ class Parser:
         try:
             while not stop:
                 if poller.poll(runtime.POLL_MS):
-                    busy_until = time.monotonic() + runtime.POLL_MS / 1000
-                    for _ in range(64):
-                        if time.monotonic() > busy_until:   # stats and the stop flag wait no longer
-                            break
-                        try:
-                            message = frames.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self.handle(message, sinks, live, notices)
+                    worker.drain(frames, lambda message: self.handle(message, sinks, live, notices), 64,
+                                 budget_s=runtime.POLL_MS / 1000)
                 self.counters.publish_due(live)
         finally:
             for sock in (frames, live, notices, *sinks.values()):
@@ -362,10 +355,4 @@ class Parser:
                 self.counters.add(f"skipped_busy_sink:{name}")
 
 def main(cfg: Config) -> int:
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        Parser(cfg).run(ctx, stop)
-    finally:
-        runtime.term(ctx)
-    return runtime.EXIT_OK
+    return worker.serve(lambda ctx, stop: Parser(cfg).run(ctx, stop))

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from workers.core import envelope, errors, runtime
+from workers.core import envelope, errors, runtime, worker
 from workers.core.config import Config, parse_window, window_label
 
 log = logging.getLogger(__name__)
@@ -315,6 +315,21 @@ class QueryWorker:
 
     # ------------------------------------------------------------------ loop
 
+    def pass_on(self, message: list[bytes], stream: zmq.Socket) -> None:
+        """A message from the live feed, taken in and passed on to the live streams when it holds readings."""
+        self.on_live(message)
+        if message[0] == envelope.READINGS:
+            try:
+                stream.send_multipart(message, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def take_request(self, message: list[bytes], front: zmq.Socket) -> None:
+        if len(message) < 3 or message[-2] != b"":
+            self.counters.add("bad_messages")     # not from a REQ socket: nowhere to answer
+            return
+        front.send_multipart([*message[:-1], self.answer(message[-1])])
+
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
         front = runtime.socket(ctx, zmq.ROUTER, bind=cfg.endpoints.query)
@@ -334,27 +349,9 @@ class QueryWorker:
             while not stop:
                 events = dict(poller.poll(runtime.POLL_MS))
                 if live in events:
-                    for _ in range(256):
-                        try:
-                            message = live.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self.on_live(message)
-                        if message[0] == envelope.READINGS:
-                            try:
-                                stream.send_multipart(message, zmq.NOBLOCK)
-                            except zmq.Again:
-                                pass
+                    worker.drain(live, lambda message: self.pass_on(message, stream))
                 if front in events:
-                    for _ in range(256):
-                        try:
-                            message = front.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        if len(message) < 3 or message[-2] != b"":
-                            self.counters.add("bad_messages")     # not from a REQ socket: nowhere to answer
-                            continue
-                        front.send_multipart([*message[:-1], self.answer(message[-1])])
+                    worker.drain(front, lambda message: self.take_request(message, front))
                 if self.resync_at and time.monotonic() >= self.resync_at:
                     self.resync_at = 0.0
                     self.restore()
@@ -391,10 +388,4 @@ def request(endpoint: str, message: dict, timeout_s: float = DEFAULT_TIMEOUT_S, 
 
 
 def main(cfg: Config) -> int:
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        QueryWorker(cfg).run(ctx, stop)
-    finally:
-        runtime.term(ctx)
-    return runtime.EXIT_OK
+    return worker.serve(lambda ctx, stop: QueryWorker(cfg).run(ctx, stop))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import zmq
 
-from workers.core import envelope, runtime
+from workers.core import envelope, runtime, worker
 from workers.core.config import Config
 from workers.core.deadletters import DeadLetterStore
 from workers.core.outbox import Outbox
@@ -51,6 +51,23 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
 
     outbox = Outbox(sink, opts, Path(cfg.data_dir) / "spool" / name, deadletters, ack, counters,
                     BatchTries.for_role(cfg.data_dir, f"sink-{name}"), cfg.limits.batch_tries)
+    def take(message: list[bytes]) -> None:
+        """One readings message into the outbox; a bad one raises EnvelopeError (counted by the drain)."""
+        if len(message) != 3 or message[0] != envelope.READINGS:
+            raise envelope.EnvelopeError(f"expected a readings message, got {message[:1]!r}")
+        seqs, readings, events = envelope.parse_readings(message[1], message[2])
+        seen = envelope.parse_seen(message[1]) if takes_readings else []
+        if events and not takes_events:
+            counters.add("events_not_for_this_sink", len(events))
+            events = []
+        if readings and not takes_readings:
+            counters.add("readings_not_for_this_sink", len(readings))
+            readings = []
+        outbox.add(seqs, readings, events, seen)
+        counters.add("received_readings", len(readings))
+        if outbox.pending >= opts.batch_size:
+            outbox.flush()
+
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     try:
@@ -60,33 +77,9 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
             now = time.monotonic()
             timeout = min(runtime.POLL_MS, int(outbox.next_due_in(now) * 1000) + 1)
             if outbox.accepting and poller.poll(timeout):
-                busy_until = time.monotonic() + runtime.POLL_MS / 1000
-                for _ in range(MAX_MESSAGES_PER_POLL):
-                    if time.monotonic() > busy_until:    # stats, spool and the stop flag wait no longer
-                        break
-                    try:
-                        message = inbox.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        if len(message) != 3 or message[0] != envelope.READINGS:
-                            raise envelope.EnvelopeError(f"expected a readings message, got {message[:1]!r}")
-                        seqs, readings, events = envelope.parse_readings(message[1], message[2])
-                        seen = envelope.parse_seen(message[1]) if takes_readings else []
-                    except envelope.EnvelopeError as exc:
-                        counters.add("bad_messages")
-                        log.warning("sink %s: ignoring a bad message: %s", name, exc)
-                        continue
-                    if events and not takes_events:
-                        counters.add("events_not_for_this_sink", len(events))
-                        events = []
-                    if readings and not takes_readings:
-                        counters.add("readings_not_for_this_sink", len(readings))
-                        readings = []
-                    outbox.add(seqs, readings, events, seen)
-                    counters.add("received_readings", len(readings))
-                    if outbox.pending >= opts.batch_size:
-                        outbox.flush()
+                # stats, spool and the stop flag wait no longer than the budget
+                worker.drain(inbox, take, MAX_MESSAGES_PER_POLL, budget_s=runtime.POLL_MS / 1000,
+                             counters=counters, logger=log, warning=f"sink {name}: ignoring a bad message: %s")
             elif not outbox.accepting:
                 time.sleep(runtime.POLL_MS / 1000)
             now = time.monotonic()
@@ -110,9 +103,4 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
 
 
 def main(cfg: Config, name: str) -> int:
-    stop = runtime.StopFlag().install()
-    ctx = zmq.Context()
-    try:
-        return run(cfg, name, ctx, stop)
-    finally:
-        runtime.term(ctx)
+    return worker.serve(lambda ctx, stop: run(cfg, name, ctx, stop))
