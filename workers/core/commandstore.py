@@ -4,9 +4,11 @@ the worker (``workers.processes.commands``) decides what to send and when.
 """
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import orjson
 
@@ -91,6 +93,15 @@ class CommandStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many saves in one transaction (an update queues a command per chunk: one commit, not 160)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")     # what was queued before a failure is in memory too: keep it
 
     def save(self, command: Command) -> None:
         self.db.execute("INSERT OR REPLACE INTO commands VALUES (?,?,?,?,?,?,?,?,?,?,?)", command.row())

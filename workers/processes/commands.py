@@ -200,8 +200,9 @@ class Commands:
                                 or not 0 < percent <= 100):
             raise RequestError('give "devices" or a "percent" of the fleet, 0 < percent <= 100')
         try:
-            return self.updates.push(updates.check_version(request.get("version")), devices, percent,
-                                     request.get("force") is True, self.devices, self.online)
+            with self.store.batch():
+                return self.updates.push(updates.check_version(request.get("version")), devices, percent,
+                                         request.get("force") is True, self.devices, self.online)
         except updates.UpdateError as exc:           # offline, mid-update, a version that failed before
             raise RequestError(str(exc), errors.CONFLICT) from None
 

@@ -297,7 +297,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         message["devices"] = args.device
     else:
         message["percent"] = args.percent
-    reply = _commands_worker(args, message)
+    reply = _commands_worker(args, message, timeout=30.0)     # a large fleet's chunks are queued first
     size = sum(entry[1] for entry in manifest["files"])
     for device in reply["started"]:
         print(f"{device}: sending {args.version} ({len(manifest['files'])} files, {size} bytes)")
