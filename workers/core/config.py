@@ -58,8 +58,21 @@ DEFAULT_BATCH_TRIES = 3
 # --------------------------------------------------------------------------- sections
 
 
+class Bound:
+    """Something that listens on ``bind`` ("host:port")."""
+    bind: str
+
+    @property
+    def host(self) -> str:
+        return self.bind.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.bind.rsplit(":", 1)[1])
+
+
 @dataclass(frozen=True)
-class Listener:
+class Listener(Bound):
     name: str
     bind: str                                     # "host:port"
     framing: Literal["auto", "lines", "binary"] = "auto"
@@ -82,13 +95,6 @@ class Listener:
     def tls(self) -> bool:
         return bool(self.tls_cert)
 
-    @property
-    def host(self) -> str:
-        return self.bind.rsplit(":", 1)[0]
-
-    @property
-    def port(self) -> int:
-        return int(self.bind.rsplit(":", 1)[1])
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,7 @@ class Query:
 
 
 @dataclass(frozen=True)
-class Http:
+class Http(Bound):
     """The HTTP worker: REST API, live streams, dashboard, /metrics (docs/web.md)."""
     enabled: bool = True
     bind: str = "127.0.0.1:8080"                  # "host:port"; beyond this machine, set tokens
@@ -179,13 +185,6 @@ class Http:
     sink_failing_for_s: float = 60.0              # /readyz fails once an enabled sink has failed this long
     stream_queue: int = 256                       # chunks held per live-stream client before it is cut off
 
-    @property
-    def host(self) -> str:
-        return self.bind.rsplit(":", 1)[0]
-
-    @property
-    def port(self) -> int:
-        return int(self.bind.rsplit(":", 1)[1])
 
 
 @dataclass(frozen=True)
