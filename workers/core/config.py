@@ -96,7 +96,6 @@ class Listener(Bound):
         return bool(self.tls_cert)
 
 
-
 @dataclass(frozen=True)
 class Endpoints:
     """Internal ZeroMQ endpoints. Who binds what is documented in docs/architecture.md."""
@@ -184,7 +183,6 @@ class Http(Bound):
     request_timeout_s: float = 2.5                # one request to the query or commands worker
     sink_failing_for_s: float = 60.0              # /readyz fails once an enabled sink has failed this long
     stream_queue: int = 256                       # chunks held per live-stream client before it is cut off
-
 
 
 @dataclass(frozen=True)
