@@ -35,7 +35,9 @@ from pathlib import Path
 import orjson
 import zmq
 
-from workers.core import envelope, runtime
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.servers import free_port  # noqa: E402
+from workers.core import envelope, runtime  # noqa: E402
 
 POLICIES = ("never", "interval", "batch")
 SENDERS = 16
@@ -95,12 +97,6 @@ fields = [ {{ name = "n", type = "u32" }} ]
 enabled = true
 endpoint = "tcp://127.0.0.1:{sqlite}"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Run:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.servers import free_port
 from workers.core import runtime
 from workers.processes import query as query_mod
 
@@ -26,12 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROLES = ("query", "sink-sqlite", "rollup", "parser", "parser", "edge")
 COMMAND_ROLES = ("query", "sink-sqlite", "rollup", "commands", "parser", "parser", "edge")   # + commands, replies
 STOP_ORDER = ["mqtt", "edge", "parser", "sink", "rollup", "commands", "query"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,
@@ -274,7 +269,7 @@ def pipeline_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
         return p
 
     yield make
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    failed = any(getattr(getattr(request.node, f"rep_{when}", None), "failed", False) for when in ("setup", "call"))
     for p in made:
         p.stop_all()
         if failed:

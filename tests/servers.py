@@ -26,6 +26,7 @@ import atexit
 import ctypes
 import json
 import logging
+import random
 import shutil
 import signal
 import socket
@@ -93,11 +94,27 @@ class ServerStartError(Exception):
     """A server exited or did not become ready; the message carries the end of its log."""
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free now and was never handed out before in this process.
+
+    Taken from below Linux's ephemeral range (32768-60999), so that no outgoing connection of the
+    suite (a client to VictoriaMetrics, a board) can be given it by the kernel between this call and
+    the moment a server binds it; and never twice, so that two listeners of one test cannot collide.
+    """
+    while True:
+        port = random.randrange(10_000, 32_000)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
 
 
 def unique_name(prefix: str) -> str:

@@ -59,6 +59,12 @@ def _on_free_ports(config: Path) -> dict[str, int]:
     return taken
 
 
+def _logs(home: Path, tmp_path: Path) -> str:
+    """The end of `sensorpipe run`'s output and of every worker's log, for a failure's message."""
+    logs = [tmp_path / "run.log", *sorted((home / "data").rglob("*.log"))]
+    return "\n".join(f"==== {log}\n{log.read_text(errors='replace')[-3000:]}" for log in logs if log.is_file())
+
+
 def test_installed_wheel_runs_the_pipeline_from_anywhere(installed: Path, tmp_path: Path) -> None:
     home = tmp_path / "greenhouse"
     home.mkdir()
@@ -90,13 +96,19 @@ def test_installed_wheel_runs_the_pipeline_from_anywhere(installed: Path, tmp_pa
                            stdout=log, stderr=subprocess.STDOUT)
     log.close()
     try:
+        last: list[str] = []
+
         def fed() -> bool:
             feed = sensorpipe("feed", "--device", "greenhouse-1", "--token", token, '{"temp":22.6,"humi":52}',
                               timeout=10)
+            last[:] = [feed.stderr]
             return feed.returncode == 0
 
         # The first feed may come before the edge listens: retried until the deadline.
-        wait_for(fed, timeout=60, interval=0.5, message="sensorpipe feed to reach the edge")
+        try:
+            wait_for(fed, timeout=60, interval=0.5, message="sensorpipe feed to reach the edge")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nlast feed: {last}\n{_logs(home, tmp_path)}") from None
 
         def latest() -> dict | None:
             reply = sensorpipe("latest", "greenhouse-1", "--json", timeout=10)
@@ -105,7 +117,10 @@ def test_installed_wheel_runs_the_pipeline_from_anywhere(installed: Path, tmp_pa
             fields = json.loads(reply.stdout).get("fields", {})
             return fields if "temp" in fields else None
 
-        fields = wait_for(latest, timeout=60, interval=0.5, message="the reading from sensorpipe latest")
+        try:
+            fields = wait_for(latest, timeout=60, interval=0.5, message="the reading from sensorpipe latest")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_logs(home, tmp_path)}") from None
         ctl = sensorpipe("ctl", "status")                     # supervisorctl from the installed package
         assert "edge" in ctl.stdout and "RUNNING" in ctl.stdout, ctl.stdout + ctl.stderr
         assert fields["temp"]["value"] == 22.6 and fields["humi"]["value"] == 52
