@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 # Each decoder and sink owns its options and their checks; this module composes them (the names it
 # had before stay importable from here).
-from workers.core import paths
+from workers.core import curve, paths
 from workers.core.options import ConfigError
 from workers.core.templates import TemplateError, TopicTemplate, render_reply
 from workers.decoders import REGISTRY as DECODERS
@@ -108,6 +108,14 @@ class Endpoints:
     seen: str = "tcp://127.0.0.1:5562"            # parsers PUSH (connect) -> commands PULL (bind)
     downlink: str = "tcp://127.0.0.1:5563"        # commands ROUTER (bind) <-> edge, MQTT DEALER (connect)
     stream: str = "tcp://127.0.0.1:5564"          # query PUB (bind) -> http SUB (connect): readings, live
+
+
+@dataclass(frozen=True)
+class Curve:
+    """CURVE keys for internal endpoints beyond loopback (workers.core.curve, docs/security.md)."""
+    keys_dir: str = "curve"                       # relative to the data directory; sensorpipe keys init fills it
+    identity: str = "worker"                      # the keypair this host presents: worker, or clients/NAME
+    clients: tuple[str, ...] = ()                 # may also ask query and commands: Z85 public keys or .key files
 
 
 @dataclass(frozen=True)
@@ -276,6 +284,7 @@ class Config:
         Listener(name="binary", bind="0.0.0.0:7002", framing="binary", decoder="binary"),
     )
     endpoints: Endpoints = Endpoints()
+    curve: Curve = Curve()
     edge: Edge = Edge()
     decoders: Decoders = Decoders()
     binary: dict[int, BinaryDevice] = field(default_factory=dict)   # device_number -> layout
@@ -321,8 +330,10 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def load(path: str | os.PathLike[str] | None = None, env: typing.Mapping[str, str] | None = None) -> Config:
-    """Read, check and return the configuration; raise ConfigError naming the bad key."""
+def load(path: str | os.PathLike[str] | None = None, env: typing.Mapping[str, str] | None = None,
+         keys: bool = True) -> Config:
+    """Read, check and return the configuration; raise ConfigError naming the bad key. ``keys=False``
+    skips the check that CURVE keys exist (for ``sensorpipe keys init``, which makes them)."""
     env = os.environ if env is None else env
     path = paths.config_path(path, env)
     try:
@@ -332,10 +343,11 @@ def load(path: str | os.PathLike[str] | None = None, env: typing.Mapping[str, st
         raise ConfigError(f"{path}: no such configuration file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return from_dict(table, env=env, source=str(path))
+    return from_dict(table, env=env, source=str(path), keys=keys)
 
 
-def from_dict(table: dict[str, Any], env: typing.Mapping[str, str] | None = None, source: str = "") -> Config:
+def from_dict(table: dict[str, Any], env: typing.Mapping[str, str] | None = None, source: str = "",
+              keys: bool = True) -> Config:
     env = {} if env is None else env
     table = dict(table)
     if "listeners" in table and isinstance(table["listeners"], dict):
@@ -345,6 +357,8 @@ def from_dict(table: dict[str, Any], env: typing.Mapping[str, str] | None = None
     cfg = _apply_env(cfg, env)
     cfg = _fill_names(dataclasses.replace(cfg, source=source))
     _check(cfg)
+    if keys:
+        _check_curve_keys(cfg)
     return cfg
 
 
@@ -448,17 +462,34 @@ def _check_http(http: Http) -> None:
         raise ConfigError("http.stream_queue: must be at least 1")
 
 
-def _check_endpoints(cfg: Config) -> None:
-    """Each internal endpoint is bound by one worker: two names for one address is a mistake."""
+def internal_endpoints(cfg: Config) -> dict[str, str]:
+    """Every internal endpoint in use, by its key in the file."""
     bound = {f"endpoints.{key}": value for key, value in dataclasses.asdict(cfg.endpoints).items()}
     bound.update({f"sinks.{name}.endpoint": sink.endpoint for name, sink in cfg.sinks.enabled().items()})
     if cfg.rollups.enabled:
         bound["rollups.endpoint"] = cfg.rollups.endpoint
+    return bound
+
+
+def _check_endpoints(cfg: Config) -> None:
+    """Each internal endpoint is bound by one worker: two names for one address is a mistake."""
     owner: dict[str, str] = {}
-    for key, endpoint in bound.items():
+    for key, endpoint in internal_endpoints(cfg).items():
         if endpoint in owner:
             raise ConfigError(f"{key}: {endpoint} is {owner[endpoint]} already; each endpoint needs its own port")
         owner[endpoint] = key
+
+
+def _check_curve_keys(cfg: Config) -> None:
+    """An endpoint beyond loopback is CURVE only: refuse to start without the keys it needs."""
+    beyond = [key for key, endpoint in internal_endpoints(cfg).items() if curve.beyond_loopback(endpoint)]
+    if not beyond:
+        return
+    try:
+        curve.load(cfg.data_dir, cfg.curve.keys_dir, cfg.curve.identity, cfg.curve.clients, ())
+    except curve.CurveKeyError as exc:
+        raise ConfigError(f"{beyond[0]}: beyond loopback, so CURVE is required, and its keys are missing:"
+                          f" {exc}") from None
 
 
 def parse_window(text: str) -> int:

@@ -14,7 +14,8 @@ binding socket is a PLAIN server checked by a ZAP handler (pyzmq's ThreadAuthent
 per process), a connecting one presents the secret. A process on the host that cannot read the data
 directory cannot connect to any of them, so it can neither feed them nor take a worker's routing id
 (the edge's on the downlink) and receive what is meant for it. Why PLAIN and not CURVE, and what it
-costs: docs/operations.md.
+costs: docs/operations.md. A socket whose endpoint reaches beyond loopback uses CURVE instead (keys
+and who may connect: ``workers.core.curve``), checked by the same ZAP handler.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import orjson
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from workers.core import envelope, errors, starts
+from workers.core import curve, envelope, errors, starts
 
 POLL_MS = 200                      # every poll loop wakes at least this often
 STATS_INTERVAL_S = 2.0
@@ -119,6 +120,7 @@ def pipeline_secret(data_dir: str | Path) -> bytes:
 
 
 _secret: bytes | None = None
+_curve: curve.Keys | None = None
 _authenticators: dict[int, "PipelineAuthenticator"] = {}
 refused_peers = 0                  # connections refused by this process's ZAP handler (wrong secret)
 
@@ -127,6 +129,13 @@ def use_secret(secret: bytes | None) -> None:
     """The credentials this process's sockets use from now on (None: no authentication, tests only)."""
     global _secret
     _secret = secret
+
+
+def use_curve(keys: curve.Keys | None) -> None:
+    """The CURVE keys this process's sockets beyond loopback use from now on (None: none loaded, and
+    such a socket raises CurveKeyError)."""
+    global _curve
+    _curve = keys
 
 
 class PipelineAuthenticator(ThreadAuthenticator):
@@ -139,7 +148,8 @@ class PipelineAuthenticator(ThreadAuthenticator):
             refused_peers += 1
             if refused_peers == 1:
                 log.warning("refused a connection to an internal socket: %s (a process without the pipeline"
-                            " secret; counted as refused_peers)", status_text.decode(errors="replace"))
+                            " secret, or a CURVE key not listed; counted as refused_peers)",
+                            status_text.decode(errors="replace"))
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
 
@@ -151,13 +161,19 @@ def use_pipeline_secret(data_dir: str | Path, make: bool = False) -> None:
         use_secret(pipeline_secret(data_dir))
 
 
-def _authenticator(ctx: zmq.Context, secret: bytes) -> None:
+def _authenticator(ctx: zmq.Context) -> None:
+    """One ZAP handler per context, for what this process holds: the secret (PLAIN), the keys (CURVE)."""
     key = ctx.underlying
     if key in _authenticators:
         return
     auth = PipelineAuthenticator(zmq.Context.shadow(ctx.underlying))
     auth.start()
-    auth.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER.decode(): secret.decode()})
+    if _secret is not None:
+        auth.configure_plain(domain=ZAP_DOMAIN, passwords={PLAIN_USER.decode(): _secret.decode()})
+    if _curve is not None:
+        allowed = curve.AllowedKeys(_curve)
+        for domain in allowed.allowed:
+            auth.configure_curve_callback(domain=domain, credentials_provider=allowed)
     _authenticators[key] = auth
 
 
@@ -171,15 +187,28 @@ def term(ctx: zmq.Context) -> None:
 
 def socket(ctx: zmq.Context, kind: int, *, bind: str | None = None, connect: str | None = None,
            hwm: int | None = None, max_message: int = CONTROL_MESSAGE_BYTES,
-           server: bool | None = None) -> zmq.Socket:
+           server: bool | None = None, address: str | None = None) -> zmq.Socket:
     """A socket with what every socket needs (module docstring). It authenticates as the server side
-    when it binds here (or ``server=True``: bound later), as a client otherwise."""
+    when it binds here (or ``server=True``: bound later), as a client otherwise. A socket bound or
+    connected later names its endpoint in ``address``: beyond loopback it speaks CURVE, else PLAIN."""
     sock = ctx.socket(kind)
     sock.linger = 0
     sock.maxmsgsize = max_message
-    if _secret is not None:
-        if server if server is not None else bind is not None:
-            _authenticator(ctx, _secret)
+    is_server = server if server is not None else bind is not None
+    endpoint = bind or connect or address
+    if endpoint is not None and curve.beyond_loopback(endpoint):
+        if _curve is None:
+            sock.close()
+            raise curve.CurveKeyError(f"{endpoint} reaches beyond loopback: it needs CURVE keys"
+                                      " (sensorpipe keys init; docs/security.md)")
+        if is_server:
+            _authenticator(ctx)
+            curve.make_server(sock, _curve, endpoint)
+        else:
+            curve.make_client(sock, _curve)
+    elif _secret is not None:
+        if is_server:
+            _authenticator(ctx)
             sock.zap_domain = ZAP_DOMAIN.encode()
             sock.plain_server = True
         else:

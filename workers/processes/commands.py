@@ -448,7 +448,8 @@ class Commands:
         self.front = front = runtime.socket(ctx, zmq.ROUTER, bind=cfg.endpoints.command)
         notices = runtime.socket(ctx, zmq.PULL, bind=cfg.endpoints.seen, hwm=10000,
                                  max_message=runtime.BATCH_MESSAGE_BYTES)
-        downlink = runtime.socket(ctx, zmq.ROUTER, server=True)     # bound below, once its options are set
+        downlink = runtime.socket(ctx, zmq.ROUTER, server=True,    # bound below, once its options are set
+                                  address=cfg.endpoints.downlink)
         downlink.setsockopt(zmq.ROUTER_MANDATORY, 1)      # a transport that is not there raises, not drops
         downlink.setsockopt(zmq.ROUTER_HANDOVER, 1)       # a restarted edge takes its identity back
         downlink.bind(cfg.endpoints.downlink)

@@ -519,7 +519,7 @@ class Edge:
         inject = runtime.socket(ctx, zmq.ROUTER, bind=self.cfg.endpoints.inject, hwm=1000,
                                 max_message=runtime.BATCH_MESSAGE_BYTES)
         self._inject_sock = inject
-        downlink = runtime.socket(ctx, zmq.DEALER, hwm=1000)
+        downlink = runtime.socket(ctx, zmq.DEALER, hwm=1000, address=self.cfg.endpoints.downlink)
         downlink.setsockopt(zmq.ROUTING_ID, b"edge")
         downlink.connect(self.cfg.endpoints.downlink)
         live = runtime.socket(ctx, zmq.PUB, connect=self.cfg.endpoints.live)

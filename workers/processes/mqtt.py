@@ -410,7 +410,7 @@ class MqttWorker:
     def run(self, ctx: zmq.Context, stop: runtime.StopFlag) -> None:
         cfg = self.cfg
         self.inject_sock = runtime.socket(ctx, zmq.DEALER, connect=cfg.endpoints.inject, hwm=MAX_INJECTS_IN_FLIGHT * 4)
-        downlink = runtime.socket(ctx, zmq.DEALER)
+        downlink = runtime.socket(ctx, zmq.DEALER, address=cfg.endpoints.downlink)
         downlink.setsockopt(zmq.ROUTING_ID, b"mqtt")
         downlink.connect(cfg.endpoints.downlink)
         self.downlink_sock = downlink

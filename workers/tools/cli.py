@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from workers.core import config as config_mod
-from workers.core import paths, runtime, starts
+from workers.core import curve, paths, runtime, starts
 
 
 
@@ -37,6 +37,11 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
             raise CommandError(f"the pipeline secret: {exc}") from None
         print(f"sensorpipe: cannot read {Path(cfg.data_dir) / runtime.SECRET_FILE} ({exc}): the running"
               " pipeline will not let this command in", file=sys.stderr)
+    # Endpoints beyond loopback speak CURVE (workers.core.curve); load() checked the keys are there.
+    try:
+        runtime.use_curve(curve.for_config(cfg, config_mod.internal_endpoints(cfg).values()))
+    except curve.CurveKeyError as exc:
+        raise CommandError(f"CURVE keys: {exc}") from None
     return cfg
 
 
@@ -676,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args) or 0
-    except CommandError as exc:
+    except (CommandError, curve.CurveKeyError) as exc:     # a key missing where a worker binds beyond loopback
         print(f"sensorpipe: {exc}", file=sys.stderr)
         return runtime.EXIT_CONFIG
     except KeyboardInterrupt:

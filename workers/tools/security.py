@@ -208,7 +208,42 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Make the CURVE keys for internal endpoints beyond loopback (sensorpipe keys init)."""
+    from workers.core import config as config_mod
+    from workers.core import curve
+    from workers.tools.cli import CommandError
+
+    try:
+        cfg = config_mod.load(args.config, keys=False)       # the keys are what this makes
+    except config_mod.ConfigError as exc:
+        raise CommandError(f"configuration: {exc}") from None
+    directory = curve.keys_dir(cfg.data_dir, cfg.curve.keys_dir)
+    try:
+        written = curve.init_keys(directory, args.client or (), args.force)
+    except curve.CurveKeyError as exc:
+        raise CommandError(str(exc)) from None
+    if not written:
+        print(f"sensorpipe: the keys in {directory} are there already (--force makes new ones; every host"
+              " and client must then be given them again)")
+    for path in written:
+        print(f"sensorpipe: wrote {path}")
+    for client in args.client or ():
+        public, _ = curve.read_pair(directory / curve.CLIENTS / f"{client}.key", need_secret=False)
+        print(f"sensorpipe: client {client}'s public key (list it in [curve] clients to let it ask the query"
+              f" and commands workers): {public.decode()}")
+    print(f"sensorpipe: a host that only connects needs {curve.SERVER}.key and {curve.WORKER}.key_secret;"
+          f" a client program {curve.SERVER}.key and its own clients/NAME.key_secret (docs/security.md)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help=(cmd_keys.__doc__ or "").split("\n")[0])
+    p.set_defaults(handler=cmd_keys)
+    p.add_argument("action", choices=["init"])
+    p.add_argument("--client", action="append", metavar="NAME",
+                   help="also make a keypair for a client program that asks query/commands (repeatable)")
+    p.add_argument("--force", action="store_true", help="make new keys over existing ones")
     p = sub.add_parser("certs", help=(cmd_certs.__doc__ or "").split("\n")[0])
     p.set_defaults(handler=cmd_certs)
     p.add_argument("action", choices=["init"])
