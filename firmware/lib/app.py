@@ -41,7 +41,8 @@ class App:
         self.settings = confmod.read_settings(self.settings_file)
         self.conf = c = confmod.load(config, self.settings)
         self.wifi = wifi.Wifi(hw.sta() if c.WIFI else None, c.WIFI, c.WIFI_TIMEOUT_S, hw, log)
-        self.text = link.TextLink(c.SERVER_HOST, c.TEXT_PORT, c.CONNECT_TIMEOUT_S, devauth.hello(c))
+        self.tls = link.tls_from(c.TLS_CA, c.TLS_HOST or c.SERVER_HOST)
+        self.text = link.TextLink(c.SERVER_HOST, c.TEXT_PORT, c.CONNECT_TIMEOUT_S, devauth.hello(c), self.tls)
         self.server_backoff = wifi.Backoff(hw)
         self.recent = commands.Recent()
         self.backlog = ringbuf.Backlog(c.BACKLOG_MAX)
@@ -222,7 +223,7 @@ class App:
         data = packet.binary_packet(c.DEVICE_NUMBER, buf.records(), c.WAKE_S if c.BATTERY else c.MEASURE_S,
                                     c.MEASURE_S)
         data = devauth.seal(c, data)
-        if not link.send_packet(c.SERVER_HOST, c.BINARY_PORT, data, c.CONNECT_TIMEOUT_S, c.ACK_TIMEOUT_S):
+        if not link.send_packet(c.SERVER_HOST, c.BINARY_PORT, data, c.CONNECT_TIMEOUT_S, c.ACK_TIMEOUT_S, self.tls):
             raise OSError(link.ETIMEDOUT, "no ack from the server")
         buf.clear()
 

@@ -43,6 +43,8 @@ DEFAULTS = (
     ("DHT_RETRY_MS", 2000),
     ("SETTINGS_FILE", "settings.json"),
     ("DEVICE_KEY", None),
+    ("TLS_CA", None),
+    ("TLS_HOST", None),
     ("OTA_BOOTS", 3),
     ("OTA_TRIAL_S", 600),
     ("OTA_IDLE_MS", 3000),
@@ -110,6 +112,10 @@ def check(conf):
         _fail("DEVICE_TOKEN", "must be the token `sensorpipe devices add` printed, or None")
     if not isinstance(conf.SERVER_HOST, str) or not conf.SERVER_HOST:
         _fail("SERVER_HOST", "must be the server's host name or address")
+    for key in ("TLS_CA", "TLS_HOST"):
+        value = getattr(conf, key)
+        if value is not None and (not isinstance(value, str) or not value):
+            _fail(key, "must be a file name (TLS_CA) or a host name (TLS_HOST), or None")
     _int(conf, "TEXT_PORT", 1, 65535)
     _int(conf, "BINARY_PORT", 1, 65535)
     if conf.TRANSPORT not in TRANSPORTS:

@@ -13,7 +13,9 @@ lib/conf.py, stages the files in one directory and runs one mpremote command::
     python -m mpremote connect PORT fs cp -r STAGE/lib : + fs cp STAGE/boot.py :boot.py \\
         + fs cp STAGE/main.py :main.py + fs cp STAGE/config.py :config.py + reset
 
-``--dry-run`` stages the files and prints that command instead of running it. ``deploy`` also writes
+``--dry-run`` stages the files and prints that command instead of running it. ``--tls-ca FILE`` (the
+CA of ``sensorpipe certs init``, or a self-signed server certificate; PEM or DER) is staged as
+``ca.der`` (MicroPython's ssl reads DER) and copied too, and config.py gets ``TLS_CA = "ca.der"``. ``deploy`` also writes
 the board's ``DEVICE_KEY`` (made and kept in the server's data dir, workers/core/devicekeys.py), which
 authenticates updates over the air.
 
@@ -157,12 +159,41 @@ def mpremote(*args: str) -> list[str]:
     return [sys.executable, "-m", "mpremote", *args]
 
 
+TLS_CA_FILE = "ca.der"
+
+
+def stage_tls_ca(source: str | None, stage: Path) -> bool:
+    """Stage the certificate the board trusts the server by as DER (True), or remove one left by an
+    earlier deploy into the same stage (False)."""
+    target = stage / TLS_CA_FILE
+    if not source:
+        target.unlink(missing_ok=True)
+        return False
+    try:
+        data = Path(source).read_bytes()
+    except OSError as exc:
+        raise FirmwareError(f"--tls-ca: {exc.strerror}: {source}") from None
+    if data.lstrip().startswith(b"-----BEGIN"):
+        import ssl
+
+        try:
+            data = ssl.PEM_cert_to_DER_cert(data.decode("ascii", "replace"))
+        except ValueError:
+            raise FirmwareError(f"--tls-ca: {source} is not a PEM certificate") from None
+    elif not data.startswith(b"\x30"):                  # DER: an ASN.1 SEQUENCE
+        raise FirmwareError(f"--tls-ca: {source} is neither a PEM nor a DER certificate")
+    target.write_bytes(data)
+    return True
+
+
 def deploy_command(port: str, stage: Path) -> list[str]:
+    tls = ["+", "fs", "cp", str(stage / TLS_CA_FILE), f":{TLS_CA_FILE}"] if (stage / TLS_CA_FILE).exists() else []
     return mpremote("connect", port,
                     "fs", "cp", "-r", str(stage / "lib"), ":",
                     "+", "fs", "cp", str(stage / "boot.py"), ":boot.py",
                     "+", "fs", "cp", str(stage / "main.py"), ":main.py",
                     "+", "fs", "cp", str(stage / "config.py"), ":config.py",
+                    *tls,
                     "+", "reset")
 
 
@@ -242,10 +273,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     key = device_key(args)
     if key is not None:
         settings["DEVICE_KEY"] = key
+    if args.tls_ca:
+        settings["TLS_CA"] = TLS_CA_FILE
     config_text = render_config(template, settings)
     check_config(config_text, firmware)
     stage = Path(args.stage) if args.stage else default_stage(args.device_id)
     stage_files(firmware, stage, config_text)
+    stage_tls_ca(args.tls_ca, stage)
     command = deploy_command(args.port, stage)
     if args.dry_run:
         print(shlex.join(command))
@@ -382,6 +416,9 @@ def _deploy_args(p: argparse.ArgumentParser) -> None:
                    help="any other config.py setting, e.g. --set DHT_TYPE=11 --set OUTPUT_PINS=(5,)")
     p.add_argument("--stage", help="directory to stage the board's files in (default: a temp directory)")
     p.add_argument("--key", help="the board's DEVICE_KEY (default: the server's, made on first deploy)")
+    p.add_argument("--tls-ca", metavar="FILE", help="speak TLS, trusting the server by this certificate (certs"
+                   " init's ca.pem, or a self-signed server certificate); TLS_HOST=NAME with --set if the"
+                   " certificate names the server otherwise than --server")
     p.add_argument("--firmware-dir", default=str(FIRMWARE_DIR), help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="stage the files and print the mpremote command only")
 
