@@ -269,7 +269,7 @@ class App:
     def get_updater(self):
         if self.updater is None:
             import ota
-            self.updater = ota.Updater(self.conf.DEVICE_ID, self.conf.DEVICE_KEY, log)
+            self.updater = ota.Updater(self.conf.DEVICE_ID, devauth.ota_key(self.conf), log)
         return self.updater
 
     def updating(self):

@@ -5,6 +5,9 @@
 #   text:   {"auth":{"device":"ID","token":"TOKEN"}} first, answered {"auth":"ok"}
 #   binary: packet + counter (u32 LE) + HMAC-SHA256(key, packet + counter)[:16]
 #           key = SHA-256("sensorpipe-mac-key:" + TOKEN)
+#   updates: manifests signed with HMAC-SHA256(key, "sensorpipe-ota-key"), the
+#           same key, so a board holds one secret (a DEVICE_KEY deployed
+#           before tokens still wins while config.py has it)
 #
 # The counter must grow across deep sleep and resets: it is kept in a small
 # file on flash and written before the packet goes out, so a number is never
@@ -19,6 +22,7 @@ except ImportError:
     import json
 
 MAC_KEY_LABEL = b"sensorpipe-mac-key:"
+OTA_KEY_LABEL = b"sensorpipe-ota-key"
 MAC_BYTES = 16
 COUNTER_FILE = "auth_counter"
 AUTH_OK = b'{"auth":"ok"}'
@@ -72,6 +76,19 @@ def seal(conf, packet, path=COUNTER_FILE):
     if not conf.DEVICE_TOKEN:
         return packet
     return sign(packet, mac_key(conf.DEVICE_TOKEN), next_counter(path))
+
+
+def ota_key(conf):
+    # The key (hex) update manifests are checked with, or None: lib/ota.py.
+    if conf.DEVICE_KEY:
+        return conf.DEVICE_KEY
+    if not conf.DEVICE_TOKEN:
+        return None
+    try:
+        import ubinascii as binascii
+    except ImportError:
+        import binascii
+    return binascii.hexlify(hmac_sha256(mac_key(conf.DEVICE_TOKEN), OTA_KEY_LABEL)).decode()
 
 
 def hello(conf):

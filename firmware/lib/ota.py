@@ -101,7 +101,7 @@ class Updater:
 
     def manifest(self, doc):
         if self.key is None:
-            raise OtaError("no DEVICE_KEY in config.py: deploy the board again")
+            raise OtaError("no DEVICE_TOKEN (or DEVICE_KEY) in config.py: deploy the board again")
         version = doc["v"]
         files = doc["files"]
         if not isinstance(files, list) or not 0 < len(files) <= MAX_FILES:

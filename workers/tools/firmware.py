@@ -244,7 +244,9 @@ def _server_config(args: argparse.Namespace) -> Any:
 
 
 def device_key(args: argparse.Namespace) -> str | None:
-    """The board's DEVICE_KEY: --key, else the server's (made on first deploy; a dry run makes none)."""
+    """The board's DEVICE_KEY: --key, else none with --token (the board derives its update key from
+    the token, and the server's old key for it is dropped), else the server's (made on first deploy;
+    a dry run makes none)."""
     from workers.core import devicekeys
 
     if args.key:
@@ -252,6 +254,13 @@ def device_key(args: argparse.Namespace) -> str | None:
             raise FirmwareError("--key: 64 lower-case hex digits")
         return args.key
     data_dir = _server_config(args).data_path
+    if args.token:
+        if not args.dry_run:
+            try:
+                devicekeys.forget(data_dir, args.device_id)
+            except (devicekeys.DeviceKeyError, OSError) as exc:
+                raise FirmwareError(f"device key: {exc}") from None
+        return None
     try:
         if args.dry_run:
             return devicekeys.key_for(data_dir, args.device_id)
