@@ -122,7 +122,7 @@ def pipeline_secret(data_dir: str | Path) -> bytes:
 _secret: bytes | None = None
 _curve: curve.Keys | None = None
 _authenticators: dict[int, "PipelineAuthenticator"] = {}
-refused_peers = 0                  # connections refused by this process's ZAP handler (wrong secret)
+refused_peers = 0                  # connections refused by this process's ZAP handler (wrong secret or key)
 
 
 def use_secret(secret: bytes | None) -> None:

@@ -230,7 +230,7 @@ def run_mpremote(command: list[str], port: str, interactive: bool = False) -> No
 def _server_config(args: argparse.Namespace) -> Any:
     from workers.core import config as config_mod
 
-    from workers.core import runtime
+    from workers.core import curve, runtime
 
     try:
         cfg = config_mod.load(getattr(args, "config", None))
@@ -238,8 +238,10 @@ def _server_config(args: argparse.Namespace) -> Any:
         raise FirmwareError(f"configuration: {exc}") from None
     try:
         runtime.use_pipeline_secret(cfg.data_dir)       # the commands worker takes only its holders
-    except OSError as exc:
-        raise FirmwareError(f"cannot read the pipeline secret ({exc})") from None
+        # beyond loopback, its CURVE keys (load() checked they are there)
+        runtime.use_curve(curve.for_config(cfg, config_mod.internal_endpoints(cfg).values()))
+    except (OSError, curve.CurveKeyError) as exc:
+        raise FirmwareError(f"cannot read the pipeline's credentials ({exc})") from None
     return cfg
 
 
