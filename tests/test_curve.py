@@ -180,22 +180,26 @@ def client() -> None:
     else:
         raise SystemExit(f"no latest value for remote-1 in 60 s: {reply or last_error}")
     out["listed_command"] = ask(args["command"], {"op": "ping"})
-    ask(args["command"], {"op": "send", "device": "remote-1", "id": "c1", "command": {"cmd": "relay", "on": True},
-                          "wait_s": 10})
+    # The commands worker knows the device once a parser's notice reached it, which may come after
+    # the query worker has its reading: sent again (the same id is safe) until it is known.
+    deadline = time.monotonic() + 30
+    while True:
+        sent = ask(args["command"], {"op": "send", "device": "remote-1", "id": "c1",
+                                     "command": {"cmd": "relay", "on": True}, "wait_s": 10}, timeout=12)
+        if (sent or {}).get("code") != "unknown_device" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     device.settimeout(10)
     buffer = b""
     while b"\n" not in buffer:
         buffer += device.recv(4096)
     out["delivered"] = orjson.loads(buffer.split(b"\n", 1)[0])
     # The listed key is a client's: the workers' own sockets (here the edge's inject socket) refuse it.
-    ctx = zmq.Context()
-    try:
-        intruder = runtime.socket(ctx, zmq.DEALER, connect=args["inject"])
-        intruder.send_multipart([b"", b"x"])
-        out["listed_key_on_a_worker_socket"] = intruder.recv_multipart() if intruder.poll(1500) else None
-        intruder.close()
-    finally:
-        ctx.term()
+    # It stays connected (ZeroMQ keeps retrying the handshake) until the refusal has been counted.
+    intruder_ctx = zmq.Context()
+    intruder = runtime.socket(intruder_ctx, zmq.DEALER, connect=args["inject"])
+    intruder.send_multipart([b"", b"x"])
+    out["listed_key_on_a_worker_socket"] = intruder.recv_multipart() if intruder.poll(1500) else None
     as_client("unlisted")
     out["unlisted_query"] = ask(args["query"], {"op": "ping"})
     out["unlisted_command"] = ask(args["command"], {"op": "ping"})
@@ -219,5 +223,7 @@ def client() -> None:
     while time.monotonic() < deadline and not all(refused().values()):
         time.sleep(0.1)
     out["refused"] = refused()
+    intruder.close()
+    intruder_ctx.term()
     device.close()
     print(json.dumps(out))
