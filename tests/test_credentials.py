@@ -122,3 +122,10 @@ def test_listener_security_settings_are_checked(listener: dict, message: str) ->
         config.from_dict({"listeners": [{"name": "text", "bind": "127.0.0.1:7000", **listener}]})
     default = config.from_dict({"listeners": [{"name": "text", "bind": "127.0.0.1:7000"}]})
     assert default.listeners[0].auth == "required"          # secure unless a file says otherwise
+
+
+def test_a_token_never_starts_with_a_dash(store: CredentialStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `sensorpipe feed --token -x…` would take it for an option: such a draw is made again
+    draws = iter(["-starts-like-an-option-000000000", "Zp8-fine-token_0123456789abcdefg"])
+    monkeypatch.setattr(credentials.secrets, "token_urlsafe", lambda n: next(draws))
+    assert store.add("dash-1") == "Zp8-fine-token_0123456789abcdefg"

@@ -46,7 +46,7 @@ def test_the_board_speaks_tls_and_refuses_a_server_it_does_not_trust(pipeline_fa
     try:
         wait_for(lambda: len(readings(p, "tls-1")) >= 3, timeout=30, message="readings sent over TLS")
         reply = p.command({"op": "send", "device": "tls-1", "id": "t1", "command": {"cmd": "interval", "value": 1}})
-        assert reply["status"] == "delivered", reply
+        assert reply["ok"], reply               # delivered, or queued until the next reading on a busy machine
         board.wait_line(lambda line: line == "applied interval", message="the command applied")
         wait_for(lambda: acked(p, "tls-1", "t1"), message="the command acknowledged over TLS")
     finally:

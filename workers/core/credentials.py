@@ -174,6 +174,8 @@ class CredentialStore:
             if "\n" in pattern:
                 raise CredentialError(f"pattern {pattern!r}: one line each")
         token = secrets.token_urlsafe(TOKEN_BYTES)
+        while token.startswith("-"):        # one in 64 would read as an option: `feed --token -x…` fails
+            token = secrets.token_urlsafe(TOKEN_BYTES)
         salt = os.urandom(16)
         row = (device, salt, hash_token(token, salt), SCRYPT_N, mac_key_for(token), "\n".join(patterns), time.time(),
                mosquitto_hash(token))
