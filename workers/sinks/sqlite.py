@@ -8,16 +8,23 @@ when each device was last heard from, by which listener and peer, and its offlin
 view ``presence`` adds ``online``, worked out when it is read: ``SELECT device, online FROM presence``.
 A batch is one transaction. Device input only ever reaches SQL as parameters. Writing the same
 reading twice stores it once; an older reading never replaces a newer latest value.
+
+With rollups on, ``readings`` is also the rollup worker's set of points (``[rollups]
+points_from_sqlite``, docs/rollups.md): after each commit this sink marks the windows its rows touched
+in the rollup state (``RollupMarks``), and counts ``late_readings``, ``too_late_readings`` and
+``future_readings`` as the rollup worker does when it keeps the points itself.
 """
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import orjson
 
-from workers.core.runtime import open_wal_db
+from workers.core.rollupstore import RollupMarks
+from workers.core.runtime import Counters, open_wal_db
 from workers.core.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
 from workers.sinks import Batch, PermanentError, TransientError
 
@@ -88,23 +95,35 @@ class SqliteSink:
     name = "sqlite"
     takes_rollups = True
 
-    def __init__(self, path: Path, offline_after_s: Callable[[str], float] | None = None) -> None:
+    def __init__(self, path: Path, offline_after_s: Callable[[str], float] | None = None,
+                 rollups: tuple[Path, tuple[int, ...], float, float] | None = None) -> None:
         self.path = path
         self.offline_after_s = offline_after_s or (lambda device: 900.0)
         self.db: sqlite3.Connection | None = None
+        self.rollups = rollups       # (state path, window sizes, grace_s, correct_for_s): rows are the points
+        self.marks: RollupMarks | None = None
+        self.counters = Counters("sink:sqlite")     # the sink worker hands its own in (marks count there)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "SqliteSink":
-        return cls(db_path(cfg), cfg.offline_after_s)
+        rollups = None
+        if cfg.rollups_from_sqlite:
+            opts = cfg.rollups
+            rollups = (Path(cfg.data_dir) / opts.path, opts.window_seconds, opts.grace_s, opts.correct_for_s)
+        return cls(db_path(cfg), cfg.offline_after_s, rollups)
 
     def connect(self) -> None:
         self.db = open_db(self.path)
+        if self.rollups is not None:
+            self.marks = RollupMarks(*self.rollups, counters=self.counters)
 
     def write(self, batch: Batch) -> None:
         assert self.db is not None
         rows = []
         rollups = []
         latest: dict[tuple[str, str], tuple[int, object]] = {}
+        marks = self.marks
+        plain: list = []              # readings that are not rollups, for the marks
         for reading in batch.readings:
             device, ts, fields, tags = reading
             window = tags.get(ROLLUP_TAG) if tags else None
@@ -115,6 +134,8 @@ class SqliteSink:
                     raise PermanentError(str(exc)) from None
                 rollups.extend((device, field, window, ts, *values) for field, values in stats.items())
                 continue
+            if marks is not None:
+                plain.append(reading)
             tag_text = orjson.dumps(tags).decode() if tags else None
             for field, value in fields.items():
                 rows.append((device, field, ts, value, tag_text))
@@ -124,9 +145,18 @@ class SqliteSink:
                     latest[key] = (ts, value)
         events = [(e.device, e.ts, e.kind, orjson.dumps(e.body).decode()) for e in batch.events]
         devices = [(s.device, s.ts, s.listener, s.peer, self.offline_after_s(s.device)) for s in batch.seen]
+        touched: set = set()
+        late: list = []
+        late_new = 0
+        if marks is not None and plain:
+            touched, late = marks.points(plain, time.time_ns())
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                for device, field, ts, _value in late:     # rare: only a point not stored before is news
+                    if self.db.execute("SELECT 1 FROM readings WHERE device = ? AND field = ? AND ts = ?",
+                                       (device, field, ts)).fetchone() is None:
+                        late_new += 1
                 self.db.executemany("INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?)", rows)
                 self.db.executemany(UPSERT_LATEST, [(d, f, ts, v) for (d, f), (ts, v) in latest.items()])
                 if events:
@@ -139,6 +169,10 @@ class SqliteSink:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            if touched or late:
+                # after the rows' commit, never before: a window computed before the rows were in is
+                # always marked again (RollupMarks); a failure here writes the batch again, marks too
+                marks.mark(touched, late, late_new)      # type: ignore[union-attr]
         except sqlite3.OperationalError as exc:   # locked, disk full, I/O error: try again later
             raise TransientError(f"sqlite: {exc}") from None
         except OverflowError:                     # an integer beyond 64 bits (JSON allows up to 2**64 - 1)
@@ -147,6 +181,9 @@ class SqliteSink:
             raise PermanentError(f"sqlite: a value SQLite cannot store ({exc})") from None
 
     def close(self) -> None:
+        if self.marks is not None:
+            self.marks.close()
+            self.marks = None
         if self.db is not None:
             self.db.close()
             self.db = None
