@@ -13,7 +13,6 @@ written after the rows are committed, and ``close_due`` takes the state's write 
 from __future__ import annotations
 
 import logging
-import math
 import sqlite3
 import time
 from pathlib import Path
@@ -100,10 +99,11 @@ class WindowRules:
         """Smallest windows starting before this can no longer change: their points are gone."""
         return floor(now - self.grace_ns - self.correct_ns - self.base_ns, self.base_ns) + self.base_ns
 
-    def sort(self, readings: Iterable[Reading], now: int, margin_ns: int = 0) -> tuple[
+    def sort(self, readings: Iterable[Reading], now: int, margin_ns: int = 0, points: bool = True) -> tuple[
             list[tuple[str, str, int, float]], list[tuple[str, str, int, float]], set[tuple[str, str, int]], int, int]:
         """The numeric values of ``readings`` as points: (on time, late: their window is due within
-        ``margin_ns`` or closed, the smallest windows the on-time ones touch, too late, too far ahead)."""
+        ``margin_ns`` or closed, the smallest windows the on-time ones touch, too late, too far ahead).
+        ``points=False``: the on-time points themselves are not listed (the windows are enough)."""
         base_ns, grace_ns = self.base_ns, self.grace_ns
         final_before = self.final_before(now)
         future = now + FUTURE_LIMIT_NS
@@ -112,34 +112,40 @@ class WindowRules:
         late: list[tuple[str, str, int, float]] = []
         touched: set[tuple[str, str, int]] = set()
         too_late = ahead = 0
+        # Per reading first, then per field: this runs for every reading the SQLite sink writes.
         for device, ts, fields, tags in readings:
             if not TS_MIN <= ts <= TS_MAX:                       # the parser sets these aside; never here
                 self.counters.add("unstorable_values", len(fields))
                 continue
+            start = ts - ts % base_ns
+            outside = ts < final_before or ts > future
+            is_late = start + base_ns + grace_ns <= closed_before
             for field, value in fields.items():
                 kind = type(value)
-                if kind is not float and kind is not int:      # strings, booleans: not rolled up
+                if kind is float:
+                    if value - value != 0.0:                     # NaN, infinities: not rolled up
+                        continue
+                elif kind is int:
+                    if not INT_MIN <= value <= INT_MAX:
+                        self.counters.add("unstorable_values")
+                        continue
+                else:                                            # strings, booleans: not rolled up
                     continue
-                if kind is float and not math.isfinite(value):
+                if outside:
+                    if ts < final_before:
+                        too_late += 1
+                        self._log_once(f"late:{device}", "reading of %s at %d ns is older than the correction "
+                                       "horizon (rollups.correct_for_s): not rolled up", device, ts)
+                    else:
+                        ahead += 1
+                        self._log_once(f"future:{device}", "reading of %s at %d ns is more than a day ahead "
+                                       "of this clock: not rolled up", device, ts)
                     continue
-                if kind is int and not INT_MIN <= value <= INT_MAX:
-                    self.counters.add("unstorable_values")
-                    continue
-                if ts < final_before:
-                    too_late += 1
-                    self._log_once(f"late:{device}", "reading of %s at %d ns is older than the correction "
-                                   "horizon (rollups.correct_for_s): not rolled up", device, ts)
-                    continue
-                if ts > future:
-                    ahead += 1
-                    self._log_once(f"future:{device}", "reading of %s at %d ns is more than a day ahead "
-                                   "of this clock: not rolled up", device, ts)
-                    continue
-                start = ts - ts % base_ns
-                if start + base_ns + grace_ns <= closed_before:
+                if is_late:
                     late.append((device, field, ts, value))
                 else:
-                    on_time.append((device, field, ts, value))
+                    if points:
+                        on_time.append((device, field, ts, value))
                     touched.add((device, field, start))
         return on_time, late, touched, too_late, ahead
 
@@ -389,7 +395,7 @@ class RollupMarks(WindowRules):
     def points(self, readings: Iterable[Reading], now: int) -> tuple[set[tuple[str, str, int]],
                                                                      list[tuple[str, str, int, float]]]:
         """(the windows on-time values touch, the late points), from readings about to be written."""
-        _on_time, late, touched, too_late, ahead = self.sort(readings, now, MARK_MARGIN_NS)
+        _on_time, late, touched, too_late, ahead = self.sort(readings, now, MARK_MARGIN_NS, points=False)
         if too_late:
             self.counters.add("too_late_readings", too_late)
         if ahead:
