@@ -210,7 +210,10 @@ class SqliteStore:
             return 0
         db = self._db()
         try:
-            return db.execute("SELECT count(*) FROM readings WHERE field = 'temp'").fetchone()[0]
+            # a row per reading (every reading here has temp): counted every POLL_S, so not through the view
+            if db.execute("SELECT type FROM sqlite_master WHERE name = 'readings'").fetchone() == ("view",):
+                return db.execute("SELECT count(*) FROM packed_readings").fetchone()[0]
+            return db.execute("SELECT count(*) FROM readings WHERE field = 'temp'").fetchone()[0]   # a row per field
         except sqlite3.OperationalError:
             return 0
         finally:

@@ -90,7 +90,9 @@ def worker_counters(pipeline: Pipeline) -> dict:
 def test_hostile_values_are_dead_letters_and_good_devices_beside_them_lose_nothing(
         pipeline_factory, victoria: Victoria) -> None:
     measurement = unique_name("hostile")
-    pipeline: Pipeline = pipeline_factory(extra_toml=influx_toml(victoria.url, measurement, free_port()))
+    # the rollup worker with its own points, so that it is handed the hostile values too
+    pipeline: Pipeline = pipeline_factory(extra_toml=influx_toml(victoria.url, measurement, free_port()),
+                                          rollups="points_from_sqlite = false")
     pipeline.start_all(ROLES)
     base_ms = (time.time_ns() // 1_000_000 - 600_000) // 1000 * 1000     # recent: the rollups take it
     streams = [GoodStream(pipeline.text_port, device, base_ms) for device in GOOD_DEVICES]

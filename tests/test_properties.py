@@ -178,7 +178,7 @@ def test_the_sqlite_sink_stores_or_dead_letters_whatever_it_is_handed(tmp_path_f
     from workers.sinks.sqlite import SqliteSink
 
     tmp = tmp_path_factory.mktemp("s")
-    sink = SqliteSink(tmp / "store.db")
+    sink = SqliteSink(tmp / "store.db", rollups=(tmp / "rollups.db", (60, 3600), 30.0, 3600.0))   # marks too
     sink.connect()
     harness = OutboxHarness(sink, SqliteOptions(), tmp)
     try:
@@ -192,7 +192,13 @@ def test_the_sqlite_sink_stores_or_dead_letters_whatever_it_is_handed(tmp_path_f
             assert (reading.device in stored) != (reading.device in dead), reading
             if reading.device in dead:
                 assert any(storable.value_problem(f, v) for f, v in reading.fields.items()) or \
-                    storable.timestamp_problem(reading.ts), reading
+                    storable.timestamp_problem(reading.ts) or \
+                    any("\0" in f or "\0" in str(v) for f, v in reading.fields.items()), reading   # NUL: json_each
+            else:       # read back per field exactly as written (booleans as 1 and 0), packed or not
+                back = dict(sink.db.execute("SELECT field, value FROM readings WHERE device = ?",  # type: ignore[union-attr]
+                                            (reading.device,)).fetchall())
+                assert back == {f: int(v) if type(v) is bool else v for f, v in reading.fields.items()
+                                if not (type(v) is float and v != v)}, reading
     finally:
         sink.close()
         harness.close()
@@ -203,7 +209,8 @@ def test_the_sqlite_sink_stores_or_dead_letters_whatever_it_is_handed(tmp_path_f
 def test_the_rollup_state_takes_whatever_it_is_handed(tmp_path_factory, raw: list) -> None:
     from workers.processes.rollup import RollupWorker
 
-    cfg = from_dict({"data_dir": str(tmp_path_factory.mktemp("r")), "sinks": {"sqlite": {"enabled": True}}})
+    cfg = from_dict({"data_dir": str(tmp_path_factory.mktemp("r")), "sinks": {"sqlite": {"enabled": True}},
+                     "rollups": {"points_from_sqlite": False}})     # the state's own points
     worker = RollupWorker(cfg)
     now = time.time_ns()
     try:

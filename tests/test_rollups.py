@@ -20,7 +20,13 @@ def test_window_configuration_is_checked() -> None:
     ok = config_mod.from_dict({"rollups": {"windows": ["1h", "60s", "1d"], "grace_s": 5}})
     assert ok.rollups.window_seconds == (60, 3600, 86400)
     assert [config_mod.window_label(s) for s in ok.rollups.window_seconds] == ["1m", "1h", "1d"]
-    assert "rollup" in ok.consumers() and "sqlite" in ok.consumers()
+    # with the SQLite sink on, its rows are the points and the parsers do not feed the rollup worker
+    assert "rollup" not in ok.consumers() and "sqlite" in ok.consumers() and ok.rollups_from_sqlite
+    own = config_mod.from_dict({"rollups": {"points_from_sqlite": False}})
+    assert "rollup" in own.consumers() and not own.rollups_from_sqlite
+    without_sqlite = config_mod.from_dict({"sinks": {"sqlite": {"enabled": False},
+                                                     "influx": {"enabled": True, "url": "http://127.0.0.1:1"}}})
+    assert "rollup" in without_sqlite.consumers() and not without_sqlite.rollups_from_sqlite
     assert "rollup" not in config_mod.from_dict({"rollups": {"enabled": False}}).consumers()
     for windows_, message in ((["1m", "90s"], "rollups.windows: 90s is not a multiple of 1m"),
                               (["1m", "45m", "1h"], "1h is not a multiple of 45m"),
@@ -53,9 +59,9 @@ def test_rollup_reading_round_trip() -> None:
         envelope.rollup_stats(r._replace(fields={"temp": 1.0}))
 
 
-def sqlite_cfg(tmp_path: Path, **query) -> config_mod.Config:
-    return config_mod.from_dict({"data_dir": str(tmp_path / "data"), "rollups": {"windows": ["1m", "1h"]},
-                                 "query": query})
+def sqlite_cfg(tmp_path: Path, points_from_sqlite: bool = False, **query) -> config_mod.Config:
+    return config_mod.from_dict({"data_dir": str(tmp_path / "data"), "query": query,
+                                 "rollups": {"windows": ["1m", "1h"], "points_from_sqlite": points_from_sqlite}})
 
 
 def test_sqlite_sink_upserts_rollups_apart_from_readings(tmp_path: Path) -> None:

@@ -165,6 +165,9 @@ class Rollups:
     windows: tuple[str, ...] = ("1m",)            # "30s", "1m", "15m", "1h", "1d": each a multiple of the next smaller
     grace_s: float = DEFAULT_ROLLUP_GRACE_S       # a window closes this long after its end
     correct_for_s: float = DEFAULT_ROLLUP_CORRECT_FOR_S   # late readings still correct a closed window
+    # With the SQLite sink on, its ``readings`` table is the set of points and the sink marks the
+    # windows it touches; the parsers then do not feed the rollup worker at all (docs/rollups.md).
+    points_from_sqlite: bool = True
 
     @property
     def window_seconds(self) -> tuple[int, ...]:
@@ -308,11 +311,16 @@ class Config:
 
     def consumers(self) -> dict[str, str]:
         """Who must acknowledge every batch, name -> PULL endpoint: the enabled sinks and the rollup
-        worker. Parsers push readings to each; the edge keeps a batch until each has acknowledged it."""
+        worker (unless its points are the SQLite sink's rows). Parsers push readings to each; the edge keeps a batch until each has acknowledged it."""
         out = {name: sink.endpoint for name, sink in self.sinks.enabled().items()}
-        if self.rollups.enabled:
+        if self.rollups.enabled and not self.rollups_from_sqlite:
             out[ROLLUP] = self.rollups.endpoint
         return out
+
+    @property
+    def rollups_from_sqlite(self) -> bool:
+        """The rollup points are the SQLite sink's rows (that sink marks the windows it touches)."""
+        return self.rollups.enabled and self.rollups.points_from_sqlite and self.sinks.sqlite.enabled
 
     def listener(self, name: str) -> Listener:
         for listener in self.listeners:

@@ -2,7 +2,8 @@
 windows (1 minute by default; 1 hour, 1 day... as configured), sent to every enabled sink.
 
 Sockets:
-    inbox  PULL  bind    <- parsers PUSH    ``readings`` with their batch seqs, like a sink
+    inbox  PULL  bind    <- parsers PUSH    ``readings`` with their batch seqs, like a sink (not when
+                                            the points are the SQLite sink's rows: see below)
     acks   PUSH  connect -> edge PULL       ``ack`` as ``rollup``: those readings are in the state file
     live   PUB   connect -> query SUB       ``stats``
 
@@ -18,6 +19,11 @@ window for ``correct_for_s`` more: the window is recomputed and, if it changed, 
 same key (sinks upsert) and counted in ``corrected_windows``. Later than that, or more than a day
 ahead of this clock, a reading is not rolled up: it is counted (``too_late_readings``,
 ``future_readings``) and logged; the reading itself is stored by the sinks as usual.
+
+With the SQLite sink on (``[rollups] points_from_sqlite``, the default), the points are that sink's
+``readings`` rows rather than a copy here: the sink marks the windows its rows touch after each
+commit (``RollupMarks``), the parsers do not feed this worker and the edge does not wait for it, and
+windows are computed from ``readings``. The rest (closing, corrections, delivery) is the same.
 
 Each window size is built from the next smaller one (count, min, max and sum combine; ``last`` is the
 last of the newest), so points are kept for the smallest windows only, and a window only while the
@@ -48,6 +54,7 @@ from workers.core.envelope import Reading, Stats
 from workers.core.outbox import Outbox
 from workers.core.rollupstore import RollupStore
 from workers.sinks import make_sink
+from workers.sinks import sqlite as sqlite_sink
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +74,12 @@ class RollupWorker:
         self.cfg = cfg
         opts = cfg.rollups
         self.counters = runtime.Counters("rollup")
+        readings_db = None
+        if cfg.rollups_from_sqlite:           # the points are the SQLite sink's rows; it marks the windows
+            readings_db = sqlite_sink.db_path(cfg)
+            sqlite_sink.open_db(readings_db).close()     # its tables, if this worker starts first
         self.store = RollupStore(Path(cfg.data_dir) / opts.path, opts.window_seconds, opts.grace_s,
-                                 opts.correct_for_s, self.counters)
+                                 opts.correct_for_s, self.counters, readings_db)
         self.deadletters = DeadLetterStore.for_config(cfg)
         self.tries = BatchTries.for_role(cfg.data_dir, ROLLUP)
         self.outboxes: dict[str, Outbox] = {}

@@ -35,9 +35,11 @@ def run(cfg: Config, name: str, ctx: zmq.Context, stop: runtime.StopFlag) -> int
         log.info("sink %s is not enabled in %s; nothing to do", name, cfg.source)
         return runtime.EXIT_OK
     sink = make_sink(name, cfg)
+    counters = runtime.Counters(f"sink:{name}")
+    if hasattr(sink, "counters"):      # a sink that counts something of its own counts here
+        sink.counters = counters
     takes_events = getattr(sink, "takes_events", True)     # InfluxDB keeps time series only
     takes_readings = getattr(sink, "takes_readings", True)   # the webhook sink takes events only
-    counters = runtime.Counters(f"sink:{name}")
     inbox = runtime.socket(ctx, zmq.PULL, bind=opts.endpoint, hwm=INBOX_HWM, max_message=runtime.BATCH_MESSAGE_BYTES)
     acks = runtime.socket(ctx, zmq.PUSH, connect=cfg.endpoints.acks, hwm=10000)
     live = runtime.socket(ctx, zmq.PUB, connect=cfg.endpoints.live)

@@ -1,23 +1,40 @@
 """The embedded SQLite store: the default when no database server is configured.
 
 Tables (one file, ``<data>/sensorpipe.db``, WAL so the query worker and the CLI can read while it
-writes): ``readings`` (history, one row per device, field and timestamp), ``latest`` (the newest value
+writes): ``readings`` (history, one row per device, field and timestamp: a view over
+``packed_readings``, see below), ``latest`` (the newest value
 of each device's fields), ``events``, ``rollups`` (window aggregates from the rollup worker, one row
 per device, field, window and start; a corrected window replaces its row), ``devices`` (presence:
 when each device was last heard from, by which listener and peer, and its offline threshold). The
 view ``presence`` adds ``online``, worked out when it is read: ``SELECT device, online FROM presence``.
 A batch is one transaction. Device input only ever reaches SQL as parameters. Writing the same
 reading twice stores it once; an older reading never replaces a newer latest value.
+
+History is kept one row per reading, ``packed_readings (device, ts, fields, tags)`` with the fields as
+a JSON object, and read per field through the view ``readings (device, field, ts, value, tags)``
+(``json_each``): a row per field cost three B-tree inserts per reading where one does, and three times
+the pages written per commit when many devices each send a little. SQLite reads back every float
+exactly as written (orjson writes the shortest text that round-trips), integers as integers, booleans as
+1 and 0 (as the row per field kept them). A second reading of a device at the same timestamp adds
+the fields the first lacked and changes none it had: per field, the first stored wins, as before. A
+file made before this layout (``readings`` a table) is written as it always was.
+
+With rollups on, ``readings`` is also the rollup worker's set of points (``[rollups]
+points_from_sqlite``, docs/rollups.md): after each commit this sink marks the windows its rows touched
+in the rollup state (``RollupMarks``), and counts ``late_readings``, ``too_late_readings`` and
+``future_readings`` as the rollup worker does when it keeps the points itself.
 """
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import orjson
 
-from workers.core.runtime import open_wal_db
+from workers.core.rollupstore import RollupMarks
+from workers.core.runtime import Counters, open_wal_db
 from workers.core.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
 from workers.sinks import Batch, PermanentError, TransientError
 
@@ -25,10 +42,12 @@ if TYPE_CHECKING:
     from workers.core.config import Config
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS readings (
-    device TEXT NOT NULL, field TEXT NOT NULL, ts INTEGER NOT NULL, value, tags TEXT,
-    PRIMARY KEY (device, field, ts)
+CREATE TABLE IF NOT EXISTS packed_readings (
+    device TEXT NOT NULL, ts INTEGER NOT NULL, fields TEXT NOT NULL, tags TEXT,   -- fields: a JSON object
+    PRIMARY KEY (device, ts)
 ) WITHOUT ROWID;
+CREATE VIEW IF NOT EXISTS readings (device, field, ts, value, tags) AS    -- a no-op where readings is a table
+    SELECT r.device, f.key, r.ts, f.value, r.tags FROM packed_readings AS r, json_each(r.fields) AS f;
 CREATE TABLE IF NOT EXISTS latest (
     device TEXT NOT NULL, field TEXT NOT NULL, ts INTEGER NOT NULL, value,
     PRIMARY KEY (device, field)
@@ -58,6 +77,15 @@ UPSERT_DEVICE = (
     " peer = excluded.peer, offline_after_s = excluded.offline_after_s WHERE excluded.last_seen >= devices.last_seen"
 )
 
+# A reading at a (device, ts) already stored adds only the fields it lacked: json_patch(new, old)
+# is new with old's values over it. Rewritten only when that adds something (redelivery adds nothing).
+INSERT_PACKED = (
+    "INSERT INTO packed_readings (device, ts, fields, tags) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (device, ts) DO UPDATE SET fields = json_patch(excluded.fields, packed_readings.fields)"
+    " WHERE json_patch(excluded.fields, packed_readings.fields) != packed_readings.fields"
+)
+INSERT_BY_FIELD = "INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?)"     # a file made before packing
+
 UPSERT_LATEST = (
     "INSERT INTO latest (device, field, ts, value) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (device, field) DO UPDATE SET ts = excluded.ts, value = excluded.value"
@@ -70,6 +98,21 @@ UPSERT_ROLLUP = (
     " count = excluded.count, min = excluded.min, max = excluded.max, mean = excluded.mean,"
     " last = excluded.last"
 )
+
+
+BEYOND_64_BITS = "sqlite: a number or timestamp is beyond the 64-bit integers SQLite keeps"
+
+
+# json_each hands names and text back as C strings: a NUL would cut them short, so it is refused
+NUL_IN_TEXT = "sqlite: a field name or text value holds a NUL character (\\u0000), which the store cannot keep"
+
+
+def _holds_nul(fields: dict) -> bool:
+    return any("\0" in name or (type(value) is str and "\0" in value) for name, value in fields.items())
+
+
+def _unstorable(exc: Exception) -> str:
+    return BEYOND_64_BITS if "64-bit" in str(exc) else f"sqlite: a value SQLite cannot store ({exc})"
 
 
 def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -88,23 +131,39 @@ class SqliteSink:
     name = "sqlite"
     takes_rollups = True
 
-    def __init__(self, path: Path, offline_after_s: Callable[[str], float] | None = None) -> None:
+    def __init__(self, path: Path, offline_after_s: Callable[[str], float] | None = None,
+                 rollups: tuple[Path, tuple[int, ...], float, float] | None = None) -> None:
         self.path = path
         self.offline_after_s = offline_after_s or (lambda device: 900.0)
         self.db: sqlite3.Connection | None = None
+        self.rollups = rollups       # (state path, window sizes, grace_s, correct_for_s): rows are the points
+        self.marks: RollupMarks | None = None
+        self.packed = True          # one row per reading (packed_readings); False: a file made before
+        self.counters = Counters("sink:sqlite")     # the sink worker hands its own in (marks count there)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "SqliteSink":
-        return cls(db_path(cfg), cfg.offline_after_s)
+        rollups = None
+        if cfg.rollups_from_sqlite:
+            opts = cfg.rollups
+            rollups = (Path(cfg.data_dir) / opts.path, opts.window_seconds, opts.grace_s, opts.correct_for_s)
+        return cls(db_path(cfg), cfg.offline_after_s, rollups)
 
     def connect(self) -> None:
         self.db = open_db(self.path)
+        kind = self.db.execute("SELECT type FROM sqlite_master WHERE name = 'readings'").fetchone()
+        self.packed = kind == ("view",)
+        if self.rollups is not None:
+            self.marks = RollupMarks(*self.rollups, counters=self.counters)
 
     def write(self, batch: Batch) -> None:
         assert self.db is not None
         rows = []
         rollups = []
         latest: dict[tuple[str, str], tuple[int, object]] = {}
+        marks = self.marks
+        packed = self.packed
+        plain: list = []              # readings that are not rollups, for the marks
         for reading in batch.readings:
             device, ts, fields, tags = reading
             window = tags.get(ROLLUP_TAG) if tags else None
@@ -115,19 +174,40 @@ class SqliteSink:
                     raise PermanentError(str(exc)) from None
                 rollups.extend((device, field, window, ts, *values) for field, values in stats.items())
                 continue
+            if marks is not None:
+                plain.append(reading)
             tag_text = orjson.dumps(tags).decode() if tags else None
+            if packed:
+                if fields:
+                    try:
+                        packed_fields = orjson.dumps(fields).decode()
+                    except TypeError as exc:      # orjson: an integer beyond 64 bits, a lone surrogate
+                        raise PermanentError(_unstorable(exc)) from None
+                    if "\\u0000" in packed_fields and _holds_nul(fields):
+                        raise PermanentError(NUL_IN_TEXT)
+                    rows.append((device, ts, packed_fields, tag_text))
+            else:
+                rows.extend((device, field, ts, value, tag_text) for field, value in fields.items())
             for field, value in fields.items():
-                rows.append((device, field, ts, value, tag_text))
                 key = (device, field)
                 seen = latest.get(key)
                 if seen is None or ts >= seen[0]:
                     latest[key] = (ts, value)
         events = [(e.device, e.ts, e.kind, orjson.dumps(e.body).decode()) for e in batch.events]
         devices = [(s.device, s.ts, s.listener, s.peer, self.offline_after_s(s.device)) for s in batch.seen]
+        touched: set = set()
+        late: list = []
+        late_new = 0
+        if marks is not None and plain:
+            touched, late = marks.points(plain, time.time_ns())
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.executemany("INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?)", rows)
+                for device, field, ts, _value in late:     # rare: only a point not stored before is news
+                    if self.db.execute("SELECT 1 FROM readings WHERE device = ? AND field = ? AND ts = ?",
+                                       (device, field, ts)).fetchone() is None:
+                        late_new += 1
+                self.db.executemany(INSERT_PACKED if packed else INSERT_BY_FIELD, rows)
                 self.db.executemany(UPSERT_LATEST, [(d, f, ts, v) for (d, f), (ts, v) in latest.items()])
                 if events:
                     self.db.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)", events)
@@ -139,14 +219,21 @@ class SqliteSink:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            if touched or late:
+                # after the rows' commit, never before: a window computed before the rows were in is
+                # always marked again (RollupMarks); a failure here writes the batch again, marks too
+                marks.mark(touched, late, late_new)      # type: ignore[union-attr]
         except sqlite3.OperationalError as exc:   # locked, disk full, I/O error: try again later
             raise TransientError(f"sqlite: {exc}") from None
         except OverflowError:                     # an integer beyond 64 bits (JSON allows up to 2**64 - 1)
-            raise PermanentError("sqlite: a number or timestamp is beyond the 64-bit integers SQLite keeps") from None
+            raise PermanentError(BEYOND_64_BITS) from None
         except (sqlite3.InterfaceError, UnicodeEncodeError, ValueError) as exc:    # a value SQLite cannot take
             raise PermanentError(f"sqlite: a value SQLite cannot store ({exc})") from None
 
     def close(self) -> None:
+        if self.marks is not None:
+            self.marks.close()
+            self.marks = None
         if self.db is not None:
             self.db.close()
             self.db = None
