@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from workers.core import config as config_mod
-from workers.core import paths, runtime, starts
+from workers.core import jetstream, paths, runtime, starts
 
 
 
@@ -301,9 +301,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if firmware:
         reply["firmware"] = list(firmware.values())
     reply["deadletters"] = _deadletter_bounds(_load(args))
+    journal = jetstream.status_or_error(_load(args))      # the stream, when the journal is in JetStream
+    if journal is not None:
+        reply["journal"] = journal
     if args.json:
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
         return 0
+    if journal is not None:
+        print("\n".join(jetstream.status_lines(journal)) + "\n")
     sinks = reply.get("sinks") or {}
     if sinks:
         rows = [[name, str(s["written"]), str(s["events"]), str(s["pending"]), str(s["spooled"]),

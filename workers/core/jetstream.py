@@ -1,0 +1,454 @@
+"""The journal on NATS JetStream (``[journal] backend = "jetstream"``): edges on several hosts, any host
+delivers what another accepted (docs/scale-out.md).
+
+Two halves, both run inside the edge process (which owns the NATS connection of its host):
+
+- ``BatchPublisher``: the edge publishes each batch (the same record the file journal writes) to the
+  stream, replicated on ``replicas`` servers, and answers the devices (``A``, ``injected``) only once
+  JetStream has acknowledged the publish, which it does after a quorum of the replicas stored it. A
+  publish that fails or times out is sent again under the same ``Nats-Msg-Id``, so JetStream's
+  duplicate window keeps one copy. While the cluster does not answer, batches wait in the edge and
+  device reads pause, as with a file journal that cannot be written.
+- ``StreamFeeder``: on a host whose configuration enables sinks (or the rollup worker), the edge pulls
+  from one durable consumer per local consumer (named after it: ``sqlite``, ``rollup``...), hands
+  the batch to the local parsers over ZeroMQ with the stream sequence as its seq, and acknowledges the
+  JetStream message of a consumer when that sink acknowledges the seq (written or spooled). What each
+  consumer has acknowledged is kept by JetStream; one that is not acknowledged within ``ack_wait_s``
+  is delivered again by JetStream (to this host, or to whichever host pulls that consumer next).
+
+The stream has interest retention: a message is deleted once every durable consumer acknowledged it,
+so the consumers must exist before the first publish. Every edge creates the stream and the
+consumers listed in ``[journal] consumers`` at start (idempotent), whatever host it runs on.
+
+``nats`` (PyPI ``nats-py``, the ``cluster`` extra) is imported only when the backend is used.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from workers.core.options import ConfigError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+MAX_EDGES = 16                    # edge_id 0..15: the arrival stamp's slot (workers.core.stamps)
+DEFAULT_STREAM = "SENSORPIPE"
+PUBLISH_CONCURRENCY = 32          # publishes in flight at once: one round trip to a quorum is ~1.7 ms here
+PUBLISH_HIGH = 64                 # batches waiting for JetStream before the edge stops reading devices
+PUBLISH_LOW = 16
+FETCH_BATCH = 64                  # messages one fetch asks a consumer for
+MERGE_WAIT_S = 0.05               # a batch some local consumers have is held this long for the others,
+                                  # so the parsers decode it once for all of them
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 5.0
+LOG_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class JournalOptions:
+    """``[journal]``: where the edge keeps accepted batches until every consumer has them."""
+    backend: Literal["file", "jetstream"] = "file"     # file: <data>/journal on this host (docs/durability.md)
+    servers: tuple[str, ...] = ()                 # nats://host:port of the cluster, this host's first
+    stream: str = DEFAULT_STREAM
+    replicas: int = 3                             # copies of each batch; a publish is confirmed by a quorum
+    consumers: tuple[str, ...] = ()               # every consumer on every host (default: this host's)
+    edge_id: int = 0                              # unique per edge, 0..15: keeps arrival stamps apart
+    ack_wait_s: float = 30.0                      # a batch not acknowledged this long is delivered again
+    max_ack_pending: int = 1000                   # batches a consumer may have unacknowledged
+    max_bytes: int = 1024 * 1024 * 1024           # stream bound: past it publishes fail, devices wait
+    publish_timeout_s: float = 5.0
+    duplicate_window_s: float = 120.0             # a batch published twice in this window is kept once
+
+    @property
+    def subject(self) -> str:
+        return f"{self.stream}.batches"
+
+    def check(self, key: str, local_consumers: list[str]) -> None:
+        """Checked once at start; ``local_consumers``: the sinks and rollup worker this host runs."""
+        if self.backend == "file":
+            return
+        if not self.servers:
+            raise ConfigError(f"{key}.servers: list the NATS servers, e.g. [\"nats://127.0.0.1:4222\"]")
+        for i, url in enumerate(self.servers):
+            if not url.startswith(("nats://", "tls://")) or ":" not in url.split("//", 1)[1]:
+                raise ConfigError(f"{key}.servers[{i}]: expected nats://host:port, got {url!r}")
+        if not self.stream or any(c in self.stream for c in ". *>\t"):
+            raise ConfigError(f"{key}.stream: a name without '.', '*', '>' or spaces, got {self.stream!r}")
+        if self.replicas not in (1, 3, 5):
+            raise ConfigError(f"{key}.replicas: 1, 3 or 5 (an odd number for a quorum; 3 survives a server),"
+                              f" got {self.replicas}")
+        if self.replicas > len(self.servers):
+            raise ConfigError(f"{key}.replicas: {self.replicas} copies need at least as many servers, "
+                              f"{key}.servers lists {len(self.servers)}")
+        if not 0 <= self.edge_id < MAX_EDGES:
+            raise ConfigError(f"{key}.edge_id: 0..{MAX_EDGES - 1}, different on every edge, got {self.edge_id}")
+        missing = [name for name in local_consumers if name not in self.all_consumers(local_consumers)]
+        if missing:
+            raise ConfigError(f"{key}.consumers: this host runs {missing} but the list {list(self.consumers)}"
+                              " leaves them out; list every sink and the rollup worker of every host")
+        if not self.all_consumers(local_consumers):
+            raise ConfigError(f"{key}.consumers: no consumer; list the sinks (and \"rollup\") of the host that"
+                              " runs them, the same list on every host")
+        for name in ("ack_wait_s", "publish_timeout_s", "duplicate_window_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}: must be more than 0")
+        if self.max_ack_pending < 1 or self.max_bytes < 1024 * 1024:
+            raise ConfigError(f"{key}.max_ack_pending, max_bytes: at least 1 and 1 MiB")
+
+    def all_consumers(self, local_consumers: list[str]) -> list[str]:
+        return list(self.consumers) if self.consumers else list(local_consumers)
+
+
+class StreamLink:
+    """This host's connection to the cluster: connects (and keeps reconnecting), makes sure the stream
+    and every durable consumer exist, then sets ``ready``."""
+
+    def __init__(self, opts: JournalOptions, consumers: list[str], name: str) -> None:
+        self.opts = opts
+        self.consumers = consumers
+        self.name = name
+        self.nc: NatsClient | None = None
+        self.js: JetStreamContext | None = None
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        """Connect and set up, retrying with backoff while no server answers; then return."""
+        import nats
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                if self.nc is None:
+                    self.nc = await nats.connect(list(self.opts.servers), name=self.name, dont_randomize=True,
+                                                 max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                                 connect_timeout=2, allow_reconnect=True,
+                                                 error_cb=self._error, disconnected_cb=self._disconnected,
+                                                 reconnected_cb=self._reconnected)
+                    self.js = self.nc.jetstream(timeout=self.opts.publish_timeout_s)
+                await self.ensure()
+                self.ready.set()
+                log.info("jetstream: stream %s (%d replicas) and consumers %s ready on %s", self.opts.stream,
+                         self.opts.replicas, self.consumers, self.nc.connected_url.netloc if self.nc.connected_url else "?")
+                return
+            except Exception as exc:  # noqa: BLE001  any failure to reach or set up the cluster: try again
+                log.warning("jetstream: cluster not ready (%s: %s); trying again in %.1f s",
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    async def ensure(self) -> None:
+        from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy,
+                                 StorageType, StreamConfig)
+        from nats.js.errors import BadRequestError
+        assert self.js is not None
+        opts = self.opts
+        config = StreamConfig(name=opts.stream, subjects=[opts.subject], retention=RetentionPolicy.INTEREST,
+                              discard=DiscardPolicy.NEW, max_bytes=opts.max_bytes, storage=StorageType.FILE,
+                              num_replicas=opts.replicas, duplicate_window=opts.duplicate_window_s)
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError as exc:      # exists with another configuration: say so, use it as it is
+            info = await self.js.stream_info(opts.stream)
+            log.warning("jetstream: stream %s exists with another configuration (%s); using it: %d replicas",
+                        opts.stream, exc.description, info.config.num_replicas or 1)
+        for name in self.consumers:
+            await self.js.add_consumer(opts.stream, ConsumerConfig(
+                durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                ack_wait=opts.ack_wait_s, max_ack_pending=opts.max_ack_pending, max_deliver=-1,
+                filter_subject=opts.subject))
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()      # the acks and publishes already written go out first
+            except Exception:  # noqa: BLE001  closing anyway
+                await self.nc.close()
+
+    async def _error(self, exc: Exception) -> None:
+        log.debug("jetstream: %s", exc)
+
+    async def _disconnected(self) -> None:
+        log.warning("jetstream: disconnected from the NATS server; reconnecting")
+
+    async def _reconnected(self) -> None:
+        assert self.nc is not None
+        log.info("jetstream: reconnected to %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+
+
+@dataclass
+class Unpublished:
+    msg_id: str
+    record: bytes
+    stored: Callable[[int], None]         # called with the stream sequence once JetStream has the batch
+    tries: int = 0
+
+
+class BatchPublisher:
+    """The edge's side of the journal: batches in order, published with at most ``PUBLISH_CONCURRENCY``
+    in flight, each answered (``stored``) once JetStream confirmed it."""
+
+    def __init__(self, link: StreamLink, edge_id: int, counters: Any) -> None:
+        self.link = link
+        self.counters = counters
+        # A message id names one batch of one edge run: a retry after a lost PubAck is a duplicate
+        # JetStream drops; a new run of the edge starts other ids (its unanswered batches were never
+        # acknowledged to anyone, so the devices send them again).
+        self._prefix = f"e{edge_id}-{time.time_ns():x}-"
+        self._count = 0
+        self.queue: deque[Unpublished] = deque()
+        self.wake = asyncio.Event()
+        self.failing = False
+        self.full = False
+        self._last_log = -LOG_EVERY_S
+
+    def publish(self, record: bytes, stored: Callable[[int], None]) -> None:
+        self._count += 1
+        self.queue.append(Unpublished(f"{self._prefix}{self._count}", record, stored))
+        self.wake.set()
+        self.check_full()
+
+    def check_full(self) -> bool:
+        """Past ``PUBLISH_HIGH`` waiting (or while JetStream refuses), full until below ``PUBLISH_LOW``."""
+        if self.failing or len(self.queue) >= PUBLISH_HIGH:
+            self.full = True
+        elif len(self.queue) <= PUBLISH_LOW:
+            self.full = False
+        return self.full
+
+    async def run(self) -> None:
+        await self.link.ready.wait()
+        js = self.link.js
+        assert js is not None
+        subject = self.link.opts.subject
+        delay = RETRY_MIN_S
+        while True:
+            if not self.queue:
+                self.wake.clear()
+                await self.wake.wait()
+            batch = [self.queue[i] for i in range(min(len(self.queue), PUBLISH_CONCURRENCY))]
+            results = await asyncio.gather(*(js.publish(subject, item.record, headers={"Nats-Msg-Id": item.msg_id})
+                                             for item in batch), return_exceptions=True)
+            failed: list[Unpublished] = []
+            for item, result in zip(batch, results):
+                if isinstance(result, BaseException):
+                    item.tries += 1
+                    failed.append(item)
+                    continue
+                self.queue.remove(item)
+                if result.duplicate:
+                    self.counters.add("publish_duplicates")
+                self.counters.add("published")
+                item.stored(result.seq)
+            if failed:
+                self.counters.add("publish_errors", len(failed))
+                now = time.monotonic()
+                if not self.failing or now - self._last_log >= LOG_EVERY_S:
+                    self._last_log = now
+                    log.error("jetstream: %d batch(es) not confirmed (%s); holding them, acknowledging nothing,"
+                              " device reads paused; trying again", len(failed), results[batch.index(failed[0])])
+                self.failing = True
+                self.check_full()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            else:
+                if self.failing:
+                    log.info("jetstream: publishing again")
+                self.failing = False
+                delay = RETRY_MIN_S
+                self.check_full()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for what is queued to be confirmed: at a graceful stop."""
+        deadline = time.monotonic() + timeout_s
+        while self.queue and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+
+@dataclass
+class Delivery:
+    """One batch pulled from JetStream for some local consumers, not yet acknowledged by all of them."""
+    record: bytes
+    msgs: dict[str, "Msg"] = field(default_factory=dict)     # consumer -> its JetStream message
+    since: float = 0.0                                       # monotonic time of the first fetch
+
+
+class StreamFeeder:
+    """Pulls each local consumer's durable consumer and feeds the local parsers (``push(seq, record,
+    targets)``); acknowledges a JetStream message when that consumer acknowledges the seq."""
+
+    def __init__(self, link: StreamLink, local: list[str],
+                 push: Callable[[int, bytes, list[str] | None], None], room: Callable[[], bool],
+                 counters: Any) -> None:
+        self.link = link
+        self.local = local
+        self.push = push             # hands a batch to the parsers' queue; targets None = every consumer
+        self.room = room             # the parsers' queue has room for more
+        self.counters = counters
+        self.arrived: dict[int, Delivery] = {}      # fetched, not yet pushed: seq -> delivery
+        self.pushed: dict[int, dict[str, "Msg"]] = {}   # pushed, waiting for the consumers' acks
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.link.ready.wait()
+        await asyncio.gather(*(self._pull(name) for name in self.local), self._hand_over())
+
+    async def _pull(self, name: str) -> None:
+        import nats.errors
+        js = self.link.js
+        assert js is not None
+        opts = self.link.opts
+        sub = None
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                if sub is None:
+                    sub = await js.pull_subscribe_bind(durable=name, stream=opts.stream)
+                if not self.room() or len(self.pushed) >= opts.max_ack_pending * len(self.local):
+                    await asyncio.sleep(0.01)
+                    continue
+                try:
+                    msgs = await sub.fetch(batch=FETCH_BATCH, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                delay = RETRY_MIN_S
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001  the cluster is away or electing: try again
+                log.warning("jetstream: consumer %s cannot fetch (%s: %s); trying again in %.1f s", name,
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            now = time.monotonic()
+            for msg in msgs:
+                meta = msg.metadata
+                seq = meta.sequence.stream
+                if meta.num_delivered > 1:
+                    self.counters.add("redelivered_by_jetstream")
+                delivery = self.arrived.get(seq)
+                if delivery is None:
+                    delivery = self.arrived[seq] = Delivery(msg.data, since=now)
+                delivery.msgs[name] = msg
+            self.wake.set()
+
+    async def _hand_over(self) -> None:
+        """Push what arrived, oldest first: at once when every local consumer has it (the parsers decode
+        it once for all), after ``MERGE_WAIT_S`` to those that have it."""
+        everyone = set(self.local)
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), MERGE_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+            now = time.monotonic()
+            for seq in sorted(self.arrived):
+                delivery = self.arrived[seq]
+                complete = delivery.msgs.keys() >= everyone
+                if not complete and now - delivery.since < MERGE_WAIT_S:
+                    continue
+                del self.arrived[seq]
+                waiting = self.pushed.setdefault(seq, {})
+                waiting.update(delivery.msgs)
+                self.push(seq, delivery.record, None if complete else sorted(delivery.msgs))
+                self.counters.add("fed_batches")
+
+    def acknowledged(self, consumer: str, seqs: list[int]) -> None:
+        """``consumer`` (a local sink, the rollup worker) made ``seqs`` durable: tell JetStream."""
+        for seq in seqs:
+            waiting = self.pushed.get(seq)
+            msg = waiting.pop(consumer, None) if waiting is not None else None
+            if msg is None:
+                continue                 # acknowledged already, or fetched before this edge restarted
+            if not waiting:
+                del self.pushed[seq]
+            asyncio.ensure_future(self._ack(msg))
+
+    async def _ack(self, msg: "Msg") -> None:
+        try:
+            await msg.ack()
+            self.counters.add("acked_to_jetstream")
+        except Exception as exc:  # noqa: BLE001  not acknowledged: JetStream delivers it again (idempotent)
+            self.counters.add("acks_lost")
+            log.debug("jetstream: ack lost (%s)", exc)
+
+
+async def status(opts: JournalOptions, consumers: list[str], timeout_s: float = 3.0) -> dict[str, Any]:
+    """The stream, each consumer's lag and the cluster's health, from JetStream's API: for
+    ``sensorpipe status``. Raises on a cluster that does not answer."""
+    import nats
+    nc = await nats.connect(list(opts.servers), connect_timeout=timeout_s, max_reconnect_attempts=1,
+                            allow_reconnect=False, name="sensorpipe-status")
+    try:
+        js = nc.jetstream(timeout=timeout_s)
+        info = await js.stream_info(opts.stream)
+        cluster = info.cluster
+        out: dict[str, Any] = {
+            "stream": opts.stream, "messages": info.state.messages, "bytes": info.state.bytes,
+            "first_seq": info.state.first_seq, "last_seq": info.state.last_seq,
+            "replicas": info.config.num_replicas or 1,
+            "leader": cluster.leader if cluster else "",
+            "peers": [{"name": p.name, "current": bool(p.current), "offline": bool(p.offline),
+                       "lag": p.lag or 0} for p in ((cluster.replicas or []) if cluster else [])],
+            "consumers": {},
+        }
+        for name in consumers:
+            try:
+                ci = await js.consumer_info(opts.stream, name)
+            except Exception as exc:  # noqa: BLE001  a missing consumer is worth a line, not a crash
+                out["consumers"][name] = {"error": str(exc) or type(exc).__name__}
+                continue
+            out["consumers"][name] = {"pending": ci.num_pending or 0, "unacknowledged": ci.num_ack_pending or 0,
+                                      "redelivered": ci.num_redelivered or 0,
+                                      "acked_to": ci.ack_floor.stream_seq if ci.ack_floor else 0}
+        return out
+    finally:
+        await nc.close()
+
+
+def run_status(opts: JournalOptions, consumers: list[str]) -> dict[str, Any]:
+    return asyncio.run(status(opts, consumers))
+
+
+
+def status_or_error(cfg: Any) -> dict[str, Any] | None:
+    """``status`` for ``sensorpipe status``: None with the file journal, ``{"error": ...}`` when the
+    cluster does not answer (the status of the rest is still worth printing)."""
+    opts: JournalOptions = cfg.journal
+    if opts.backend != "jetstream":
+        return None
+    try:
+        return run_status(opts, opts.all_consumers(list(cfg.consumers())))
+    except Exception as exc:  # noqa: BLE001  no server, no stream: said, not raised
+        return {"stream": opts.stream, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def status_lines(journal: dict[str, Any]) -> list[str]:
+    """The journal part of ``sensorpipe status``, for people."""
+    if "error" in journal:
+        return [f"journal: jetstream stream {journal['stream']}: NOT REACHABLE ({journal['error']})"]
+    peers = journal["peers"]
+    healthy = sum(1 for p in peers if p["current"] and not p["offline"]) + (1 if journal["leader"] else 0)
+    quorum = journal["replicas"] // 2 + 1
+    lines = [f"journal: jetstream stream {journal['stream']}: {journal['messages']} batches "
+             f"({journal['bytes']} bytes) waiting for some consumer; replicas {journal['replicas']}, "
+             f"{healthy} current (quorum {quorum}){'' if healthy >= quorum else ': NO QUORUM, edges cannot accept'}",
+             f"  leader {journal['leader'] or 'NONE'}; "
+             + ", ".join(f"{p['name']} {'offline' if p['offline'] else 'current' if p['current'] else 'behind'}"
+                         + (f" (lag {p['lag']})" if p["lag"] else "") for p in peers)]
+    for name, c in journal["consumers"].items():
+        if "error" in c:
+            lines.append(f"  consumer {name:10} MISSING ({c['error']})")
+        else:
+            lines.append(f"  consumer {name:10} lag {c['pending']} batches not yet delivered, {c['unacknowledged']}"
+                         f" delivered and not acknowledged, {c['redelivered']} redelivered; acknowledged up to"
+                         f" {c['acked_to']}")
+    return lines
