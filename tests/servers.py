@@ -527,6 +527,11 @@ class NatsNode(_Server):
                              "--routes", ",".join(self.routes)]
         self.process.start()
 
+    def rename(self, name: str) -> None:
+        """The next start is a new server to the cluster (what a host that lost its disk must be)."""
+        self.name = name
+        self.process.name = f"nats-server {name}"
+
     def kill(self) -> None:
         """SIGKILL, as a host that dies."""
         proc = self.process._proc

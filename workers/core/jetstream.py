@@ -188,6 +188,7 @@ class Unpublished:
     msg_id: str
     record: bytes
     stored: Callable[[int], None]         # called with the stream sequence once JetStream has the batch
+    retry: Callable[[], bytes | None]     # before another try: the record to publish now, or None
     tries: int = 0
 
 
@@ -209,9 +210,11 @@ class BatchPublisher:
         self.full = False
         self._last_log = -LOG_EVERY_S
 
-    def publish(self, record: bytes, stored: Callable[[int], None]) -> None:
+    def publish(self, record: bytes, stored: Callable[[int], None], retry: Callable[[], bytes | None]) -> None:
+        """Queue a batch; ``stored(seq)`` once confirmed. After a failed try, ``retry()`` gives the record
+        to publish instead (the same id: if the failed try did reach the stream, it is the one kept)."""
         self._count += 1
-        self.queue.append(Unpublished(f"{self._prefix}{self._count}", record, stored))
+        self.queue.append(Unpublished(f"{self._prefix}{self._count}", record, stored, retry))
         self.wake.set()
         self.check_full()
 
@@ -258,6 +261,14 @@ class BatchPublisher:
                 self.check_full()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
+                for item in failed:
+                    record = item.retry()
+                    if record is None:           # nothing left that anyone waits for
+                        self.queue.remove(item)
+                        self.counters.add("unpublished_batches_of_gone_boards")
+                        item.stored(0)
+                    else:
+                        item.record = record
             else:
                 if self.failing:
                     log.info("jetstream: publishing again")
@@ -452,3 +463,28 @@ def status_lines(journal: dict[str, Any]) -> list[str]:
                          f" delivered and not acknowledged, {c['redelivered']} redelivered; acknowledged up to"
                          f" {c['acked_to']}")
     return lines
+
+
+async def forget_server(opts: JournalOptions, server: str, timeout_s: float = 5.0) -> str:
+    """Move the stream's replica (and its consumers') off ``server``, a NATS server whose disk was lost:
+    JetStream places it on another server and copies it there. A server that lost its store must come
+    back under a new ``server_name``: under its old one it would vote in the stream's elections with an
+    empty log, and a quorum of it and one other could lose what the third had confirmed."""
+    import json
+
+    import nats
+    nc = await nats.connect(list(opts.servers), connect_timeout=timeout_s, max_reconnect_attempts=1,
+                            allow_reconnect=False, name="sensorpipe-forget-server")
+    try:
+        reply = await nc.request(f"$JS.API.STREAM.PEER.REMOVE.{opts.stream}", json.dumps({"peer": server}).encode(),
+                                 timeout=timeout_s)
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error and "not a member" in str(error.get("description", "")):
+            # JetStream already placed the replica elsewhere (it does once a new server has joined)
+            return f"stream {opts.stream}: no replica on {server} (moved already)"
+        if error:
+            raise RuntimeError(error.get("description", str(error)))
+        return f"stream {opts.stream}: replica moved off {server}"
+    finally:
+        await nc.close()

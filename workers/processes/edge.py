@@ -422,7 +422,19 @@ class Edge:
         """The batch to JetStream; its boards and injectors are answered once JetStream confirmed it."""
         assert self.publisher is not None
         boards, replies = self._binary_acks, self._inject_replies
+        conns, frames, index_of = self._batch_conn_list, self._pending, self._batch_conns
         self._inject_replies = []
+
+        def without_gone_boards() -> bytes | None:
+            """Before a publish is tried again: the packets of boards that gave up waiting for their A
+            (closed) are left out; they send them again, to this edge or another, and would otherwise
+            be stored twice, at two arrival stamps. None: nothing is left to publish."""
+            gone = {index_of[c.conn.conn_id] for c in boards if c.closed and c.conn is not None}
+            if not gone:
+                return record
+            kept = [frame for frame in frames if frame[2] & ~envelope.REJECTED not in gone]
+            self.counters.add("unpublished_frames_of_gone_boards", len(frames) - len(kept))
+            return envelope.journal_record(conns, envelope.pack_frames(kept)) if kept else None
 
         def stored(seq: int) -> None:
             self._answer_boards(boards)
@@ -430,7 +442,7 @@ class Edge:
             if self.paused:
                 self._check_pressure()
 
-        self.publisher.publish(record, stored)
+        self.publisher.publish(record, stored, without_gone_boards)
         self.counters.add("batches")
         self._pending, self._batch_conns, self._batch_conn_list, self._binary_acks = [], {}, [], []
         self._pending_bytes = 0
@@ -484,7 +496,9 @@ class Edge:
             self.counters.add("paused")
             log.warning("pausing device reads: %d batches queued for parsers, %d in flight, journal %d bytes%s",
                         self.outq.qsize(), len(self.inflight), self.journal.size,
-                        ", journal not writable" if self.journal_failing else "")
+                        ", journal not writable" if self.journal_failing else
+                        "" if self.publisher is None else f", {len(self.publisher.queue)} batches waiting for"
+                        f" jetstream{' (not confirming)' if self.publisher.failing else ''}")
             for conn in self.connections:
                 if conn.transport is not None:
                     conn.transport.pause_reading()
