@@ -9,16 +9,15 @@ Two halves, both run inside the edge process (which owns the NATS connection of 
   publish that fails or times out is sent again under the same ``Nats-Msg-Id``, so JetStream's
   duplicate window keeps one copy. While the cluster does not answer, batches wait in the edge and
   device reads pause, as with a file journal that cannot be written.
-- ``StreamFeeder``: on a host whose configuration enables sinks (or the rollup worker), the edge pulls
-  from one durable consumer per local consumer (named after it: ``sqlite``, ``rollup``...), hands
-  the batch to the local parsers over ZeroMQ with the stream sequence as its seq, and acknowledges the
-  JetStream message of a consumer when that sink acknowledges the seq (written or spooled). What each
-  consumer has acknowledged is kept by JetStream; one that is not acknowledged within ``ack_wait_s``
-  is delivered again by JetStream (to this host, or to whichever host pulls that consumer next).
+- ``StreamFeeder``: on a host whose configuration enables sinks (or the rollup worker), the edge
+  reads the stream in order, hands each batch to the local parsers over ZeroMQ with the stream
+  sequence as its seq, and notes which consumer (``sqlite``, ``rollup``...) acknowledged which seq.
+  Each consumer's floor (every batch up to it acknowledged) is written to a second replicated stream,
+  ``<stream>_ACKS``, so any host can take over where this one stopped; what a sink does not
+  acknowledge within ``ack_wait_s`` is sent again.
 
-The stream has interest retention: a message is deleted once every durable consumer acknowledged it,
-so the consumers must exist before the first publish. Every edge creates the stream and the
-consumers listed in ``[journal] consumers`` at start (idempotent), whatever host it runs on.
+The stream keeps a batch until every consumer listed in ``[journal] consumers`` has it: the feeders
+trim it below the lowest floor. Every edge creates both streams at start (idempotent).
 
 ``nats`` (PyPI ``nats-py``, the ``cluster`` extra) is imported only when the backend is used.
 """
@@ -50,6 +49,7 @@ MERGE_WAIT_S = 0.05               # a batch some local consumers have is held th
                                   # so the parsers decode it once for all of them
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
+PUBLISH_RETRY_MAX_S = 1.0         # a batch waits for a new stream leader no longer than this after it
 LOG_EVERY_S = 10.0
 
 
@@ -145,25 +145,25 @@ class StreamLink:
                 delay = min(delay * 2, RETRY_MAX_S)
 
     async def ensure(self) -> None:
-        from nats.js.api import (AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy,
-                                 StorageType, StreamConfig)
+        from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
         from nats.js.errors import BadRequestError
         assert self.js is not None
         opts = self.opts
-        config = StreamConfig(name=opts.stream, subjects=[opts.subject], retention=RetentionPolicy.INTEREST,
-                              discard=DiscardPolicy.NEW, max_bytes=opts.max_bytes, storage=StorageType.FILE,
-                              num_replicas=opts.replicas, duplicate_window=opts.duplicate_window_s)
-        try:
-            await self.js.add_stream(config)
-        except BadRequestError as exc:      # exists with another configuration: say so, use it as it is
-            info = await self.js.stream_info(opts.stream)
-            log.warning("jetstream: stream %s exists with another configuration (%s); using it: %d replicas",
-                        opts.stream, exc.description, info.config.num_replicas or 1)
-        for name in self.consumers:
-            await self.js.add_consumer(opts.stream, ConsumerConfig(
-                durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                ack_wait=opts.ack_wait_s, max_ack_pending=opts.max_ack_pending, max_deliver=-1,
-                filter_subject=opts.subject))
+        # Limits retention, trimmed by the feeders below every consumer's floor: a batch stays until
+        # every consumer has it, and at max_bytes publishes fail (devices wait) rather than drop.
+        batches = StreamConfig(name=opts.stream, subjects=[opts.subject], retention=RetentionPolicy.LIMITS,
+                               discard=DiscardPolicy.NEW, max_bytes=opts.max_bytes, storage=StorageType.FILE,
+                               num_replicas=opts.replicas, duplicate_window=opts.duplicate_window_s)
+        acks = StreamConfig(name=f"{opts.stream}_ACKS", subjects=[f"{opts.stream}_ACKS.*"],
+                            retention=RetentionPolicy.LIMITS, max_msgs_per_subject=1, storage=StorageType.FILE,
+                            num_replicas=opts.replicas, discard=DiscardPolicy.OLD)
+        for config in (batches, acks):
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError as exc:      # exists with another configuration: say so, use it as it is
+                info = await self.js.stream_info(config.name)
+                log.warning("jetstream: stream %s exists with another configuration (%s); using it: %d replicas",
+                            config.name, exc.description, info.config.num_replicas or 1)
 
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
@@ -260,7 +260,7 @@ class BatchPublisher:
                 self.failing = True
                 self.check_full()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+                delay = min(delay * 2, PUBLISH_RETRY_MAX_S)
                 for item in failed:
                     record = item.retry()
                     if record is None:           # nothing left that anyone waits for
@@ -283,113 +283,190 @@ class BatchPublisher:
             await asyncio.sleep(0.01)
 
 
-@dataclass
-class Delivery:
-    """One batch pulled from JetStream for some local consumers, not yet acknowledged by all of them."""
-    record: bytes
-    msgs: dict[str, "Msg"] = field(default_factory=dict)     # consumer -> its JetStream message
-    since: float = 0.0                                       # monotonic time of the first fetch
-
-
 class StreamFeeder:
-    """Pulls each local consumer's durable consumer and feeds the local parsers (``push(seq, record,
-    targets)``); acknowledges a JetStream message when that consumer acknowledges the seq."""
+    """Reads the stream in order and feeds the local parsers (``push(seq, record, targets)``); keeps,
+    per local consumer, which batches it has acknowledged, and writes each consumer's floor (every
+    batch up to it acknowledged) to the replicated ``<stream>_ACKS`` stream about once a second.
+
+    Why not JetStream's durable consumers: in the cluster test (tests/test_cluster.py) nats-server
+    2.9's replicated consumer state broke after a server was replaced and another cut off: servers
+    answered different ack floors for one consumer, and batches delivered to nobody counted as
+    acknowledged (stored nowhere, never delivered again). The stream itself stayed consistent on every
+    server. So the progress is kept as messages in a stream (one per consumer, the last one counts),
+    read back at start: the floor can be older than the truth, never newer (it is written after the
+    acks), so a restart or another host taking over only sends some batches again, which the stores
+    absorb. Redelivery of what a sink does not acknowledge in ``ack_wait_s`` is the file journal's
+    (``InFlightLedger``: backoff per batch, at once for a sink that comes back)."""
 
     def __init__(self, link: StreamLink, local: list[str],
                  push: Callable[[int, bytes, list[str] | None], None], room: Callable[[], bool],
                  counters: Any) -> None:
+        from workers.core.inflight import InFlightLedger
         self.link = link
         self.local = local
-        self.push = push             # hands a batch to the parsers' queue; targets None = every consumer
+        self.push = push             # hands a batch to the parsers' queue; targets None = every local consumer
         self.room = room             # the parsers' queue has room for more
         self.counters = counters
-        self.arrived: dict[int, Delivery] = {}      # fetched, not yet pushed: seq -> delivery
-        self.pushed: dict[int, dict[str, "Msg"]] = {}   # pushed, waiting for the consumers' acks
-        self.wake = asyncio.Event()
+        self.ledger = InFlightLedger(local, link.opts.ack_wait_s)
+        self.floors: dict[str, int] = {}          # consumer -> every seq up to it acknowledged
+        self.read_to = 0                          # the highest seq read from the stream
+        self.written: dict[str, int] = {}         # the floors last written to the acks stream
+
+    @property
+    def acks_stream(self) -> str:
+        return f"{self.link.opts.stream}_ACKS"
 
     async def run(self) -> None:
         await self.link.ready.wait()
-        await asyncio.gather(*(self._pull(name) for name in self.local), self._hand_over())
+        await self._load_floors()
+        await asyncio.gather(self._read(), self._redeliver(), self._checkpoint())
 
-    async def _pull(self, name: str) -> None:
-        import nats.errors
+    async def _load_floors(self) -> None:
+        from nats.js.errors import NotFoundError
         js = self.link.js
         assert js is not None
-        opts = self.link.opts
-        sub = None
         delay = RETRY_MIN_S
         while True:
             try:
-                if sub is None:
-                    sub = await js.pull_subscribe_bind(durable=name, stream=opts.stream)
-                if not self.room() or len(self.pushed) >= opts.max_ack_pending * len(self.local):
-                    await asyncio.sleep(0.01)
+                info = await js.stream_info(self.link.opts.stream)
+                first = info.state.first_seq or 1
+                for name in self.local:
+                    try:
+                        msg = await js.get_last_msg(self.acks_stream, f"{self.acks_stream}.{name}")
+                        floor = int(msg.data or b"0")
+                    except NotFoundError:
+                        floor = 0
+                    self.floors[name] = self.written[name] = max(floor, first - 1)
+                break
+            except Exception as exc:  # noqa: BLE001  the cluster is away or electing: try again
+                log.warning("jetstream: cannot read the consumers' floors (%s: %s); trying again",
+                            type(exc).__name__, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+        self.read_to = min(self.floors.values())
+        log.info("jetstream: feeding %s from the stream, acknowledged up to %s", self.local, self.floors)
+
+    async def _get(self, seq: int) -> bytes | None:
+        """The batch ``seq`` (None: there is none, yet or any more)."""
+        from nats.js.errors import NotFoundError
+        js = self.link.js
+        assert js is not None
+        try:
+            return (await js.get_msg(self.link.opts.stream, seq)).data or b""
+        except NotFoundError:
+            return None
+
+    async def _read(self) -> None:
+        opts = self.link.opts
+        delay = RETRY_MIN_S
+        idle = 0.005
+        while True:
+            if not self.room() or len(self.ledger) >= opts.max_ack_pending:
+                await asyncio.sleep(0.01)
+                continue
+            seq = self.read_to + 1
+            try:
+                record = await self._get(seq)
+                if record is None:
+                    info = await self.link.js.stream_info(opts.stream)  # type: ignore[union-attr]
+                    if info.state.last_seq < seq:          # the end of the stream: wait for more
+                        await asyncio.sleep(idle)
+                        idle = min(idle * 2, 0.05)
+                        continue
+                    record = await self._get(seq)          # (published between the two requests?)
+                if record is None:
+                    # Trimmed (every consumer had it) or never there: nothing to deliver at this seq.
+                    log.warning("jetstream: batch %d is not in the stream (first %d, last %d); going on",
+                                seq, info.state.first_seq, info.state.last_seq)
+                    self.counters.add("stream_gaps")
+                    self.read_to = max(seq, (info.state.first_seq or seq) - 1)
                     continue
-                try:
-                    msgs = await sub.fetch(batch=FETCH_BATCH, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    continue
-                delay = RETRY_MIN_S
+                delay, idle = RETRY_MIN_S, 0.005
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001  the cluster is away or electing: try again
-                log.warning("jetstream: consumer %s cannot fetch (%s: %s); trying again in %.1f s", name,
+                log.warning("jetstream: cannot read batch %d (%s: %s); trying again in %.1f s", seq,
                             type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
-            now = time.monotonic()
-            for msg in msgs:
-                meta = msg.metadata
-                seq = meta.sequence.stream
-                if meta.num_delivered > 1:
-                    self.counters.add("redelivered_by_jetstream")
-                delivery = self.arrived.get(seq)
-                if delivery is None:
-                    delivery = self.arrived[seq] = Delivery(msg.data, since=now)
-                delivery.msgs[name] = msg
-            self.wake.set()
+            self.read_to = seq
+            missing = {name for name in self.local if seq > self.floors[name]}
+            if not missing:
+                continue
+            from workers.core.inflight import InFlight
+            self.ledger[seq] = InFlight(None, missing, time.monotonic())  # type: ignore[arg-type]
+            self.push(seq, record, None if missing == set(self.local) else sorted(missing))
+            self.counters.add("fed_batches")
 
-    async def _hand_over(self) -> None:
-        """Push what arrived, oldest first: at once when every local consumer has it (the parsers decode
-        it once for all), after ``MERGE_WAIT_S`` to those that have it."""
-        everyone = set(self.local)
+    async def _redeliver(self) -> None:
+        """What a local consumer has not acknowledged in ``ack_wait_s`` goes to it again."""
         while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), MERGE_WAIT_S)
-            except asyncio.TimeoutError:
-                pass
-            self.wake.clear()
+            await asyncio.sleep(1.0)
             now = time.monotonic()
-            for seq in sorted(self.arrived):
-                delivery = self.arrived[seq]
-                complete = delivery.msgs.keys() >= everyone
-                if not complete and now - delivery.since < MERGE_WAIT_S:
+            for seq, entry in list(self.ledger.due(now)):
+                if not self.room():
+                    break
+                try:
+                    record = await self._get(seq)
+                except Exception:  # noqa: BLE001  the cluster is away: the next round tries again
+                    break
+                if record is None:                  # cannot be: nothing trims above a floor
+                    log.error("jetstream: batch %d is gone from the stream before %s had it", seq,
+                              sorted(entry.pending))
+                    self.counters.add("stream_batches_lost")
+                    self.ledger.forget(seq)
                     continue
-                del self.arrived[seq]
-                waiting = self.pushed.setdefault(seq, {})
-                waiting.update(delivery.msgs)
-                self.push(seq, delivery.record, None if complete else sorted(delivery.msgs))
-                self.counters.add("fed_batches")
+                entry.attempts += 1
+                entry.sent_at = now
+                self.counters.add("redelivered")
+                self.push(seq, record, sorted(entry.pending) if entry.pending != set(self.local) else None)
 
     def acknowledged(self, consumer: str, seqs: list[int]) -> None:
-        """``consumer`` (a local sink, the rollup worker) made ``seqs`` durable: tell JetStream."""
-        for seq in seqs:
-            waiting = self.pushed.get(seq)
-            msg = waiting.pop(consumer, None) if waiting is not None else None
-            if msg is None:
-                continue                 # acknowledged already, or fetched before this edge restarted
-            if not waiting:
-                del self.pushed[seq]
-            asyncio.ensure_future(self._ack(msg))
+        """``consumer`` (a local sink, the rollup worker) made ``seqs`` durable."""
+        if consumer in self.floors:
+            self.ledger.acknowledged(consumer, seqs, time.monotonic())
 
-    async def _ack(self, msg: "Msg") -> None:
+    def floor(self, consumer: str) -> int:
+        for seq, entry in self.ledger.items():      # oldest first
+            if consumer in entry.pending:
+                return seq - 1
+        return self.read_to
+
+    async def _checkpoint(self) -> None:
+        """About once a second: each consumer's floor to the acks stream; then the stream is trimmed
+        below the lowest floor of every consumer of every host (``[journal] consumers``)."""
+        js = self.link.js
+        assert js is not None
+        trimmed = 0
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                for name in self.local:
+                    floor = self.floor(name)
+                    self.floors[name] = max(self.floors[name], floor)
+                    if floor > self.written.get(name, 0):
+                        await js.publish(f"{self.acks_stream}.{name}", str(floor).encode())
+                        self.written[name] = floor
+                lowest = min([await self._written_floor(name) for name in self.link.consumers])
+                if lowest > trimmed:
+                    await js.purge_stream(self.link.opts.stream, seq=lowest + 1)   # below lowest + 1
+                    trimmed = lowest
+                    self.counters["stream_trimmed_to"] = lowest
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001  the next round writes it (a stale floor: more redelivery)
+                log.debug("jetstream: checkpoint not written (%s)", exc)
+
+    async def _written_floor(self, name: str) -> int:
+        if name in self.written:
+            return self.written[name]
+        from nats.js.errors import NotFoundError
         try:
-            await msg.ack()
-            self.counters.add("acked_to_jetstream")
-        except Exception as exc:  # noqa: BLE001  not acknowledged: JetStream delivers it again (idempotent)
-            self.counters.add("acks_lost")
-            log.debug("jetstream: ack lost (%s)", exc)
+            msg = await self.link.js.get_last_msg(self.acks_stream, f"{self.acks_stream}.{name}")  # type: ignore[union-attr]
+        except NotFoundError:
+            return 0                 # a consumer that never acknowledged anything: trim nothing
+        return int(msg.data or b"0")
 
 
 async def status(opts: JournalOptions, consumers: list[str], timeout_s: float = 3.0) -> dict[str, Any]:
@@ -411,15 +488,16 @@ async def status(opts: JournalOptions, consumers: list[str], timeout_s: float = 
                        "lag": p.lag or 0} for p in ((cluster.replicas or []) if cluster else [])],
             "consumers": {},
         }
+        from nats.js.errors import NotFoundError
         for name in consumers:
             try:
-                ci = await js.consumer_info(opts.stream, name)
-            except Exception as exc:  # noqa: BLE001  a missing consumer is worth a line, not a crash
+                floor = int((await js.get_last_msg(f"{opts.stream}_ACKS", f"{opts.stream}_ACKS.{name}")).data or b"0")
+            except NotFoundError:
+                floor = 0
+            except Exception as exc:  # noqa: BLE001  one unreadable floor is worth a line, not a crash
                 out["consumers"][name] = {"error": str(exc) or type(exc).__name__}
                 continue
-            out["consumers"][name] = {"pending": ci.num_pending or 0, "unacknowledged": ci.num_ack_pending or 0,
-                                      "redelivered": ci.num_redelivered or 0,
-                                      "acked_to": ci.ack_floor.stream_seq if ci.ack_floor else 0}
+            out["consumers"][name] = {"acked_to": floor, "pending": max(0, info.state.last_seq - floor)}
         return out
     finally:
         await nc.close()
@@ -457,11 +535,10 @@ def status_lines(journal: dict[str, Any]) -> list[str]:
                          + (f" (lag {p['lag']})" if p["lag"] else "") for p in peers)]
     for name, c in journal["consumers"].items():
         if "error" in c:
-            lines.append(f"  consumer {name:10} MISSING ({c['error']})")
+            lines.append(f"  consumer {name:10} UNKNOWN ({c['error']})")
         else:
-            lines.append(f"  consumer {name:10} lag {c['pending']} batches not yet delivered, {c['unacknowledged']}"
-                         f" delivered and not acknowledged, {c['redelivered']} redelivered; acknowledged up to"
-                         f" {c['acked_to']}")
+            lines.append(f"  consumer {name:10} lag {c['pending']} batches (acknowledged up to {c['acked_to']},"
+                         f" checkpointed each second)")
     return lines
 
 
