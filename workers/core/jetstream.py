@@ -110,7 +110,7 @@ class JournalOptions:
 
 class StreamLink:
     """This host's connection to the cluster: connects (and keeps reconnecting), makes sure the stream
-    and every durable consumer exist, then sets ``ready``."""
+    and the floors stream exist, then sets ``ready``."""
 
     def __init__(self, opts: JournalOptions, consumers: list[str], name: str) -> None:
         self.opts = opts
@@ -371,7 +371,7 @@ class StreamFeeder:
                     info = await self.link.js.stream_info(opts.stream)  # type: ignore[union-attr]
                     if info.state.last_seq < seq:          # the end of the stream: wait for more
                         await asyncio.sleep(idle)
-                        idle = min(idle * 2, 0.05)
+                        idle = min(idle * 2, 0.01)
                         continue
                     record = await self._get(seq)          # (published between the two requests?)
                 if record is None:

@@ -22,8 +22,8 @@ nothing is dropped and memory stays bounded. The full design is in docs/durabili
 
 With ``[journal] backend = "jetstream"`` the journal is a stream replicated on NATS servers instead
 (``workers.core.jetstream``, docs/scale-out.md): a batch is answered once JetStream confirmed it, and
-on a host that runs sinks the edge feeds its parsers from their durable consumers (the stream's
-sequence is the seq) and passes the sinks' acks on to JetStream, which redelivers what is not acked.
+on a host that runs sinks the edge feeds its parsers from the stream (the stream's sequence is the
+seq), notes the sinks' acks, keeps each sink's floor in JetStream and sends again what is not acked.
 """
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ class Edge:
         self.servers: list[asyncio.AbstractServer] = []
         self.link: StreamLink | None = None       # [journal] backend = "jetstream": the cluster
         self.publisher: BatchPublisher | None = None
-        self.feeder: StreamFeeder | None = None   # on a host with sinks: pulls their durable consumers
+        self.feeder: StreamFeeder | None = None   # on a host with sinks: feeds them from the stream
         if streamed:
             local = list(cfg.consumers())
             self.link = StreamLink(cfg.journal, cfg.journal.all_consumers(local),
@@ -449,7 +449,7 @@ class Edge:
         self._check_pressure()
 
     def _feed(self, seq: int, record: bytes, targets: list[str] | None) -> None:
-        """A batch from this host's durable consumers to the parsers (``StreamFeeder``)."""
+        """A batch from the stream to this host's parsers (``StreamFeeder``)."""
         try:
             conns, body = envelope.parse_journal_record(record)
         except (envelope.EnvelopeError, ValueError) as exc:
@@ -516,7 +516,7 @@ class Edge:
     # ------------------------------------------------------------------ acknowledgements
 
     def acknowledged(self, sink: str, seqs: list[int]) -> None:
-        if self.feeder is not None:               # the stream keeps what each consumer acknowledged
+        if self.feeder is not None:               # the feeder keeps what each consumer acknowledged
             self.feeder.acknowledged(sink, seqs)
             return
         for seq, entry in self.inflight.acknowledged(sink, seqs, time.monotonic()):
