@@ -133,7 +133,15 @@ class StreamLink:
                                                  error_cb=self._error, disconnected_cb=self._disconnected,
                                                  reconnected_cb=self._reconnected)
                     self.js = self.nc.jetstream(timeout=self.opts.publish_timeout_s)
-                await self.ensure()
+                try:
+                    await self.ensure()
+                except Exception as exc:  # noqa: BLE001
+                    # Creating needs the cluster's metadata leader, which a partition or a replaced
+                    # server can leave without a quorum for a while; publishing needs only the stream's.
+                    await self.js.stream_info(self.opts.stream)
+                    await self.js.stream_info(f"{self.opts.stream}_ACKS")
+                    log.warning("jetstream: could not create or check the streams (%s: %s); they exist: using"
+                                " them as they are", type(exc).__name__, exc)
                 self.ready.set()
                 log.info("jetstream: stream %s (%d replicas) and consumers %s ready on %s", self.opts.stream,
                          self.opts.replicas, self.consumers, self.nc.connected_url.netloc if self.nc.connected_url else "?")
