@@ -27,14 +27,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+from workers.core.inflight import InFlight, InFlightLedger
 from workers.core.options import ConfigError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
-    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,6 @@ class StreamFeeder:
     def __init__(self, link: StreamLink, local: list[str],
                  push: Callable[[int, bytes, list[str] | None], None], room: Callable[[], bool],
                  counters: Any) -> None:
-        from workers.core.inflight import InFlightLedger
         self.link = link
         self.local = local
         self.push = push             # hands a batch to the parsers' queue; targets None = every local consumer
@@ -402,7 +401,6 @@ class StreamFeeder:
             missing = {name for name in self.local if seq > self.floors[name]}
             if not missing:
                 continue
-            from workers.core.inflight import InFlight
             self.ledger[seq] = InFlight(None, missing, time.monotonic())  # type: ignore[arg-type]
             self.push(seq, record, None if missing == set(self.local) else sorted(missing))
             self.counters.add("fed_batches")
