@@ -44,9 +44,6 @@ DEFAULT_STREAM = "SENSORPIPE"
 PUBLISH_CONCURRENCY = 32          # publishes in flight at once: one round trip to a quorum is ~1.7 ms here
 PUBLISH_HIGH = 64                 # batches waiting for JetStream before the edge stops reading devices
 PUBLISH_LOW = 16
-FETCH_BATCH = 64                  # messages one fetch asks a consumer for
-MERGE_WAIT_S = 0.05               # a batch some local consumers have is held this long for the others,
-                                  # so the parsers decode it once for all of them
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
 PUBLISH_RETRY_MAX_S = 1.0         # a batch waits for a new stream leader no longer than this after it
