@@ -11,6 +11,8 @@
 #   MicroPython (npm)      WebAssembly build run by node, for the firmware's pure logic: .cache/node
 #   Chromium + chromedriver (apt)  a real browser for the dashboard test (driven by selenium)
 #   wrk (apt)              HTTP load for benchmarks/web.py
+#   nats-server (apt)      NATS with JetStream, for the jetstream journal and the cluster test (its
+#                          client nats-py comes with the `test` extra, `make test` installs it)
 #
 # Idempotent: each component is checked first and only installed when missing.
 # Prints one line per component; exits non-zero naming the component that could not be installed.
@@ -24,8 +26,8 @@ PYTHON313_FALLBACK=/root/.pyenv/versions/3.13.0/bin/python3.13
 NODE_PREFIX="$CACHE/node"
 MPY_PACKAGE='@micropython/micropython-webassembly-pyscript'
 MPY_VERSION='1.27.0'
-APT_PACKAGES=(victoria-metrics mosquitto mosquitto-clients chromium chromium-driver wrk)
-APT_BINARIES=(victoria-metrics mosquitto mosquitto_pub mosquitto_sub chromium chromedriver wrk)
+APT_PACKAGES=(victoria-metrics mosquitto mosquitto-clients chromium chromium-driver wrk nats-server)
+APT_BINARIES=(victoria-metrics mosquitto mosquitto_pub mosquitto_sub chromium chromedriver wrk nats-server)
 LOG_DIR="$CACHE/install-logs"
 
 say() { printf '%-12s %s\n' "$1:" "$2"; }

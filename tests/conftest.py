@@ -6,7 +6,7 @@ pytest_plugins = ["tests.pipeline", "tests.servers"]
 # Mosquitto, MicroPython) or starts worker processes on real sockets: it is marked ``servers``. Every
 # other test is marked ``unit`` and runs on a fresh checkout after `make install` alone.
 SERVER_FIXTURES = {"pipeline", "pipeline_factory", "victoria_server", "victoria", "mongo_server", "mongo",
-                   "mosquitto_server", "mosquitto", "micropython", "micropython_unix"}
+                   "mosquitto_server", "mosquitto", "micropython", "micropython_unix", "nats_cluster"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -73,6 +73,7 @@ __all__ = [
     "MicroPython",
     "Mongo",
     "Mosquitto",
+    "NatsCluster",
     "ServerProcess",
     "ServerStartError",
     "Victoria",
@@ -491,3 +492,114 @@ def micropython(tmp_path_factory: pytest.TempPathFactory) -> MicroPython:
     require(MPY_PACKAGE_ENTRY)
     return MicroPython(tmp_path_factory.mktemp("micropython"))
 
+
+
+# --------------------------------------------------------------------------- NATS JetStream
+
+
+class NatsNode(_Server):
+    """One nats-server of a JetStream cluster: client ``port``, cluster ``route_port``, monitoring
+    ``http_port`` (``/healthz``), its store in ``workdir``. ``prefix`` runs it elsewhere (``ip netns exec NS``)."""
+
+    def __init__(self, name: str, workdir: Path, cluster: str, host: str = HOST, prefix: tuple[str, ...] = (),
+                 port: int | None = None, route_port: int | None = None, http_port: int | None = None) -> None:
+        self.name = name
+        self.host = host
+        self.port = port or free_port()
+        self.route_port = route_port or free_port()
+        self.http_port = http_port or free_port()
+        self.workdir = workdir
+        self.cluster = cluster
+        self.prefix = prefix
+        self.routes: list[str] = []
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.process = ServerProcess(f"nats-server {name}", [], workdir / "nats.log", self._ready)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.process.argv = [*self.prefix, "nats-server", "-js", "-sd", str(self.workdir / "store"),
+                             "-a", self.host, "-p", str(self.port), "-m", str(self.http_port),
+                             "-n", self.name, "--cluster_name", self.cluster,
+                             "--cluster", f"nats://{self.host}:{self.route_port}",
+                             "--routes", ",".join(self.routes)]
+        self.process.start()
+
+    def rename(self, name: str) -> None:
+        """The next start is a new server to the cluster (what a host that lost its disk must be)."""
+        self.name = name
+        self.process.name = f"nats-server {name}"
+
+    def kill(self) -> None:
+        """SIGKILL, as a host that dies."""
+        proc = self.process._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self.process._forget()
+
+    def _ready(self) -> bool:
+        # /healthz fails until the cluster has elected a meta leader, which needs the other nodes:
+        # a node is up once it takes clients; ``NatsCluster.start`` waits for the leader.
+        return port_accepts(self.port, self.host)
+
+
+class NatsCluster:
+    """Three (or ``size``) nats-servers with JetStream, routed to each other: what `[journal] backend =
+    "jetstream"` needs. ``urls`` for the configuration; ``ready()`` once a JetStream meta leader is elected."""
+
+    def __init__(self, workdir: Path, size: int = 3, hosts: list[str] | None = None,
+                 prefixes: list[tuple[str, ...]] | None = None) -> None:
+        cluster = unique_name("sp")
+        self.nodes = [NatsNode(f"n{i + 1}", workdir / f"n{i + 1}", cluster,
+                               host=hosts[i] if hosts else HOST, prefix=prefixes[i] if prefixes else ())
+                      for i in range(size)]
+        for node in self.nodes:
+            node.routes = [f"nats://{other.host}:{other.route_port}" for other in self.nodes if other is not node]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.meta_leader():
+            if time.monotonic() > deadline:
+                raise ServerStartError("nats cluster: no JetStream meta leader after "
+                                       f"{START_TIMEOUT:.0f} s\n{self.nodes[0].process.log_tail()}")
+            time.sleep(POLL_INTERVAL * 4)
+
+    def meta_leader(self) -> str:
+        for node in self.nodes:
+            if not node.running:
+                continue
+            try:
+                with urllib.request.urlopen(f"http://{node.host}:{node.http_port}/jsz", timeout=1) as reply:
+                    leader = json.loads(reply.read()).get("meta_cluster", {}).get("leader", "")
+            except (OSError, ValueError):
+                continue
+            if leader:
+                return str(leader)
+        return ""
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three nats-servers with JetStream on 127.0.0.1, clustered, for this test only."""
+    require("nats-server")
+    cluster = NatsCluster(tmp_path / "nats")
+    try:
+        cluster.start()
+    except ServerStartError as exc:
+        cluster.stop()
+        pytest.fail(f"{exc}\n(if a server is missing or broken: {INSTALL_HINT})", pytrace=False)
+    yield cluster
+    cluster.stop()

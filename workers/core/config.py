@@ -24,6 +24,7 @@ from typing import Any, Literal
 # Each decoder and sink owns its options and their checks; this module composes them (the names it
 # had before stay importable from here).
 from workers.core import curve, paths
+from workers.core.jetstream import JournalOptions
 from workers.core.options import ConfigError
 from workers.core.templates import TemplateError, TopicTemplate, render_reply
 from workers.decoders import REGISTRY as DECODERS
@@ -289,6 +290,7 @@ class Config:
     endpoints: Endpoints = Endpoints()
     curve: Curve = Curve()
     edge: Edge = Edge()
+    journal: JournalOptions = JournalOptions()     # file (this host) or jetstream (docs/scale-out.md)
     decoders: Decoders = Decoders()
     binary: dict[int, BinaryDevice] = field(default_factory=dict)   # device_number -> layout
     devices: dict[str, Device] = field(default_factory=dict)        # device id -> extra tags
@@ -444,7 +446,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"edge.fsync: expected batch|interval|never, got {cfg.edge.fsync!r}")
     for name, sink in cfg.sinks.enabled().items():
         sink.check_common(f"sinks.{name}")
-    if not cfg.sinks.enabled():
+    cfg.journal.check("journal", list(cfg.consumers()))
+    if not cfg.sinks.enabled() and cfg.journal.backend == "file":   # (jetstream: the sinks may be elsewhere)
         raise ConfigError("sinks: no sink is enabled; readings would have nowhere to go")
     cfg.sinks.influx.check("sinks.influx")
     cfg.sinks.mongo.check("sinks.mongo")

@@ -19,6 +19,11 @@ they stay silent, and at once when they come back. On start, what the journal ho
 has not acknowledged is replayed to those sinks. When parsers cannot keep up, the journal reaches its
 bound or cannot be written, the edge stops reading device sockets and injected frames: devices wait,
 nothing is dropped and memory stays bounded. The full design is in docs/durability.md.
+
+With ``[journal] backend = "jetstream"`` the journal is a stream replicated on NATS servers instead
+(``workers.core.jetstream``, docs/scale-out.md): a batch is answered once JetStream confirmed it, and
+on a host that runs sinks the edge feeds its parsers from the stream (the stream's sequence is the
+seq), notes the sinks' acks, keeps each sink's floor in JetStream and sends again what is not acked.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from workers.core.framing import make_framer
 from workers.core.guard import Guard, Session
 from workers.core.inflight import InFlight, InFlightLedger
 from workers.core.journal import Journal, JournalError
+from workers.core.jetstream import MAX_EDGES, BatchPublisher, StreamFeeder, StreamLink
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +187,9 @@ class Edge:
         self.ctx = ctx
         self.sinks = set(cfg.consumers())          # the enabled sinks and the rollup worker
         self.counters = runtime.Counters("edge")
-        self.arrivals = ArrivalClock()               # one clock for every connection
+        streamed = cfg.journal.backend == "jetstream"
+        # one clock for every connection; with several edges, in this edge's own slot
+        self.arrivals = ArrivalClock(cfg.journal.edge_id, MAX_EDGES) if streamed else ArrivalClock()
         self.guard = Guard(cfg, self.counters)
         self.journal = Journal(Path(cfg.data_dir) / "journal", cfg.edge.journal_segment_bytes,
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)
@@ -214,6 +222,17 @@ class Edge:
         self._binary_acks: list[DeviceConnection] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self.servers: list[asyncio.AbstractServer] = []
+        self.link: StreamLink | None = None       # [journal] backend = "jetstream": the cluster
+        self.publisher: BatchPublisher | None = None
+        self.feeder: StreamFeeder | None = None   # on a host with sinks: feeds them from the stream
+        if streamed:
+            local = list(cfg.consumers())
+            self.link = StreamLink(cfg.journal, cfg.journal.all_consumers(local),
+                                   f"sensorpipe-edge-{cfg.journal.edge_id}")
+            self.publisher = BatchPublisher(self.link, cfg.journal.edge_id, self.counters)
+            if local:
+                self.feeder = StreamFeeder(self.link, local, self._feed, lambda: self.outq.qsize() < OUTQ_LOW,
+                                           self.counters)
 
     # ------------------------------------------------------------------ connections
 
@@ -372,6 +391,9 @@ class Edge:
         if not self._pending:
             return
         conns, body = self._batch_conn_list, envelope.pack_frames(self._pending)
+        if self.publisher is not None:
+            self._publish(envelope.journal_record(conns, body))
+            return
         try:
             seq, location = self.journal.append(envelope.journal_record(conns, body))
         except OSError as exc:
@@ -387,13 +409,7 @@ class Edge:
         if self.journal_failing:
             log.info("journal writable again")
             self.journal_failing = False
-        for conn in self._binary_acks:            # journaled: now the board may clear its buffer
-            if not conn.closed and conn.transport is not None:
-                conn.transport.write(BINARY_ACK)
-                self.counters.add("binary_acks")
-            conn.acks_owed -= 1
-            if conn.close_when_answered and not conn.acks_owed:
-                conn.close()                      # after the A: close() sends what is buffered first
+        self._answer_boards(self._binary_acks)    # journaled: now the boards may clear their buffers
         self._answer_injectors(seq)
         self.inflight[seq] = InFlight(location, set(self.sinks), time.monotonic())
         self.outq.put_nowait((seq, envelope.frames_message(seq, conns, body)))
@@ -402,8 +418,62 @@ class Edge:
         self._pending_bytes = 0
         self._check_pressure()
 
-    def _answer_injectors(self, seq: int) -> None:
-        replies, self._inject_replies = self._inject_replies, []
+    def _publish(self, record: bytes) -> None:
+        """The batch to JetStream; its boards and injectors are answered once JetStream confirmed it."""
+        assert self.publisher is not None
+        boards, replies = self._binary_acks, self._inject_replies
+        conns, frames, index_of = self._batch_conn_list, self._pending, self._batch_conns
+        self._inject_replies = []
+
+        def without_gone_boards() -> bytes | None:
+            """Before a publish is tried again: the packets of boards that gave up waiting for their A
+            (closed) are left out; they send them again, to this edge or another, and would otherwise
+            be stored twice, at two arrival stamps. None: nothing is left to publish."""
+            gone = {index_of[c.conn.conn_id] for c in boards if c.closed and c.conn is not None}
+            if not gone:
+                return record
+            kept = [frame for frame in frames if frame[2] & ~envelope.REJECTED not in gone]
+            self.counters.add("unpublished_frames_of_gone_boards", len(frames) - len(kept))
+            return envelope.journal_record(conns, envelope.pack_frames(kept)) if kept else None
+
+        def stored(seq: int) -> None:
+            self._answer_boards(boards)
+            self._answer_injectors(seq, replies)
+            if self.paused:
+                self._check_pressure()
+
+        self.publisher.publish(record, stored, without_gone_boards)
+        self.counters.add("batches")
+        self._pending, self._batch_conns, self._batch_conn_list, self._binary_acks = [], {}, [], []
+        self._pending_bytes = 0
+        self._check_pressure()
+
+    def _feed(self, seq: int, record: bytes, targets: list[str] | None) -> None:
+        """A batch from the stream to this host's parsers (``StreamFeeder``)."""
+        try:
+            conns, body = envelope.parse_journal_record(record)
+        except (envelope.EnvelopeError, ValueError) as exc:
+            # Not ours to decode (another program published on the subject): it can never be stored.
+            log.error("stream message %d is not a batch (%s); acknowledging it so that it goes", seq, exc)
+            self.counters.add("bad_stream_messages")
+            if self.feeder is not None:
+                for name in targets or self.sinks:
+                    self.feeder.acknowledged(name, [seq])
+            return
+        self.outq.put_nowait((seq, envelope.frames_message(seq, conns, body, targets)))
+
+    def _answer_boards(self, boards: list[DeviceConnection]) -> None:
+        for conn in boards:
+            if not conn.closed and conn.transport is not None:
+                conn.transport.write(BINARY_ACK)
+                self.counters.add("binary_acks")
+            conn.acks_owed -= 1
+            if conn.close_when_answered and not conn.acks_owed:
+                conn.close()                      # after the A: close() sends what is buffered first
+
+    def _answer_injectors(self, seq: int, replies: list[tuple[list[bytes], int]] | None = None) -> None:
+        if replies is None:
+            replies, self._inject_replies = self._inject_replies, []
         if self._inject_sock is None:
             return
         for route, ref in replies:
@@ -418,14 +488,17 @@ class Edge:
         full = (self.outq.qsize() >= OUTQ_HIGH
                 or len(self.inflight) >= self.cfg.edge.max_inflight_batches
                 or self.journal.size >= self.cfg.edge.journal_max_bytes
-                or self.journal_failing)
+                or self.journal_failing
+                or (self.publisher is not None and self.publisher.check_full()))
         if full and not self.paused:
             self.paused = True
             self.reading.clear()
             self.counters.add("paused")
             log.warning("pausing device reads: %d batches queued for parsers, %d in flight, journal %d bytes%s",
                         self.outq.qsize(), len(self.inflight), self.journal.size,
-                        ", journal not writable" if self.journal_failing else "")
+                        ", journal not writable" if self.journal_failing else
+                        "" if self.publisher is None else f", {len(self.publisher.queue)} batches waiting for"
+                        f" jetstream{' (not confirming)' if self.publisher.failing else ''}")
             for conn in self.connections:
                 if conn.transport is not None:
                     conn.transport.pause_reading()
@@ -443,6 +516,9 @@ class Edge:
     # ------------------------------------------------------------------ acknowledgements
 
     def acknowledged(self, sink: str, seqs: list[int]) -> None:
+        if self.feeder is not None:               # the feeder keeps what each consumer acknowledged
+            self.feeder.acknowledged(sink, seqs)
+            return
         for seq, entry in self.inflight.acknowledged(sink, seqs, time.monotonic()):
             self.journal.done(entry.location, seq)
             self.counters.add("batches_done")
@@ -525,6 +601,9 @@ class Edge:
         live = runtime.socket(ctx, zmq.PUB, connect=self.cfg.endpoints.live)
         tasks: list[asyncio.Task] = []
         try:
+            if self.link is not None:
+                await self._run_streamed(frames, acks, inject, downlink, live)
+                return
             replay = self.journal.recover(self.sinks)
             for seq, location, missing in replay:
                 self.inflight[seq] = InFlight(location, set(missing), 0.0)
@@ -574,6 +653,49 @@ class Edge:
             for sock in (frames, acks, inject, downlink, live):
                 sock.close(linger=0)
             log.info("stopped: %d batches still in flight stay in the journal", len(self.inflight))
+
+    async def _run_streamed(self, frames: zmq.asyncio.Socket, acks: zmq.asyncio.Socket,
+                            inject: zmq.asyncio.Socket, downlink: zmq.asyncio.Socket,
+                            live: zmq.asyncio.Socket) -> None:
+        """``run`` with the journal in JetStream: nothing to replay here (the stream redelivers)."""
+        assert self.link is not None and self.publisher is not None
+        loop = asyncio.get_running_loop()
+        for listener in self.cfg.listeners:
+            server = await loop.create_server(lambda lst=listener: DeviceConnection(self, lst),
+                                              listener.host, listener.port, reuse_address=True, backlog=4096)
+            self.servers.append(server)
+            log.info("listening on %s (%s framing, %s decoder); journal: jetstream stream %s, edge %d",
+                     listener.bind, listener.framing, listener.decoder, self.cfg.journal.stream,
+                     self.cfg.journal.edge_id)
+        tasks = [asyncio.create_task(self.link.run()),
+                 asyncio.create_task(self.publisher.run()),
+                 asyncio.create_task(self._send_loop(frames)),
+                 asyncio.create_task(self._ack_loop(acks)),
+                 asyncio.create_task(self._inject_loop(inject)),
+                 asyncio.create_task(self._downlink_loop(downlink)),
+                 asyncio.create_task(self._housekeeping(live))]
+        if self.feeder is not None:
+            tasks.append(asyncio.create_task(self.feeder.run()))
+        for task in tasks[1:]:               # (the link's task ends once connected)
+            task.add_done_callback(self._task_done)
+        try:
+            await self.stop.wait()
+            log.info("stopping: closing listeners, publishing what is pending")
+            for server in self.servers:
+                server.close()
+            self.flush()
+            await self.publisher.drain(5.0)          # so that the boards get their A before we close
+            for conn in list(self.connections):
+                conn.closed = True
+                conn.close()
+            deadline = time.monotonic() + 2
+            while not self.outq.empty() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.link.close()
 
     def _task_done(self, task: asyncio.Task) -> None:
         if task.cancelled() or self.stop.is_set():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from workers.core import config as config_mod
-from workers.core import curve, paths, runtime, starts
+from workers.core import curve, jetstream, paths, runtime, starts
 
 
 
@@ -297,6 +297,17 @@ def cmd_commands(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget_nats_server(args: argparse.Namespace) -> int:
+    """Move the JetStream journal's replica off a NATS server that lost its store (docs/scale-out.md)."""
+    import asyncio
+
+    cfg = _load(args)
+    if cfg.journal.backend != "jetstream":
+        raise CommandError("[journal] backend is not jetstream: there is no stream to change")
+    print(asyncio.run(jetstream.forget_server(cfg.journal, args.server)))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Counters of every worker: frames, readings, rejects, and per sink written/pending/spooled."""
     import orjson
@@ -306,9 +317,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if firmware:
         reply["firmware"] = list(firmware.values())
     reply["deadletters"] = _deadletter_bounds(_load(args))
+    journal = jetstream.status_or_error(_load(args))      # the stream, when the journal is in JetStream
+    if journal is not None:
+        reply["journal"] = journal
     if args.json:
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
         return 0
+    if journal is not None:
+        print("\n".join(jetstream.status_lines(journal)) + "\n")
     sinks = reply.get("sinks") or {}
     if sinks:
         rows = [[name, str(s["written"]), str(s["events"]), str(s["pending"]), str(s["spooled"]),
@@ -657,6 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10000)
     p.add_argument("--timeout", type=float, default=3.0)
     add("check-config", cmd_check_config)
+    p = add("forget-nats-server", cmd_forget_nats_server)
+    p.add_argument("server", help="the server_name of a NATS server whose store was lost (docs/scale-out.md)")
     p = add("init", cmd_init)
     p.add_argument("dir", nargs="?", default=".", help="where to write sensorpipe.toml and data/ (default: here)")
     p.add_argument("--force", action="store_true", help="write over an existing sensorpipe.toml")
