@@ -45,7 +45,10 @@ def test_journal_section_is_checked() -> None:
     base = {"journal": {"backend": "jetstream", "servers": ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223",
                                                              "nats://127.0.0.1:4224"]}}
     cfg = config.from_dict(base)
-    assert cfg.journal.replicas == 3 and cfg.journal.all_consumers(list(cfg.consumers())) == ["sqlite", "rollup"]
+    # the rollup worker's points are the SQLite sink's rows: it consumes nothing from the journal
+    assert cfg.journal.replicas == 3 and cfg.journal.all_consumers(list(cfg.consumers())) == ["sqlite"]
+    own = config.from_dict({**base, "rollups": {"points_from_sqlite": False}})
+    assert own.journal.all_consumers(list(own.consumers())) == ["sqlite", "rollup"]
     bad = [({"servers": []}, "journal.servers"),
            ({"servers": ["127.0.0.1:4222"]}, "journal.servers[0]"),
            ({"replicas": 2}, "journal.replicas"),
