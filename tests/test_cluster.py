@@ -138,7 +138,7 @@ batch_max_delay_ms = 5
 backend = "jetstream"
 servers = [{", ".join(f'"{s}"' for s in servers)}]
 edge_id = {host.index}
-consumers = ["sqlite", "rollup"]
+consumers = ["sqlite"]   # the rollup worker reads the SQLite rows
 ack_wait_s = 3
 publish_timeout_s = 2
 
@@ -266,7 +266,7 @@ def abort(writer: asyncio.StreamWriter) -> None:
 
 def stream_status(cluster: NatsCluster) -> dict[str, Any]:
     opts = jetstream.JournalOptions(backend="jetstream", servers=tuple(cluster.urls))
-    return jetstream.run_status(opts, ["sqlite", "rollup"])
+    return jetstream.run_status(opts, ["sqlite"])
 
 
 def forget_server(cluster: NatsCluster, server: str) -> bool:

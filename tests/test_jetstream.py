@@ -49,6 +49,8 @@ def test_journal_section_is_checked() -> None:
     assert cfg.journal.replicas == 3 and cfg.journal.all_consumers(list(cfg.consumers())) == ["sqlite"]
     own = config.from_dict({**base, "rollups": {"points_from_sqlite": False}})
     assert own.journal.all_consumers(list(own.consumers())) == ["sqlite", "rollup"]
+    with pytest.raises(ConfigError, match="journal.consumers"):
+        config.from_dict({"journal": {**base["journal"], "consumers": ["sqlite", "rollup"]}})
     bad = [({"servers": []}, "journal.servers"),
            ({"servers": ["127.0.0.1:4222"]}, "journal.servers[0]"),
            ({"replicas": 2}, "journal.replicas"),

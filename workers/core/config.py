@@ -447,6 +447,10 @@ def _check(cfg: Config) -> None:
     for name, sink in cfg.sinks.enabled().items():
         sink.check_common(f"sinks.{name}")
     cfg.journal.check("journal", list(cfg.consumers()))
+    if cfg.rollups_from_sqlite and "rollup" in cfg.journal.consumers:
+        # it would never acknowledge, and the stream is trimmed only below every consumer's floor
+        raise ConfigError('journal.consumers: "rollup" consumes nothing while its points are the SQLite sink\'s'
+                          ' rows ([rollups] points_from_sqlite, the default); remove it from the list')
     if not cfg.sinks.enabled() and cfg.journal.backend == "file":   # (jetstream: the sinks may be elsewhere)
         raise ConfigError("sinks: no sink is enabled; readings would have nowhere to go")
     cfg.sinks.influx.check("sinks.influx")
