@@ -5,7 +5,7 @@ send-to-stored latency and the binary ``A`` round trip.
 
 Each backend runs the real pipeline (edge, two parsers, SQLite sink, rollup worker, query worker; the
 tests' Pipeline fixture on free 127.0.0.1 ports); ``jetstream`` adds three nats-servers on 127.0.0.1
-(a stream with 3 replicas, the edge's feeder pulling both consumers). Measured per backend:
+(a stream with 3 replicas, the edge's feeder pulling for its consumers). Measured per backend:
 
 - ``A`` round trip: one battery board sends a packet and waits for the ``A``, 200 times, at rest.
 - flat out: 8 connections send JSON lines (explicit timestamps) as fast as they can for ``--seconds``;
