@@ -15,7 +15,8 @@ a JSON object, and read per field through the view ``readings (device, field, ts
 (``json_each``): a row per field cost three B-tree inserts per reading where one does, and three times
 the pages written per commit when many devices each send a little. SQLite reads back every float
 exactly as written (orjson writes the shortest text that round-trips), integers as integers, booleans as
-1 and 0 (as the row per field kept them). A second reading of a device at the same timestamp adds
+1 and 0 (as the row per field kept them); a field name or text holding a NUL, and NaN or an infinity
+(which the parser never passes on), are refused with a reason. A second reading of a device at the same timestamp adds
 the fields the first lacked and changes none it had: per field, the first stored wins, as before. A
 file made before this layout (``readings`` a table) is written as it always was.
 
