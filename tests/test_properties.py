@@ -195,8 +195,9 @@ def test_the_sqlite_sink_stores_or_dead_letters_whatever_it_is_handed(tmp_path_f
                     storable.timestamp_problem(reading.ts) or \
                     any("\0" in f or "\0" in str(v) for f, v in reading.fields.items()), reading   # NUL: json_each
             else:       # read back per field exactly as written (booleans as 1 and 0), packed or not
-                back = dict(sink.db.execute("SELECT field, value FROM readings WHERE device = ?",  # type: ignore[union-attr]
-                                            (reading.device,)).fetchall())
+                db = sink.db
+                assert db is not None
+                back = dict(db.execute("SELECT field, value FROM readings WHERE device = ?", (reading.device,)))
                 assert back == {f: int(v) if type(v) is bool else v for f, v in reading.fields.items()
                                 if not (type(v) is float and v != v)}, reading
     finally:

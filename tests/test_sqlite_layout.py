@@ -46,10 +46,14 @@ def test_what_the_packed_layout_cannot_carry_is_refused(tmp_path: Path) -> None:
     sink.connect()
     with pytest.raises(PermanentError, match="NUL"):
         sink.write(Batch([Reading("b1", 1, {"a\0b": 1.0}, {})], []))
+    with pytest.raises(PermanentError, match="NaN or infinite"):
+        sink.write(Batch([Reading("b1", 1, {"t": float("inf")}, {})], []))
     with pytest.raises(PermanentError, match="64-bit"):
         sink.write(Batch([Reading("b1", 1, {"big": 2 ** 64 - 1}, {})], []))
     sink.write(Batch([Reading("b1", 1, {"text": "\\u0000 is six characters"}, {})], []))   # no NUL in it
-    assert sink.db.execute("SELECT value FROM readings").fetchall() == [("\\u0000 is six characters",)]  # type: ignore[union-attr]
+    db = sink.db
+    assert db is not None
+    assert db.execute("SELECT value FROM readings").fetchall() == [("\\u0000 is six characters",)]
     sink.close()
 
 

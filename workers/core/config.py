@@ -313,7 +313,8 @@ class Config:
 
     def consumers(self) -> dict[str, str]:
         """Who must acknowledge every batch, name -> PULL endpoint: the enabled sinks and the rollup
-        worker (unless its points are the SQLite sink's rows). Parsers push readings to each; the edge keeps a batch until each has acknowledged it."""
+        worker (unless its points are the SQLite sink's rows). Parsers push readings to each; the edge
+        keeps a batch until each has acknowledged it."""
         out = {name: sink.endpoint for name, sink in self.sinks.enabled().items()}
         if self.rollups.enabled and not self.rollups_from_sqlite:
             out[ROLLUP] = self.rollups.endpoint

@@ -179,7 +179,10 @@ class RollupStore(WindowRules):
         self.points = "points"
         self.numeric = ""
         if readings_db is not None:
-            self.db.execute("ATTACH DATABASE ? AS store", (str(readings_db),))
+            # read-only: BEGIN IMMEDIATE here then takes only a read snapshot of the SQLite store (after
+            # the state's write lock), never its write lock, so the SQLite sink never waits for us
+            uri = readings_db.resolve().as_uri() + "?mode=ro"
+            self.db.execute("ATTACH DATABASE ? AS store", (uri,))
             self.points = "store.readings"
             self.numeric = " AND typeof(value) IN ('integer', 'real')"
         self._adopt_sizes()

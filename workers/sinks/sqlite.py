@@ -15,7 +15,8 @@ a JSON object, and read per field through the view ``readings (device, field, ts
 (``json_each``): a row per field cost three B-tree inserts per reading where one does, and three times
 the pages written per commit when many devices each send a little. SQLite reads back every float
 exactly as written (orjson writes the shortest text that round-trips), integers as integers, booleans as
-1 and 0 (as the row per field kept them). A second reading of a device at the same timestamp adds
+1 and 0 (as the row per field kept them); a field name or text holding a NUL, and NaN or an infinity
+(which the parser never passes on), are refused with a reason. A second reading of a device at the same timestamp adds
 the fields the first lacked and changes none it had: per field, the first stored wins, as before. A
 file made before this layout (``readings`` a table) is written as it always was.
 
@@ -111,6 +112,14 @@ def _holds_nul(fields: dict) -> bool:
     return any("\0" in name or (type(value) is str and "\0" in value) for name, value in fields.items())
 
 
+# The parser turns NaN and infinities into failed reads (storable.py); one reaching this sink is refused
+NOT_FINITE = "sqlite: a value is NaN or infinite, which the store does not keep (the parser reads it as a failed read)"
+
+
+def _not_finite(fields: dict) -> bool:
+    return any(type(value) is float and value - value != 0.0 for value in fields.values())
+
+
 def _unstorable(exc: Exception) -> str:
     return BEYOND_64_BITS if "64-bit" in str(exc) else f"sqlite: a value SQLite cannot store ({exc})"
 
@@ -185,6 +194,8 @@ class SqliteSink:
                         raise PermanentError(_unstorable(exc)) from None
                     if "\\u0000" in packed_fields and _holds_nul(fields):
                         raise PermanentError(NUL_IN_TEXT)
+                    if "null" in packed_fields and _not_finite(fields):     # orjson writes NaN, inf as null
+                        raise PermanentError(NOT_FINITE)
                     rows.append((device, ts, packed_fields, tag_text))
             else:
                 rows.extend((device, field, ts, value, tag_text) for field, value in fields.items())
