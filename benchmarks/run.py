@@ -579,13 +579,17 @@ enabled = false
         self.edge2: ServerProcess | None = None
 
     def start(self) -> "TwoEdges":
-        self.cluster.start()
-        super().start()
-        self.edge2 = child("edge-2", [PYTHON, "-m", "workers", "--config", str(self.config2), "worker", "edge"],
-                           self.config2.parent / "logs", lambda: port_accepts(self.port2),
-                           env={"SUPERVISOR_PROCESS_NAME": "edge-2"})
-        self.children.append(self.edge2)
-        self._warm_up()
+        try:
+            self.cluster.start()
+            super().start()
+            self.edge2 = child("edge-2", [PYTHON, "-m", "workers", "--config", str(self.config2), "worker",
+                                          "edge"], self.config2.parent / "logs", lambda: port_accepts(self.port2),
+                               env={"SUPERVISOR_PROCESS_NAME": "edge-2"})
+            self.children.append(self.edge2)
+            self._warm_up()
+        except BaseException:
+            self.stop()                        # Bench.with_system stops only what started
+            raise
         return self
 
     def _warm_up(self) -> None:
@@ -618,14 +622,9 @@ enabled = false
                 pids[f"nats-{node.name}"] = node.process.pid
         return pids
 
-    def errors(self) -> str:
-        return "; ".join(e for e in (super().errors(), System.errors(self)) if e)
-
     def stop(self) -> None:
         try:
-            if self.edge2 is not None:
-                self.edge2.stop(timeout=20)
-            super().stop()
+            super().stop()                     # edge 2 first (the last child), then supervisord
         finally:
             self.cluster.stop()
 
