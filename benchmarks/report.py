@@ -135,6 +135,8 @@ def render(results: dict[str, Any]) -> str:
                        "readings/s", "CPU s / 100k"], rows)]
         out += per_process(results, [r for r in batched if r["system"].startswith("sensorpipe")])
 
+    out += two_edges(results)
+
     fleet = results.get("fleet")
     if fleet:
         hops = [h for h in HOPS if h in fleet["cpu_pct"]]
@@ -207,6 +209,41 @@ def per_process(results: dict[str, Any], runs: list[dict[str, Any]]) -> list[str
         total = sum(p["cpu_s"] for p in r["processes"].values()) * 1e6 / stored
         rows.append([f"{r['system']}, {r['devices']:,} devices, {r['chunk']} per write", *cells, f"**{total:.1f}**"])
     return ["", "CPU µs per stored reading, by process:", "", table(["run", *hops, "all"], rows)]
+
+
+def two_edges(results: dict[str, Any]) -> list[str]:
+    """The file journal and one edge against the JetStream journal and two edges (``--only twoedges``):
+    readings/s and µs of CPU per stored reading of every process, the nats-servers and the database too."""
+    runs = _runs(results, group="twoedges")
+    if not runs:
+        return []
+    rows = [[r["system"], fmt(r["devices"]), fmt(r["sent"]), fmt(r["stored"]), fmt(r["lost"]), fmt(r["duplicates"]),
+             fmt(r["unexpected"]), fmt(r["seconds"], 2), f"**{fmt(r['rate'])}**",
+             fmt(r["server_cpu_s"] * 1e6 / r["stored"] if r["stored"] and r["server_cpu_s"] else None, 1),
+             fmt(r["db_cpu_s"] * 1e6 / r["stored"] if r["stored"] else None, 1),
+             f"{fmt(r.get('stored_p50_ms'), 1)} / {fmt(r.get('stored_p95_ms'), 1)}",
+             fmt(r.get("idle_cpu_pct"), 1)] for r in runs]
+    labels = [h for h in HOPS if any(h in r["processes"] for r in runs)]
+    labels += sorted({label for r in runs for label in r["processes"]} - set(labels))
+    per_process = []
+    for r in runs:
+        stored = r["stored"] or 1
+        per_process.append([r["system"], *[fmt(r["processes"][h]["cpu_s"] * 1e6 / stored, 1)
+                                           if h in r["processes"] else "–" for h in labels],
+                            fmt(r["db_cpu_s"] * 1e6 / stored, 1)])
+    return ["", "## Two edges on the JetStream journal, against one edge on the file journal", "",
+            "The same workload (one reading per TCP write, every board its own connection) into the shipped "
+            "configuration plus InfluxDB: on the file journal with one edge, and on the JetStream journal "
+            "(three nats-servers on 127.0.0.1, replicas 3) with half the boards on each of two edges (edge 1 "
+            "also feeds the sinks from the stream; edge-2 is an edge alone). Lost: sent and not stored in "
+            "VictoriaMetrics; dup: stored twice. CPU is counted until the last "
+            "reading is in VictoriaMetrics and SQLite. At rest: every process, over 5 s before the workload. Send → stored: afterwards, 40 probe readings sent in turn to "
+            "each edge while 100 boards send 2,000 readings/s, each polled in SQLite until its row is there.", "",
+            table(["system", "devices", "sent", "stored", "lost", "dup", "unexpected", "s (first send → last stored)",
+                   "readings/s", "CPU µs / reading (sensorpipe + NATS)", "VM CPU µs / reading",
+                   "send → stored in SQLite at 2,000/s, p50 / p95 ms", "at rest: CPU % of one core"], rows),
+            "", "CPU µs per stored reading, by process:", "",
+            table(["run", *labels, "victoria-metrics"], per_process)]
 
 
 def targets(results: dict[str, Any]) -> list[list[str]]:

@@ -3,6 +3,7 @@
     make bench                               # everything (about 8 minutes on the 2-core machine)
     make bench BENCH_ARGS=--quick            # smaller workloads (about 3 minutes)
     .venv/bin/python benchmarks/run.py --only sensorpipe,ceiling --devices 100
+    .venv/bin/python benchmarks/run.py --only twoedges --quick --devices 100   # JetStream, two edges
 
 Starts VictoriaMetrics (for InfluxDB; tests/servers.py), then for each system under test starts it,
 plays a fixed workload with ``sensorpipe simulate`` (every board its own connection, every reading a
@@ -12,7 +13,10 @@ raw figures as JSON, to ``benchmarks/results/``. BENCHMARKS.md explains each fig
 
 Systems: sensorpipe (InfluxDB sink; SQLite sink; both), Node-RED (the tutorial flow, and a tuned flow
 that batches), the thread-per-connection design (benchmarks/baseline_threaded.py), and the ceiling:
-the same readings as line protocol straight into VictoriaMetrics' own TCP listener.
+the same readings as line protocol straight into VictoriaMetrics' own TCP listener. Only when named
+(``--only twoedges``, it needs nats-server): the shipped configuration plus InfluxDB on the file journal
+and one edge, beside the same on the JetStream journal (three nats-servers) with the boards split over
+two edges (docs/scale-out.md).
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ DEFAULT_DEVICES = "100,1000"
 NODERED_DIR = REPO / ".cache" / "nodered"
 NODERED_RED = NODERED_DIR / "node_modules" / "node-red" / "red.js"
 POLL_S = 0.05                      # how often the store is counted while a workload runs
+IDLE_S = 5.0                       # the two-edge runs: CPU at rest measured over this long
 IDLE_CPU_SHARE = 0.05              # a system using less CPU than this (of one core) has stopped working
 START_TIMEOUT_S = 60.0
 FIELDS = ("temp", "humi", "rssi")
@@ -276,6 +281,10 @@ class System:
     def stop(self) -> None:
         for c in reversed(self.children):
             c.stop(timeout=20)
+
+    def simulate(self, devices: int, total: int, prefix: str, *extra: str) -> "Simulation":
+        """The boards of a throughput run: all on ``port``."""
+        return simulate(self.port, devices, total, prefix, *extra)
 
 
 class SensorPipe(System):
@@ -506,6 +515,124 @@ class Ceiling(System):
         return self
 
 
+class TwoEdges(SensorPipe):
+    """sensorpipe with the JetStream journal and two edges, on one machine as on the hosts of
+    docs/scale-out.md: three nats-servers (127.0.0.1, stream with 3 replicas); host 1 runs the shipped
+    pipeline under supervisord (its edge, ``edge_id`` 1, also feeds its sinks from the stream); host 2 is
+    an edge alone (``edge_id`` 2, no sinks, its own data directory and ports). The boards are split
+    over the two edges."""
+
+    def __init__(self, workdir: Path, sinks: tuple[str, ...], vm: Victoria | None, measurement: str) -> None:
+        from tests.servers import NatsCluster
+        super().__init__(workdir / "host1", sinks, vm, measurement)
+        self.label += ", JetStream R3, 2 edges"
+        self.cluster = NatsCluster(workdir / "nats")
+        consumers = ", ".join(f'"{name}"' for name in sinks)   # the rollup worker reads the SQLite rows
+        servers = ", ".join(f'"{url}"' for url in self.cluster.urls)
+        journal = f"""
+[journal]
+backend = "jetstream"
+servers = [{servers}]
+consumers = [{consumers}]
+"""
+        self.config.write_text(self.config.read_text() + journal + "edge_id = 1\n")
+        # host 2: an edge only; its sockets on ports of its own (nothing connects to them)
+        edge2 = workdir / "host2"
+        edge2.mkdir(parents=True, exist_ok=True)
+        self.port2 = free_port()
+        p2 = {n: free_port() for n in ("binary", "frames", "acks", "live", "inject", "query", "command", "seen",
+                                       "downlink", "stream", "http")}
+        self.config2 = edge2 / "sensorpipe.toml"
+        self.config2.write_text(f"""
+data_dir = "{edge2 / 'data'}"
+log_level = "WARNING"
+
+[[listeners]]
+name = "text"
+bind = "127.0.0.1:{self.port2}"
+max_connections = 20000
+auth = "off"
+max_connections_per_address = 100000
+max_frames_per_s = 0
+
+[[listeners]]
+name = "binary"
+bind = "127.0.0.1:{p2['binary']}"
+framing = "binary"
+decoder = "binary"
+auth = "off"
+max_connections_per_address = 100000
+
+[endpoints]
+{chr(10).join(f'{n} = "tcp://127.0.0.1:{p2[n]}"' for n in ("frames", "acks", "live", "inject", "query",
+                                                            "command", "seen", "downlink", "stream"))}
+
+[http]
+bind = "127.0.0.1:{p2['http']}"
+
+[rollups]
+enabled = false
+
+[sinks.sqlite]
+enabled = false
+""" + journal + "edge_id = 2\n")
+        self.edge2: ServerProcess | None = None
+
+    def start(self) -> "TwoEdges":
+        try:
+            self.cluster.start()
+            super().start()
+            self.edge2 = child("edge-2", [PYTHON, "-m", "workers", "--config", str(self.config2), "worker",
+                                          "edge"], self.config2.parent / "logs", lambda: port_accepts(self.port2),
+                               env={"SUPERVISOR_PROCESS_NAME": "edge-2"})
+            self.children.append(self.edge2)
+            self._warm_up()
+        except BaseException:
+            self.stop()                        # Bench.with_system stops only what started
+            raise
+        return self
+
+    def _warm_up(self) -> None:
+        """Ready once a reading sent to each edge is in SQLite: the feeder starts only when the new
+        streams have their leaders and it has read the consumers' floors (seconds after the edges listen)."""
+        stamp = time.time_ns() // 1_000_000
+        for port in (self.port, self.port2):
+            with socket.create_connection(("127.0.0.1", port)) as sock:     # a field the stores do not count
+                sock.sendall(b'{"device":"warm-up-%d","ts":%d,"seq":1}\n' % (port, stamp))
+
+        def stored() -> bool:
+            try:
+                db = sqlite3.connect(f"file:{self.data / 'sensorpipe.db'}?mode=ro", uri=True, timeout=10)
+                try:
+                    return db.execute("SELECT count(DISTINCT device) FROM readings WHERE device LIKE 'warm-up-%'"
+                                      ).fetchone()[0] == 2
+                finally:
+                    db.close()
+            except sqlite3.Error:
+                return False                   # not created yet
+        if not wait_until(stored, START_TIMEOUT_S):
+            raise RuntimeError("a reading sent to each edge did not reach SQLite: the stream feeds nothing")
+
+    def pids(self) -> dict[str, int]:
+        pids = super().pids()
+        if self.edge2 is not None and self.edge2.pid:
+            pids["edge-2"] = self.edge2.pid
+        for node in self.cluster.nodes:
+            if node.process.pid:
+                pids[f"nats-{node.name}"] = node.process.pid
+        return pids
+
+    def stop(self) -> None:
+        try:
+            super().stop()                     # edge 2 first (the last child), then supervisord
+        finally:
+            self.cluster.stop()
+
+    def simulate(self, devices: int, total: int, prefix: str, *extra: str) -> "Simulation":
+        """Half the boards on each edge (``prefix``-a-0001... and ``prefix``-b-0001...), one timeline."""
+        return SplitSimulation([self.port, self.port2], devices, total, prefix, extra)
+
+
 # --------------------------------------------------------------------------- the simulator
 
 
@@ -549,6 +676,41 @@ def simulate(target_port: int, devices: int, total: int, prefix: str, *extra: st
                        "--prefix", prefix, *chunk, *extra])
 
 
+class SplitSimulation:
+    """One workload played by one simulator per target, the boards and readings split evenly, every board
+    on the same timestamps (so the stores count it as one run); ``finish()`` gives the merged summary."""
+
+    def __init__(self, ports: list[int], devices: int, total: int, prefix: str, extra: tuple[str, ...]) -> None:
+        per_board = math.ceil(total / devices)
+        start_ms = time.time_ns() // 1_000_000 - per_board   # the last reading about now, as one simulator
+        self.parts = [simulate(port, devices // len(ports), total // len(ports), f"{prefix}-{chr(97 + i)}",
+                               "--start-ms", str(start_ms), "--step-ms", "1", "--procs", "1", *extra)
+                      for i, port in enumerate(ports)]
+        self.prefix = prefix
+        self.summary: dict[str, Any] | None = None
+        self.cpu_s = 0.0
+
+    def running(self) -> bool:
+        return any(part.running() for part in self.parts)
+
+    def stop(self) -> None:
+        for part in self.parts:
+            part.stop()
+
+    def finish(self, timeout: float = 60) -> dict[str, Any]:
+        if self.summary is not None:
+            return self.summary
+        summaries = [part.finish(timeout) for part in self.parts]
+        self.cpu_s = self.parts[-1].cpu_s                  # cumulative over every child by then
+        first = min(s["first_send"] for s in summaries)
+        last = max(s["last_send"] for s in summaries)
+        sent = sum(s["sent"] for s in summaries)
+        self.summary = {**summaries[0], "prefix": self.prefix, "sent": sent,
+                        "bytes": sum(s["bytes"] for s in summaries), "first_send": first, "last_send": last,
+                        "rate": round(sent / (last - first), 1) if last > first else 0.0}
+        return self.summary
+
+
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -580,12 +742,18 @@ class Run:
     note: str = ""
     chunk: int = 1                     # readings per TCP write (1: as boards send)
     bytes_per_write: float = 0.0
+    stored_p50_ms: float | None = None   # send -> row in SQLite under a paced load (stored_latency)
+    stored_p95_ms: float | None = None
+    idle_cpu_pct: float | None = None    # % of one core the whole system takes at rest (before the workload)
 
 
 def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: str = "json",
-               cap_s: float = 180.0, stall_s: float = 8.0, sim_args: tuple[str, ...] = (), chunk: int = 1) -> Run:
+               cap_s: float = 180.0, stall_s: float = 8.0, sim_args: tuple[str, ...] = (), chunk: int = 1,
+               settled: Callable[[int], bool] | None = None) -> Run:
     """Play ``total`` readings from ``devices`` boards into ``system``, ``chunk`` readings per TCP write
-    (1, as boards send: every reading its own write); count what its store holds."""
+    (1, as boards send: every reading its own write); count what its store holds. ``settled(sent)``: once
+    the store has everything, CPU is counted on until it is true (at most ``stall_s``): the work of the
+    other consumers still busy then (SQLite) is in the CPU figures too."""
     prefix = f"d{devices}"
     run = Run(system.label, devices, total, chunk=chunk)
     meter = Meter(system.pids())
@@ -597,7 +765,7 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
     meter.start()
     if vm_meter:
         vm_meter.start()
-    sim = simulate(system.port, devices, total, prefix, *extra)
+    sim = system.simulate(devices, total, prefix, *extra)
     started = time.monotonic()
     last_count, last_change = -1, time.time()
     checked = -1                       # the sample count at which the stored readings were last counted
@@ -639,6 +807,8 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
                 time.sleep(0.5)
             break
         time.sleep(POLL_S)
+    if settled is not None and summary is not None:
+        wait_until(lambda: settled(summary["sent"]), stall_s)
     run.processes = meter.stop()
     if vm_meter:
         run.db_cpu_s = vm_meter.stop()["victoria-metrics"]["cpu_s"]
@@ -665,6 +835,43 @@ def throughput(bench: "Bench", system: System, devices: int, total: int, fmt: st
         f"({run.cpu_per_100k} s/100k); VM CPU {run.db_cpu_s} s" + (" [capped]" if run.capped else "")
         + (f"; in its log: {run.note}" if run.note else ""))
     return run
+
+
+def stored_latency(pipe: SensorPipe, ports: list[int], rate: float = 2000, probes: int = 40) -> tuple[float, float]:
+    """Send -> stored (the row is in SQLite), p50 and p95 ms: ``probes`` probe readings, sent in turn to each
+    edge of ``ports``, while ``rate`` readings/s of background load (100 boards, split over the edges) flow."""
+    seconds = probes * 0.1 + 3
+    background = [Simulation(["--devices", str(100 // len(ports)), "--rate", str(rate / len(ports)),
+                              "--duration", str(seconds), "--chunk", "1", "--procs", "1",
+                              "--target", f"127.0.0.1:{port}", "--prefix", f"bg-{i}"])
+                  for i, port in enumerate(ports)]
+    time.sleep(1.0)                                   # let the load settle
+    links = [socket.create_connection(("127.0.0.1", port)) for port in ports]
+    db = sqlite3.connect(f"file:{pipe.data / 'sensorpipe.db'}?mode=ro", uri=True, timeout=10)
+    base_ms = time.time_ns() // 1_000_000 - 30_000_000
+    times: list[float] = []
+    try:
+        for i in range(probes):
+            ts_ms = base_ms + i
+            sent_at = time.monotonic()
+            links[i % len(links)].sendall(b'{"device":"probe","ts":%d,"seq":%d}\n' % (ts_ms, i))
+            while time.monotonic() - sent_at < 10.0:
+                if db.execute("SELECT 1 FROM readings WHERE device = 'probe' AND ts = ?",
+                              (ts_ms * 1_000_000,)).fetchone():
+                    times.append((time.monotonic() - sent_at) * 1000)
+                    break
+                time.sleep(0.002)
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - sent_at)))
+    finally:
+        for link in links:
+            link.close()
+        db.close()
+        for sim in background:
+            sim.finish(timeout=seconds + 30)
+    times.sort()
+    if not times:
+        return float("nan"), float("nan")
+    return round(statistics.median(times), 1), round(times[min(len(times) - 1, int(len(times) * 0.95))], 1)
 
 
 def latency(bench: "Bench", pipe: SensorPipe, rate: float, seconds: float) -> dict[str, Any]:
@@ -1085,6 +1292,30 @@ class Bench:
                 run = self.with_system(pipe, lambda s: throughput(self, s, devices, load.readings))
                 run.note = f"{parsers} parser" + ("s" if parsers > 1 else "")
                 self.add(run, f"parsers-{parsers}")
+        if self.only is not None and "twoedges" in self.only:
+            # Asked for by name only (it needs nats-server): the board-like workload on the file journal
+            # and one edge, then on the JetStream journal with the boards split over two edges.
+            devices = self.devices[0]
+
+            def measured(s: SensorPipe) -> Run:
+                meter = Meter(s.pids())
+                meter.start()
+                time.sleep(IDLE_S)
+                idle = sum(p["cpu_s"] for p in meter.stop().values()) / IDLE_S * 100
+                sqlite = SqliteStore(s.data / "sensorpipe.db")
+                run = throughput(self, s, devices, load.readings, settled=lambda sent: sqlite.samples() >= sent)
+                run.idle_cpu_pct = round(idle, 1)
+                edges = [s.port, s.port2] if isinstance(s, TwoEdges) else [s.port]
+                run.stored_p50_ms, run.stored_p95_ms = stored_latency(s, edges)
+                log(f"{s.label}: send->stored at 2,000/s p50 {run.stored_p50_ms} ms, p95 {run.stored_p95_ms} ms")
+                return run
+            m = self.measurement("file1")
+            pipe = SensorPipe(self.sub("file-1-edge"), sinks_variants[0], self.vm, m)
+            pipe.label += ", file journal, 1 edge"
+            self.add(self.with_system(pipe, measured), "twoedges")
+            m = self.measurement("js2")
+            self.add(self.with_system(TwoEdges(self.sub("jetstream-2-edges"), sinks_variants[0], self.vm, m),
+                                      measured), "twoedges")
         if self.wants("latency"):
             m = self.measurement("lat")
             pipe = SensorPipe(self.sub("latency"), self.main_sinks, self.vm, m)
@@ -1180,7 +1411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default=DEFAULT_DEVICES, help="board counts for the throughput runs")
     parser.add_argument("--readings", type=int, help="readings per throughput run (overrides the mode's)")
     parser.add_argument("--only", help="comma-separated parts: simulator, ceiling, sensorpipe, nodered, threaded, "
-                                       "batched, fleet, parsers, latency, connections, query")
+                                       "batched, fleet, parsers, latency, connections, query; and twoedges "
+                                       "(only when named: file journal + 1 edge against JetStream + 2 edges)")
     parser.add_argument("--out", help=f"where to write last-run.md and last-run.json (default: {RESULTS} for a "
                                       f"full run, {PARTIAL} for --quick, --only, --devices or --readings)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
