@@ -181,6 +181,12 @@ class DeviceConnection(asyncio.Protocol):
             self.transport.close()
 
 
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Edge:
     def __init__(self, cfg: Config, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
@@ -636,16 +642,9 @@ class Edge:
             # Journal what is complete first, so binary boards get their A before the socket closes.
             # A partial frame is not finished: the device did not hang up, the edge cut it off.
             self.flush()
-            for conn in list(self.connections):
-                conn.closed = True
-                conn.close()
-            deadline = time.monotonic() + 5
-            while not self.outq.empty() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await self._close_devices(wait_s=5)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel(tasks)
             self.checkpoint()
             self.journal.close()
             self.guard.close()
@@ -685,17 +684,19 @@ class Edge:
                 server.close()
             self.flush()
             await self.publisher.drain(5.0)          # so that the boards get their A before we close
-            for conn in list(self.connections):
-                conn.closed = True
-                conn.close()
-            deadline = time.monotonic() + 2
-            while not self.outq.empty() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await self._close_devices(wait_s=2)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel(tasks)
             await self.link.close()
+
+    async def _close_devices(self, wait_s: float) -> None:
+        """Every device connection closed, then up to ``wait_s`` for the queue to the parsers to empty."""
+        for conn in list(self.connections):
+            conn.closed = True
+            conn.close()
+        deadline = time.monotonic() + wait_s
+        while not self.outq.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def _task_done(self, task: asyncio.Task) -> None:
         if task.cancelled() or self.stop.is_set():
