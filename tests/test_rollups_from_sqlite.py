@@ -63,7 +63,7 @@ def test_a_late_reading_corrects_its_window_and_counts_once(tmp_path: Path) -> N
     sink.write(Batch([Reading("g2", closed + 5 * NS, {"temp": 1.0}, {})], []))   # written twice
     assert sink.counters["late_readings"] == 1
     now = time.time_ns()
-    assert state.close_due(now) == 1
+    assert state.close_due(now) >= 1       # its minute, and its hour too when an hour has just begun
     assert minutes(state)[("g2", "temp", closed)] == (Stats(1, 1.0, 1.0, 1.0, 1.0), 1)
     sink.write(Batch([Reading("g2", closed + 6 * NS, {"temp": 3.0}, {})], []))
     assert sink.counters["late_readings"] == 2
