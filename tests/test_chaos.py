@@ -520,8 +520,17 @@ def test_sigkill_each_worker_under_supervisord_loses_no_accepted_reading(tmp_pat
             pytest.fail("\n".join(mismatches[:20]))
         assert all_running(), supervisor.states()
         assert _deadletters(pipeline) == 0
-        checkpoint = orjson.loads((pipeline.data / "journal" / "acked.json").read_bytes())
-        assert checkpoint["pending"] == [], checkpoint
+        # the edge writes its checkpoint once a second: it may still name what was acknowledged just now
+        checkpoint: dict = {}
+
+        def checkpointed() -> bool:
+            checkpoint.update(orjson.loads((pipeline.data / "journal" / "acked.json").read_bytes()))
+            return checkpoint["pending"] == []
+
+        try:
+            wait_for(checkpointed, timeout=5, interval=0.2, message="the edge's checkpoint")
+        except AssertionError:
+            pytest.fail(f"the checkpoint still names batches in flight: {checkpoint}")
         accepted_binary = sum(len(b.acked) for b in devices.boards)
         print(f"\nchaos: {verdict.readings} readings stored ({accepted_binary} binary packets acknowledged,"
               f" {verdict.duplicated_resent_packets} of them stored twice after a lost A);"
