@@ -6,7 +6,6 @@ import sys
 import fakeboard
 
 MODE = sys.argv[1]
-FRESH = ("app", "commands", "conf", "devauth", "hw", "link", "packet", "ringbuf", "wifi", "machine", "network", "dht")
 
 
 class Config:
@@ -22,10 +21,7 @@ class Config:
 
 
 def firmware():
-    for name in FRESH:
-        if name in sys.modules:
-            del sys.modules[name]
-    return __import__("app")
+    return fakeboard.reset()
 
 
 if MODE == "json":

@@ -10,8 +10,6 @@ import time
 import fakeboard
 
 MODE = sys.argv[1]
-FRESH = ("app", "commands", "conf", "hw", "link", "packet", "ringbuf", "wifi", "ota", "otaboot",
-         "machine", "network", "dht")
 
 
 def now():
@@ -32,10 +30,7 @@ class Config:
 
 
 def firmware():
-    for name in FRESH:
-        if name in sys.modules:
-            del sys.modules[name]
-    app = __import__("app")
+    app = fakeboard.reset()
 
     class TimedApp(app.App):
         def measure(self):

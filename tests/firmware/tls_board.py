@@ -12,7 +12,6 @@ if ".frozen" not in sys.path:
     sys.path.append(".frozen")
 
 MODE = sys.argv[1]
-FRESH = ("app", "commands", "conf", "devauth", "hw", "link", "packet", "ringbuf", "wifi", "machine", "network", "dht")
 
 
 class Config:
@@ -29,10 +28,7 @@ class Config:
 
 
 def firmware():
-    for name in FRESH:
-        if name in sys.modules:
-            del sys.modules[name]
-    app = __import__("app")
+    app = fakeboard.reset()
 
     class PrintingApp(app.App):
         def measure(self):

@@ -7,7 +7,6 @@ import sys
 import fakeboard
 
 MODE = sys.argv[1]
-FRESH = ("app", "commands", "conf", "hw", "link", "ota", "otaboot", "packet", "ringbuf", "wifi", "machine", "network", "dht")
 
 
 class Config:
@@ -22,11 +21,7 @@ class Config:
 
 
 def firmware():
-    # as after a reset: RAM is gone, only fakeboard (the hardware) keeps its state
-    for name in FRESH:
-        if name in sys.modules:
-            del sys.modules[name]
-    return __import__("app")
+    return fakeboard.reset()
 
 
 if MODE == "json":

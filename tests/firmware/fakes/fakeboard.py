@@ -60,4 +60,20 @@ def next_dht():
     return dht[0]
 
 
+
+# The firmware's modules and the stand-ins for the board's own: dropped by reset()
+FIRMWARE = ("app", "commands", "conf", "devauth", "hw", "link", "ota", "otaboot", "packet", "ringbuf", "wifi",
+            "machine", "network", "dht")
+
+
+def reset():
+    # As after a reset: RAM is gone (every firmware module imported afresh), only this module (the
+    # hardware) keeps its state. Returns the firmware's app module.
+    import sys
+    for name in FIRMWARE:
+        if name in sys.modules:
+            del sys.modules[name]
+    return __import__("app")
+
+
 clear()
