@@ -225,6 +225,41 @@ def test_a_reply_waits_for_a_transport_that_is_still_connecting(tmp_path) -> Non
         worker.store.close()
 
 
+def test_a_command_queued_while_its_transport_was_away_goes_once_it_connects(tmp_path) -> None:
+    """Not at the device's next frame, which for an hourly board is an hour away."""
+    import zmq
+
+    from workers.core.config import from_dict
+    from workers.core.envelope import Seen
+    from workers.processes.commands import QUEUED, Commands
+
+    class Router:                       # EHOSTUNREACH until the edge's DEALER has connected
+        connected = False
+        sent: list = []
+
+        def send_multipart(self, parts: list, flags: int = 0) -> None:
+            if not self.connected:
+                raise zmq.ZMQError(zmq.EHOSTUNREACH)
+            self.sent.append(parts)
+
+    worker = Commands(from_dict({"data_dir": str(tmp_path)}))
+    worker.downlink = router = Router()  # type: ignore[assignment]
+    worker.front = None
+    try:
+        worker.on_seen([Seen("door-7", time.time_ns(), "text", 3, "10.0.0.7:5000")], [], [])
+        for n in (1, 2):
+            assert worker.op_send({"device": "door-7", "id": f"c{n}", "command": {"cmd": "open"}}, [])["status"] == QUEUED
+        worker.tick(time.monotonic())
+        assert router.sent == [] and worker.counters["transport_away"] >= 3
+        router.connected = True
+        worker.tick(time.monotonic())
+        ids = [orjson.loads(orjson.loads(parts[-1])["payload"])["id"] for parts in router.sent]
+        assert ids == ["c1", "c2"]                              # both, in the order they were sent
+        assert all(worker.open[c].inflight for c in ("c1", "c2")) and worker.transport_waits == set()
+    finally:
+        worker.store.close()
+
+
 def test_heartbeat_is_answered_on_the_same_connection_and_not_stored(p: Pipeline) -> None:
     board = Device(p.text_port)
     try:

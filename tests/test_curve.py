@@ -189,10 +189,14 @@ def client() -> None:
         if (sent or {}).get("code") != "unknown_device" or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    device.settimeout(10)
+    device.settimeout(20)
     buffer = b""
-    while b"\n" not in buffer:
-        buffer += device.recv(4096)
+    try:
+        while b"\n" not in buffer:
+            buffer += device.recv(4096)
+    except TimeoutError:
+        raise SystemExit(f"command c1 not delivered in 20 s: send said {sent}; now "
+                         f"{ask(args['command'], {'op': 'commands', 'device': 'remote-1'})}") from None
     out["delivered"] = orjson.loads(buffer.split(b"\n", 1)[0])
     # The listed key is a client's: the workers' own sockets (here the edge's inject socket) refuse it.
     # It stays connected (ZeroMQ keeps retrying the handshake) until the refusal has been counted.

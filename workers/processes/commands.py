@@ -94,6 +94,7 @@ class Commands:
         self.open: dict[str, Command] = {c.id: c for c in self.store.open_commands()}
         self.pending: dict[int, Pending] = {}
         self.held_replies: list[tuple[float, Route, Downlink]] = []   # transport not connected yet: retried
+        self.transport_waits: set[str] = set()  # queued commands whose transport was away: tried at each tick
         self.waiters: list[Waiter] = []
         self.binary_listeners = {lst.name for lst in cfg.listeners if lst.framing == "binary"}
         self._ref = 0
@@ -278,6 +279,9 @@ class Commands:
         cmd.inflight = self.send_downlink(route, cmd.device, cmd.payload, cmd.id)
         if not cmd.inflight:
             cmd.error = f"the {self.transport(route).decode()} worker is not running"
+            self.transport_waits.add(cmd.id)    # tried again when it is, not at the device's next frame
+        else:
+            self.transport_waits.discard(cmd.id)
         return bool(cmd.inflight)
 
     def delivered(self, ref: int, error: str | None) -> None:
@@ -403,6 +407,14 @@ class Commands:
                     self.held_replies.append((deadline, route, line))
                 else:
                     self.counters.add("replies_not_delivered")
+        waiting = sorted((self.open[i] for i in self.transport_waits if i in self.open), key=lambda c: c.created_ms)
+        self.transport_waits = {c.id for c in waiting if c.state == QUEUED and not c.inflight}
+        for cmd in waiting:                 # in order; one still away puts itself back and ends the round
+            if cmd.id in self.transport_waits:
+                self.transport_waits.discard(cmd.id)
+                self.try_deliver(cmd)
+                if cmd.id in self.transport_waits:
+                    break
         for ref, pending in list(self.pending.items()):
             if now >= pending.deadline:
                 self.delivered(ref, "the transport did not answer")
