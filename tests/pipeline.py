@@ -166,11 +166,20 @@ class Pipeline:
         wait_for(self._port_open, message="edge listener")
         # A parser's readings reach the query worker over PUB/SUB, which drops what is sent before the
         # connection is up: a parser is ready once its stats got through.
-        wait_for(lambda: self._parsers_running() <= set(self.query({"op": "status"}, timeout=0.5).get("workers", {})),
-                 message="parsers reporting to the query worker")
+        # Likewise the sinks: one that comes up seconds after the edge (a busy machine) gets the first
+        # batches only when the edge sends them again, which a test counting deliveries does not expect.
+        wait_for(lambda: self._reporting_workers() <= set(self.query({"op": "status"}, timeout=0.5).get("workers", {})),
+                 message="parsers and sinks reporting to the query worker")
 
-    def _parsers_running(self) -> set[str]:
-        return {name for name, proc in self.procs.items() if name.startswith("parser:") and proc.poll() is None}
+    def _reporting_workers(self) -> set[str]:
+        """The names under which the running parsers and sinks report (``parser:1``, ``sink:sqlite``)."""
+        names = set()
+        for name, proc in self.procs.items():
+            if proc.poll() is None and name.startswith("parser:"):
+                names.add(name)
+            elif proc.poll() is None and name.startswith("sink-"):
+                names.add("sink:" + name.split(":")[0].removeprefix("sink-"))
+        return names
 
     def _port_open(self) -> bool:
         # both listeners: the edge opens them one after the other, and a test may use either at once

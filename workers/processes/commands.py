@@ -407,7 +407,8 @@ class Commands:
                     self.held_replies.append((deadline, route, line))
                 else:
                     self.counters.add("replies_not_delivered")
-        waiting = sorted((self.open[i] for i in self.transport_waits if i in self.open), key=lambda c: c.created_ms)
+        waiting = sorted((c for c in self.open.values() if c.id in self.transport_waits), key=lambda c: c.created_ms) \
+            if self.transport_waits else []     # (sorted is stable: those of one ms keep the order they came in)
         self.transport_waits = {c.id for c in waiting if c.state == QUEUED and not c.inflight}
         for cmd in waiting:                 # in order; one still away puts itself back and ends the round
             if cmd.id in self.transport_waits:
