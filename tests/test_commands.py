@@ -192,24 +192,28 @@ def test_command_protocol_answers_bad_requests() -> None:
             worker.store.close()
 
 
-def test_a_reply_waits_for_a_transport_that_is_still_connecting(tmp_path) -> None:
-    import zmq
+class Router:
+    """The commands worker's downlink ROUTER: EHOSTUNREACH until the edge's DEALER has connected."""
 
+    def __init__(self) -> None:
+        self.connected = False
+        self.sent: list[list[bytes]] = []
+
+    def send_multipart(self, parts: list, flags: int = 0) -> None:
+        import zmq
+
+        if not self.connected:
+            raise zmq.ZMQError(zmq.EHOSTUNREACH)
+        self.sent.append(parts)
+
+
+def test_a_reply_waits_for_a_transport_that_is_still_connecting(tmp_path) -> None:
     from workers.processes.commands import REPLY_HOLD_S, Commands
     from workers.core.config import from_dict
     from workers.core.envelope import Downlink
 
-    class Downlink_:                    # the ROUTER: EHOSTUNREACH until the edge's DEALER has connected
-        connected = False
-        sent: list = []
-
-        def send_multipart(self, parts: list, flags: int = 0) -> None:
-            if not self.connected:
-                raise zmq.ZMQError(zmq.EHOSTUNREACH)
-            self.sent.append(parts)
-
     worker = Commands(from_dict({"data_dir": str(tmp_path)}))
-    worker.downlink = socket_ = Downlink_()  # type: ignore[assignment]
+    worker.downlink = socket_ = Router()  # type: ignore[assignment]
     try:
         worker.on_seen([], [], [Downlink("door-7", "text", 3, "10.0.0.7:5000", b'{"cmd":"heartD"}')])
         assert socket_.sent == [] and len(worker.held_replies) == 1
@@ -227,20 +231,9 @@ def test_a_reply_waits_for_a_transport_that_is_still_connecting(tmp_path) -> Non
 
 def test_a_command_queued_while_its_transport_was_away_goes_once_it_connects(tmp_path) -> None:
     """Not at the device's next frame, which for an hourly board is an hour away."""
-    import zmq
-
     from workers.core.config import from_dict
     from workers.core.envelope import Seen
     from workers.processes.commands import QUEUED, Commands
-
-    class Router:                       # EHOSTUNREACH until the edge's DEALER has connected
-        connected = False
-        sent: list = []
-
-        def send_multipart(self, parts: list, flags: int = 0) -> None:
-            if not self.connected:
-                raise zmq.ZMQError(zmq.EHOSTUNREACH)
-            self.sent.append(parts)
 
     worker = Commands(from_dict({"data_dir": str(tmp_path)}))
     worker.downlink = router = Router()  # type: ignore[assignment]
