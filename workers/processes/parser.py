@@ -95,8 +95,8 @@ class Parser:
         self._last_logged: dict[str, float] = {}
         self.last: dict[str, tuple[int, envelope.Conn]] = {}    # of the batch being decoded: device ->
                                                                 # its newest frame's (arrival, conn)
-        # device -> (conn_id, listener, peer, arrival ns) of the presence this parser last passed on
-        self.presence_told: dict[str, tuple[int, str, str, int]] = {}
+        # device -> (the connection, its arrival ns) of the presence this parser last passed on
+        self.presence_told: dict[str, tuple[envelope.Conn, int]] = {}
         refresh = min(PRESENCE_REFRESH_S, cfg.presence.offline_after_s / 10)
         self.presence_refresh_ns = int(refresh * 1e9)
         self.presence_refresh_of = {device: int(min(PRESENCE_REFRESH_S, extra.offline_after_s / 10) * 1e9)
@@ -172,10 +172,9 @@ class Parser:
         news: list[Seen] = []
         for device, (ts, conn) in last.items():
             known = told.get(device)
-            if known is not None and known[0] == conn.conn_id and known[1] == conn.listener \
-                    and known[2] == conn.peer and ts - known[3] < refresh_of.get(device, default):
+            if known is not None and known[0] == conn and ts - known[1] < refresh_of.get(device, default):
                 continue                      # (an older frame, from a batch sent again, is no news either)
-            told[device] = (conn.conn_id, conn.listener, conn.peer, ts)
+            told[device] = (conn, ts)
             news.append(Seen(device, ts, conn.listener, conn.conn_id, conn.peer))
         return news
 
