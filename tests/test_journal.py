@@ -390,3 +390,16 @@ def test_batch_delays_are_checked_at_start(tmp_path: Path) -> None:
     for bad in ({"ack_max_delay_ms": -1}, {"batch_max_delay_ms": 5000}, {"batch_max_delay_ms": "20"}):
         with pytest.raises(config_mod.ConfigError, match=f"edge.{next(iter(bad))}"):
             config_mod.from_dict({"data_dir": str(tmp_path), "edge": bad})
+
+
+def test_a_journaled_batch_is_sent_with_the_header_frames_message_would_give() -> None:
+    conns = [envelope.Conn(7, "text", "10.0.0.7:5000"),
+             envelope.Conn(8, "text", "10.0.0.8:5000", "gw-1", ("room-*",))]
+    body = envelope.pack_frames([(b'{"x":1}', 11, 0), (b'{"x":2}', 12, 1)])
+    record = envelope.journal_record(conns, body)
+    for targets in (None, ["sqlite"]):
+        ours = envelope.frames_message_of_record(42, record, targets)
+        theirs = envelope.frames_message(42, conns, body, targets)
+        assert ours[0] == theirs[0] and ours[2] == theirs[2]
+        assert envelope.parse_frames_header(ours[1]) == envelope.parse_frames_header(theirs[1])
+        assert envelope.parse_frames_header(ours[1]) == (42, targets, conns)

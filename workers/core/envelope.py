@@ -171,6 +171,15 @@ def journal_record(conns: Sequence[Conn], body: bytes) -> bytes:
     return struct.pack("<I", len(table)) + table + body
 
 
+def frames_message_of_record(seq: int, record: bytes, targets: Sequence[str] | None = None) -> list[bytes]:
+    """``frames_message`` for a batch as ``journal_record`` wrote it, without unpacking and packing its
+    connection table again (the edge sends every batch it journals)."""
+    (n,) = struct.unpack_from("<I", record, 0)
+    header = b'{"seq":%d,"targets":%b,"conns":%b}' % (seq, orjson.dumps(list(targets) if targets is not None
+                                                                     else None), record[4:4 + n])
+    return [FRAMES, header, record[4 + n:]]
+
+
 def parse_journal_record(record: bytes) -> tuple[list[Conn], bytes]:
     (n,) = struct.unpack_from("<I", record, 0)
     conns = [_parse_conn(c) for c in orjson.loads(record[4:4 + n])]

@@ -346,8 +346,12 @@ class Edge:
             index = self._batch_conns[conn.conn.conn_id] = len(self._batch_conn_list)
             self._batch_conn_list.append(conn.conn)
         pending = self._pending
-        self._pending_bytes += sum(map(len, frames))
-        if frames:
+        if len(frames) == 1:              # a board's write: one line (the common case, made cheap)
+            frame = frames[0]
+            self._pending_bytes += len(frame)
+            pending.append((frame, self.arrivals.stamps(1).start, index))
+        elif frames:
+            self._pending_bytes += sum(map(len, frames))
             pending.extend(zip(frames, conn.next_stamps(len(frames)), repeat(index)))
         for reason, raw in rejects:
             pending.append(envelope.reject_frame(reason, raw, conn.next_ts(), index))
@@ -418,12 +422,12 @@ class Edge:
             self._flush_timer = None
         if not self._pending:
             return
-        conns, body = self._batch_conn_list, envelope.pack_frames(self._pending)
+        record = envelope.journal_record(self._batch_conn_list, envelope.pack_frames(self._pending))
         if self.publisher is not None:
-            self._publish(envelope.journal_record(conns, body))
+            self._publish(record)
             return
         try:
-            seq, location = self.journal.append(envelope.journal_record(conns, body))
+            seq, location = self.journal.append(record)
         except OSError as exc:
             # Nothing is acknowledged and nothing pushed; the frames stay pending and device reads stop
             # until a retry (every housekeeping tick) succeeds.
@@ -440,7 +444,7 @@ class Edge:
         self._answer_boards(self._binary_acks)    # journaled: now the boards may clear their buffers
         self._answer_injectors(seq)
         self.inflight[seq] = InFlight(location, set(self.sinks), time.monotonic())
-        self.outq.put_nowait((seq, envelope.frames_message(seq, conns, body)))
+        self.outq.put_nowait((seq, envelope.frames_message_of_record(seq, record)))
         self.counters.add("batches")
         self._pending, self._batch_conns, self._batch_conn_list, self._binary_acks = [], {}, [], []
         self._pending_bytes = 0
