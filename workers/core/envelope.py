@@ -14,8 +14,9 @@ inject     MQTT DEALER, replay REQ     ``b"inject"``, header JSON ``{"conns": [.
 injected   edge ROUTER -> the same     ``b"injected"``, JSON ``{"ref": 5, "seq": 812}`` once the frames
                                        are in the journal (``{"ref": 5, "error": "..."}`` if refused)
 readings   parser PUSH -> sink PULL    ``b"readings"``, header JSON ``{"seqs": [17, 18], "seen": [...]}``,
-           parser PUB -> query SUB     JSON body ``[[readings...], [events...]]``; ``seen`` lists each
-                                       device's newest frame of the batch (presence), see ``Seen``
+           parser PUB -> query SUB     JSON body ``[[readings...], [events...]]``; ``seen`` lists the
+                                       devices' newest frames of the batch that are news (presence:
+                                       a device new, moved, or not told of for 10 s), see ``Seen``
 ack        sink PUSH -> edge PULL      ``b"ack"``, sink name, JSON ``[17, 18]``: these batches are durable
                                        in that sink (written, or spooled to its disk)
 seen       parser PUSH -> commands     ``b"seen"``, JSON ``{"seen": [Seen...], "acks": [[device, id, ok,
