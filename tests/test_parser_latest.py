@@ -65,3 +65,21 @@ def test_presence_is_passed_on_when_new_moved_or_due_not_per_reading(tmp_path) -
     assert len(parser.presence_news({"napper": (10 * s, first)})) == 1
     assert parser.presence_news({"napper": (10 * s + s // 20, first)}) == []
     assert len(parser.presence_news({"napper": (10 * s + s // 5, first)})) == 1
+
+
+def test_latest_values_are_the_same_whichever_order_and_path_readings_take() -> None:
+    import random
+
+    rng = random.Random(14)
+    for _ in range(200):
+        rows = [[rng.choice("ab"), rng.randint(-3, 6), {f: rng.random() for f in rng.sample("xyz", rng.randint(1, 3))},
+                 {}] for _ in range(rng.randint(1, 12))]
+        one_by_one = LatestValues()
+        for device, ts, fields, _ in rows:
+            for field, value in fields.items():
+                one_by_one.update(device, field, value, ts)
+        batched = LatestValues()
+        cut = rng.randint(0, len(rows))
+        batched.apply_readings(rows[:cut])
+        batched.apply_readings(rows[cut:])
+        assert (batched.devices, batched.last_seen) == (one_by_one.devices, one_by_one.last_seen)

@@ -96,6 +96,16 @@ class LatestValues:
             known = devices.get(device)
             if known is None:
                 known = devices[device] = {}
+            newest = last_seen.get(device, 0)
+            if ts >= newest:      # the device's newest reading (a fleet's every one): each of its fields wins
+                for field, value in fields.items():
+                    if type(value) not in FIELD_TYPES:
+                        bad += 1
+                        continue
+                    known[field] = (value, ts)
+                if ts > newest:
+                    last_seen[device] = ts
+                continue
             for field, value in fields.items():
                 if type(value) not in FIELD_TYPES:
                     bad += 1
@@ -103,8 +113,6 @@ class LatestValues:
                 seen = known.get(field)
                 if seen is None or ts >= seen[1]:
                     known[field] = (value, ts)
-            if ts > last_seen.get(device, 0):
-                last_seen[device] = ts
         return bad
 
 
