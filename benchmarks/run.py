@@ -1222,6 +1222,8 @@ class Bench:
         self.results["machine"] = machine()
         self.results["load_before"] = os.getloadavg()
         self.results["mode"] = "quick" if self.args.quick else "full"
+        self.results["settings"] = {f"{section}.{key}": value for section, values in CONFIG_OVERRIDES.items()
+                                    for key, value in values.items()}
         self.results["workload"] = asdict(load)
         started = time.monotonic()
         if self.wants("simulator"):
