@@ -68,6 +68,9 @@ def render(results: dict[str, Any]) -> str:
     out.append(f"Mode **{results.get('mode')}**, {results.get('seconds', 0):.0f} s in all; load average "
                f"{results.get('load_before', [0])[0]:.2f} before, {results.get('load_after', [0])[0]:.2f} after "
                f"(others' work on the same cores makes figures noisy).")
+    if results.get("settings"):
+        out.append("Configuration changed from the shipped one for this run (`--set`): "
+                   + ", ".join(f"`{k} = {v}`" for k, v in sorted(results["settings"].items())) + ".")
     out.append("")
     out.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB, {m.get('os')}, "
                f"kernel {m.get('kernel')}. Python {m.get('python')}, pyzmq {m.get('pyzmq')}, orjson "

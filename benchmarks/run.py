@@ -54,6 +54,7 @@ BENCH = REPO / "benchmarks"
 RESULTS = BENCH / "results"                    # the published full run (BENCHMARKS.md)
 PARTIAL = REPO / ".cache" / "bench"            # quick and partial runs
 DEFAULT_DEVICES = "100,1000"
+CONFIG_OVERRIDES: dict[str, dict[str, str]] = {}   # --set: sections and values added to sensorpipe.toml
 NODERED_DIR = REPO / ".cache" / "nodered"
 NODERED_RED = NODERED_DIR / "node_modules" / "node-red" / "red.js"
 POLL_S = 0.05                      # how often the store is counted while a workload runs
@@ -371,7 +372,8 @@ endpoint = "tcp://127.0.0.1:{p['mongo']}"
 
 [sinks.webhook]
 endpoint = "tcp://127.0.0.1:{p['webhook']}"
-""")
+""" + "".join(f"\n[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+              for section, values in sorted(CONFIG_OVERRIDES.items())))
         self.store: VictoriaStore | SqliteStore
         if "influx" in sinks:
             assert vm is not None
@@ -1220,6 +1222,8 @@ class Bench:
         self.results["machine"] = machine()
         self.results["load_before"] = os.getloadavg()
         self.results["mode"] = "quick" if self.args.quick else "full"
+        self.results["settings"] = {f"{section}.{key}": value for section, values in CONFIG_OVERRIDES.items()
+                                    for key, value in values.items()}
         self.results["workload"] = asdict(load)
         started = time.monotonic()
         if self.wants("simulator"):
@@ -1416,9 +1420,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=f"where to write last-run.md and last-run.json (default: {RESULTS} for a "
                                       f"full run, {PARTIAL} for --quick, --only, --devices or --readings)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a value of the sensorpipe configuration the runs use, in TOML (a section the bench "
+                             "does not write already: edge, presence, limits...), e.g. --set edge.batch_max_delay_ms=20")
     parser.add_argument("--profile", metavar="DIR", help="py-spy every Python process of the systems under test "
                                                         "(collapsed stacks in DIR; see benchmarks/profile_top.py)")
     args = parser.parse_args(argv)
+    for setting in args.set:
+        name, _, value = setting.partition("=")
+        section, _, key = name.partition(".")
+        if not (section and key and value):
+            parser.error(f"--set {setting!r}: expected SECTION.KEY=VALUE")
+        CONFIG_OVERRIDES.setdefault(section, {})[key] = value
     bench = Bench(args)
     log(f"work directory {bench.work}; load average {os.getloadavg()[0]:.2f}")
     try:

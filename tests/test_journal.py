@@ -352,3 +352,54 @@ def test_a_journal_write_failure_acknowledges_nothing_and_pauses(tmp_path: Path,
     monkeypatch.undo()
     edge.flush()                                              # what housekeeping does every tick
     assert not edge.journal_failing and not edge._pending and edge.outq.qsize() == 1
+
+
+def test_text_lines_wait_for_a_batch_longer_than_frames_someone_waits_on(tmp_path: Path) -> None:
+    """batch_max_delay_ms for text lines; ack_max_delay_ms once a binary board waits for its A (or an
+    injector for its answer), counted from the batch's first frame; a full batch goes at once."""
+    import asyncio
+
+    edge = make_edge(tmp_path)
+    edge.cfg = config_mod.from_dict({"data_dir": str(tmp_path), "edge": {"batch_max_delay_ms": 40,
+                                                                         "ack_max_delay_ms": 5,
+                                                                         "batch_max_frames": 3}})
+
+    async def deadlines() -> list[float]:
+        loop = asyncio.get_running_loop()
+        edge._pending = [(b'{"x":1}', 1, 0)]
+        edge._schedule()
+        started = edge._batch_started
+        text_due = edge._flush_timer.when() - started
+        edge._pending.append((b"packet", 2, 0))
+        edge._schedule(urgent=True)
+        urgent_due = edge._flush_timer.when() - started
+        edge._schedule()                          # more text: still the earlier deadline
+        still_due = edge._flush_timer.when() - started
+        assert loop.time() >= started
+        edge._pending.append((b'{"x":3}', 3, 0))
+        edge._batch_conn_list = [envelope.Conn(1, "text", "127.0.0.1:5000")]
+        edge._schedule()                          # full: flushed now
+        return [text_due, urgent_due, still_due, edge._flush_timer is None, len(edge._pending)]
+
+    text_due, urgent_due, still_due, no_timer, pending = asyncio.run(deadlines())
+    assert abs(text_due - 0.040) < 1e-9 and abs(urgent_due - 0.005) < 1e-9 and still_due == urgent_due
+    assert no_timer and pending == 0 and edge.outq.qsize() == 1
+
+
+def test_batch_delays_are_checked_at_start(tmp_path: Path) -> None:
+    for bad in ({"ack_max_delay_ms": -1}, {"batch_max_delay_ms": 5000}, {"batch_max_delay_ms": "20"}):
+        with pytest.raises(config_mod.ConfigError, match=f"edge.{next(iter(bad))}"):
+            config_mod.from_dict({"data_dir": str(tmp_path), "edge": bad})
+
+
+def test_a_journaled_batch_is_sent_with_the_header_frames_message_would_give() -> None:
+    conns = [envelope.Conn(7, "text", "10.0.0.7:5000"),
+             envelope.Conn(8, "text", "10.0.0.8:5000", "gw-1", ("room-*",))]
+    body = envelope.pack_frames([(b'{"x":1}', 11, 0), (b'{"x":2}', 12, 1)])
+    record = envelope.journal_record(conns, body)
+    for targets in (None, ["sqlite"]):
+        ours = envelope.frames_message_of_record(42, record, targets)
+        theirs = envelope.frames_message(42, conns, body, targets)
+        assert ours[0] == theirs[0] and ours[2] == theirs[2]
+        assert envelope.parse_frames_header(ours[1]) == envelope.parse_frames_header(theirs[1])
+        assert envelope.parse_frames_header(ours[1]) == (42, targets, conns)

@@ -36,3 +36,50 @@ def test_of_equal_timestamps_the_later_wins_as_in_the_query_worker() -> None:
     kept = newest_per_field(readings)
     assert kept == [readings[1]]
     assert _latest(kept) == _latest(readings)
+
+
+def _parser(tmp_path):
+    from workers.core.config import from_dict
+    from workers.processes.parser import Parser
+
+    cfg = from_dict({"data_dir": str(tmp_path), "sinks": {"sqlite": {"enabled": True}},
+                     "listeners": [{"name": "text", "bind": "127.0.0.1:7000"}],
+                     "devices": {"napper": {"offline_after_s": 1}}})
+    return Parser(cfg)
+
+
+def test_presence_is_passed_on_when_new_moved_or_due_not_per_reading(tmp_path) -> None:
+    from workers.core.envelope import Conn
+
+    parser = _parser(tmp_path)
+    first, second = Conn(1, "text", "10.0.0.7:5000"), Conn(2, "text", "10.0.0.7:5001")
+    s = 1_000_000_000
+    assert [e.device for e in parser.presence_news({"a": (10 * s, first), "b": (10 * s, first)})] == ["a", "b"]
+    assert parser.presence_news({"a": (11 * s, first)}) == []                  # the same way, 1 s later
+    moved = parser.presence_news({"a": (12 * s, second), "b": (12 * s, first)})
+    assert [(e.device, e.conn_id, e.ts) for e in moved] == [("a", 2, 12 * s)]   # another connection: at once
+    assert parser.presence_news({"b": (19 * s, first)}) == []
+    assert [e.ts for e in parser.presence_news({"b": (20 * s, first)})] == [20 * s]   # 10 s on: told again
+    assert parser.presence_news({"b": (15 * s, first)}) == []                 # an older frame sent again
+    # a tenth of a device's own offline_after_s when that is shorter: 1 s -> 100 ms
+    assert len(parser.presence_news({"napper": (10 * s, first)})) == 1
+    assert parser.presence_news({"napper": (10 * s + s // 20, first)}) == []
+    assert len(parser.presence_news({"napper": (10 * s + s // 5, first)})) == 1
+
+
+def test_latest_values_are_the_same_whichever_order_and_path_readings_take() -> None:
+    import random
+
+    rng = random.Random(14)
+    for _ in range(200):
+        rows = [[rng.choice("ab"), rng.randint(-3, 6), {f: rng.random() for f in rng.sample("xyz", rng.randint(1, 3))},
+                 {}] for _ in range(rng.randint(1, 12))]
+        one_by_one = LatestValues()
+        for device, ts, fields, _ in rows:
+            for field, value in fields.items():
+                one_by_one.update(device, field, value, ts)
+        batched = LatestValues()
+        cut = rng.randint(0, len(rows))
+        batched.apply_readings(rows[:cut])
+        batched.apply_readings(rows[cut:])
+        assert (batched.devices, batched.last_seen) == (one_by_one.devices, one_by_one.last_seen)

@@ -48,6 +48,7 @@ DEFAULT_ROLLUP_CORRECT_FOR_S = 6 * 3600.0
 ROLLUP = "rollup"                             # the rollup worker's name in acks, like a sink's name
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DEFAULT_COMMAND_ENDPOINT = "tcp://127.0.0.1:5561"
+DEFAULT_BATCH_MAX_DELAY_MS = 20.0               # BENCHMARKS.md, "Steady fleet": what it costs and saves
 DEFAULT_OFFLINE_AFTER_S = 900.0                  # silent this long: offline (a battery board wakes every 600 s)
 DEFAULT_MQTT_MAX_FRAME_BYTES = 1024 * 1024
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
@@ -122,7 +123,9 @@ class Curve:
 @dataclass(frozen=True)
 class Edge:
     batch_max_frames: int = 2000
-    batch_max_delay_ms: float = 5.0
+    batch_max_delay_ms: float = DEFAULT_BATCH_MAX_DELAY_MS     # text frames wait at most this for a batch
+    ack_max_delay_ms: float = 5.0                 # a batch holding frames someone waits on (a binary
+                                                  # board's A, an injector's answer) waits at most this
     journal_segment_bytes: int = 16 * 1024 * 1024
     journal_max_bytes: int = 1024 * 1024 * 1024   # at the bound the edge stops reading devices
     fsync: Literal["batch", "interval", "never"] = "interval"
@@ -443,6 +446,10 @@ def _check(cfg: Config) -> None:
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{key}.{name}: no such file {path!r} (sensorpipe certs init makes them)")
     check_layouts(cfg.binary)
+    for name in ("batch_max_delay_ms", "ack_max_delay_ms"):
+        value = getattr(cfg.edge, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1000:
+            raise ConfigError(f"edge.{name}: expected milliseconds from 0 to 1000, got {value!r}")
     if cfg.edge.fsync not in ("batch", "interval", "never"):
         raise ConfigError(f"edge.fsync: expected batch|interval|never, got {cfg.edge.fsync!r}")
     for name, sink in cfg.sinks.enabled().items():

@@ -14,8 +14,9 @@ inject     MQTT DEALER, replay REQ     ``b"inject"``, header JSON ``{"conns": [.
 injected   edge ROUTER -> the same     ``b"injected"``, JSON ``{"ref": 5, "seq": 812}`` once the frames
                                        are in the journal (``{"ref": 5, "error": "..."}`` if refused)
 readings   parser PUSH -> sink PULL    ``b"readings"``, header JSON ``{"seqs": [17, 18], "seen": [...]}``,
-           parser PUB -> query SUB     JSON body ``[[readings...], [events...]]``; ``seen`` lists each
-                                       device's newest frame of the batch (presence), see ``Seen``
+           parser PUB -> query SUB     JSON body ``[[readings...], [events...]]``; ``seen`` lists the
+                                       devices' newest frames of the batch that are news (presence:
+                                       a device new, moved, or not told of for 10 s), see ``Seen``
 ack        sink PUSH -> edge PULL      ``b"ack"``, sink name, JSON ``[17, 18]``: these batches are durable
                                        in that sink (written, or spooled to its disk)
 seen       parser PUSH -> commands     ``b"seen"``, JSON ``{"seen": [Seen...], "acks": [[device, id, ok,
@@ -169,6 +170,15 @@ def journal_record(conns: Sequence[Conn], body: bytes) -> bytes:
     """What the edge journals for one batch: the connection table and the packed frames."""
     table = orjson.dumps(_pack_conns(conns))
     return struct.pack("<I", len(table)) + table + body
+
+
+def frames_message_of_record(seq: int, record: bytes, targets: Sequence[str] | None = None) -> list[bytes]:
+    """``frames_message`` for a batch as ``journal_record`` wrote it, without unpacking and packing its
+    connection table again (the edge sends every batch it journals)."""
+    (n,) = struct.unpack_from("<I", record, 0)
+    header = b'{"seq":%d,"targets":%b,"conns":%b}' % (seq, orjson.dumps(list(targets) if targets is not None
+                                                                     else None), record[4:4 + n])
+    return [FRAMES, header, record[4 + n:]]
 
 
 def parse_journal_record(record: bytes) -> tuple[list[Conn], bytes]:

@@ -29,6 +29,7 @@ class BatchTries:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._dir = str(directory)
         self._sweep_at = 0.0
 
     @classmethod
@@ -41,19 +42,29 @@ class BatchTries:
     def count(self, key: int | str) -> int:
         """Tries noted for ``key`` and not finished."""
         try:
-            return int(self._path(key).read_text() or 0)
+            fd = os.open(os.path.join(self._dir, str(key)), os.O_RDONLY)
+        except OSError:
+            return 0
+        try:
+            return int(os.read(fd, 32) or 0)
         except (OSError, ValueError):
             return 0
+        finally:
+            os.close(fd)
 
     def begin(self, keys: Iterable[int | str]) -> int:
         """Note one more try of the batch made of ``keys``; returns the most tries any of them has had,
         this one included."""
         most = 0
-        for key in keys:
+        for key in keys:       # os calls, not pathlib: every batch of every worker passes here
             tries = self.count(key) + 1
-            path = self._path(key)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(str(tries))
+            path = os.path.join(self._dir, str(key))
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, str(tries).encode())
+            finally:
+                os.close(fd)
             os.replace(tmp, path)           # a kill mid-write leaves the old count, never a torn one
             most = max(most, tries)
         now = time.monotonic()
@@ -65,7 +76,7 @@ class BatchTries:
     def done(self, keys: Iterable[int | str]) -> None:
         for key in keys:
             try:
-                self._path(key).unlink()
+                os.unlink(os.path.join(self._dir, str(key)))
             except FileNotFoundError:
                 pass
 

@@ -227,6 +227,8 @@ class Edge:
         self._batch_conn_list: list[Conn] = []
         self._binary_acks: list[DeviceConnection] = []
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_urgent = False              # the timer is due at ack_max_delay_ms
+        self._batch_started = 0.0               # loop time of the pending batch's first frame
         self.servers: list[asyncio.AbstractServer] = []
         self.link: StreamLink | None = None       # [journal] backend = "jetstream": the cluster
         self.publisher: BatchPublisher | None = None
@@ -344,8 +346,12 @@ class Edge:
             index = self._batch_conns[conn.conn.conn_id] = len(self._batch_conn_list)
             self._batch_conn_list.append(conn.conn)
         pending = self._pending
-        self._pending_bytes += sum(map(len, frames))
-        if frames:
+        if len(frames) == 1:              # a board's write: one line (the common case, made cheap)
+            frame = frames[0]
+            self._pending_bytes += len(frame)
+            pending.append((frame, self.arrivals.stamps(1).start, index))
+        elif frames:
+            self._pending_bytes += sum(map(len, frames))
             pending.extend(zip(frames, conn.next_stamps(len(frames)), repeat(index)))
         for reason, raw in rejects:
             pending.append(envelope.reject_frame(reason, raw, conn.next_ts(), index))
@@ -357,7 +363,7 @@ class Edge:
         if conn.binary and frames:
             self._binary_acks.extend([conn] * len(frames))
             conn.acks_owed += len(frames)
-        self._schedule()
+        self._schedule(urgent=conn.binary and bool(frames))
 
     def inject(self, conns: list[Conn], body: bytes, route: list[bytes] | None = None, ref: int = 0) -> None:
         """Frames from another worker (replay, MQTT): journaled and pushed like device frames. The
@@ -381,14 +387,34 @@ class Edge:
             self._inject_replies.append((route, ref))
         if not self._pending:                     # an empty inject: nothing to journal, answer now
             self._answer_injectors(0)
-        self._schedule()
+        self._schedule(urgent=route is not None)
 
-    def _schedule(self) -> None:
-        if len(self._pending) >= self.cfg.edge.batch_max_frames or self._pending_bytes >= BATCH_MAX_BYTES:
+    def _schedule(self, urgent: bool = False) -> None:
+        """Flush when the batch is full, else at most ``batch_max_delay_ms`` after its first frame, or
+        ``ack_max_delay_ms`` once it holds frames someone waits on (``urgent``: a binary board's A, an
+        injector's answer). Text lines wait longer: a fleet of boards sending now and then gives
+        fewer, larger batches, and every hop's cost per message is paid less often."""
+        edge = self.cfg.edge
+        if len(self._pending) >= edge.batch_max_frames or self._pending_bytes >= BATCH_MAX_BYTES:
             self.flush()
-        elif self._flush_timer is None and self._pending:
-            loop = asyncio.get_running_loop()
-            self._flush_timer = loop.call_later(self.cfg.edge.batch_max_delay_ms / 1000, self.flush)
+            return
+        if not self._pending:
+            return
+        timer = self._flush_timer
+        if timer is not None and (not urgent or self._flush_urgent):
+            return
+        loop = asyncio.get_running_loop()
+        if timer is None:
+            self._batch_started = loop.time()
+        delay = min(edge.ack_max_delay_ms, edge.batch_max_delay_ms) if urgent else edge.batch_max_delay_ms
+        due = self._batch_started + delay / 1000
+        if timer is not None:
+            if due >= timer.when():
+                self._flush_urgent = True
+                return
+            timer.cancel()
+        self._flush_timer = loop.call_at(due, self.flush)
+        self._flush_urgent = urgent
 
     def flush(self) -> None:
         if self._flush_timer is not None:
@@ -396,12 +422,12 @@ class Edge:
             self._flush_timer = None
         if not self._pending:
             return
-        conns, body = self._batch_conn_list, envelope.pack_frames(self._pending)
+        record = envelope.journal_record(self._batch_conn_list, envelope.pack_frames(self._pending))
         if self.publisher is not None:
-            self._publish(envelope.journal_record(conns, body))
+            self._publish(record)
             return
         try:
-            seq, location = self.journal.append(envelope.journal_record(conns, body))
+            seq, location = self.journal.append(record)
         except OSError as exc:
             # Nothing is acknowledged and nothing pushed; the frames stay pending and device reads stop
             # until a retry (every housekeeping tick) succeeds.
@@ -418,7 +444,7 @@ class Edge:
         self._answer_boards(self._binary_acks)    # journaled: now the boards may clear their buffers
         self._answer_injectors(seq)
         self.inflight[seq] = InFlight(location, set(self.sinks), time.monotonic())
-        self.outq.put_nowait((seq, envelope.frames_message(seq, conns, body)))
+        self.outq.put_nowait((seq, envelope.frames_message_of_record(seq, record)))
         self.counters.add("batches")
         self._pending, self._batch_conns, self._batch_conn_list, self._binary_acks = [], {}, [], []
         self._pending_bytes = 0

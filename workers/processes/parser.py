@@ -45,6 +45,8 @@ SINK_HWM = 200            # readings messages queued per sink before the parser 
 LOG_EVERY_S = 10.0        # bad input from one peer is logged at most this often, and always counted
 SEEN_HWM = 1000           # seen messages queued for the commands worker before they are skipped
 REPLY_MAX_AGE_S = 30.0    # a heartbeat older than this (replayed from the journal) is not answered
+PRESENCE_REFRESH_S = 10.0  # a device seen again the same way is told on at most this often (or a tenth
+                           # of its offline_after_s): a fleet's presence costs per device, not per reading
 ACK_KIND = "cmd_ack"
 
 
@@ -91,7 +93,14 @@ class Parser:
         self.known = KnownDevices(Path(cfg.data_dir) / "knowndevices.db", cfg.limits.max_devices)
         self.tries = BatchTries.for_role(cfg.data_dir, "parser")
         self._last_logged: dict[str, float] = {}
-        self.seen: dict[str, Seen] = {}           # of the batch being decoded: device -> newest frame
+        self.last: dict[str, tuple[int, envelope.Conn]] = {}    # of the batch being decoded: device ->
+                                                                # its newest frame's (arrival, conn)
+        # device -> (the connection, its arrival ns) of the presence this parser last passed on
+        self.presence_told: dict[str, tuple[envelope.Conn, int]] = {}
+        refresh = min(PRESENCE_REFRESH_S, cfg.presence.offline_after_s / 10)
+        self.presence_refresh_ns = int(refresh * 1e9)
+        self.presence_refresh_of = {device: int(min(PRESENCE_REFRESH_S, extra.offline_after_s / 10) * 1e9)
+                                    for device, extra in cfg.devices.items() if extra.offline_after_s is not None}
         self.acks: list[Ack] = []
         self.replies: list[Downlink] = []
 
@@ -148,8 +157,26 @@ class Parser:
             if reason is not None:
                 dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
                                        reason, frame.payload))
-        self.seen = {d: Seen(d, ts, c.listener, c.conn_id, c.peer) for d, (ts, c) in last.items()}
+        self.last = last
         return readings, events, dead
+
+    def presence_news(self, last: dict[str, tuple[int, envelope.Conn]]) -> list[Seen]:
+        """Of a batch's newest frame per device, what the commands and query workers and the stores do
+        not know yet: a device new to this parser, one that came another way (another connection,
+        listener or topic: commands follow it at once), or one whose presence was last passed on more
+        than ``PRESENCE_REFRESH_S`` ago (a tenth of its ``offline_after_s`` when that is less). So
+        ``last_seen`` lags a device's newest frame by less than that, and a board sending every second
+        costs the presence chain one entry in ten instead of one per reading."""
+        told = self.presence_told
+        default, refresh_of = self.presence_refresh_ns, self.presence_refresh_of
+        news: list[Seen] = []
+        for device, (ts, conn) in last.items():
+            known = told.get(device)
+            if known is not None and known[0] == conn and ts - known[1] < refresh_of.get(device, default):
+                continue                      # (an older frame, from a batch sent again, is no news either)
+            told[device] = (conn, ts)
+            news.append(Seen(device, ts, conn.listener, conn.conn_id, conn.peer))
+        return news
 
     def _take(self, items: list[Reading | Event], frame: envelope.Frame, conn: envelope.Conn, check: bool,
               readings: list[Reading], events: list[Event], last: dict[str, tuple[int, envelope.Conn]]) -> str | None:
@@ -256,7 +283,7 @@ class Parser:
                notices: zmq.Socket | None = None) -> None:
         """One batch, under the poison-batch rule (``workers.core.tries``): a batch the parsers failed
         on ``[limits] batch_tries`` times (raised, or died) is set aside whole the next time."""
-        self.seen, self.acks, self.replies = {}, [], []
+        self.last, self.acks, self.replies = {}, [], []
         try:
             if len(message) != 3 or message[0] != envelope.FRAMES:
                 raise envelope.EnvelopeError(f"expected a frames message, got {message[:1]!r}")
@@ -305,19 +332,24 @@ class Parser:
             try:
                 body = envelope.readings_body(readings, events)
             except TypeError:         # some frame decoded to a value JSON cannot carry: find it, set it aside
-                self.seen, self.acks, self.replies = {}, [], []
+                self.last, self.acks, self.replies = {}, [], []
                 readings, events, dead = self.decode_batch(conns, raw, check=True)
                 body = envelope.readings_body(readings, events)
         except envelope.EnvelopeError as exc:
             self.counters.add("bad_messages")
             log.warning("ignoring a bad message: %s", exc)
             return
-        seen = list(self.seen.values())
+        if targets is None:
+            seen = self.presence_news(self.last)
+        else:                 # sent again to a sink that missed it: all of it, that sink was told nothing
+            seen = [Seen(d, ts, c.listener, c.conn_id, c.peer) for d, (ts, c) in self.last.items()]
         if notices is not None and targets is None and (seen or self.acks or self.replies):
             try:
                 notices.send_multipart(envelope.seen_message(seen, self.acks, self.replies), zmq.NOBLOCK)
             except zmq.Again:             # the commands worker is away: presence catches up, replies are moot
                 self.counters.add("seen_not_sent")
+                for entry in seen:        # told again with the device's next frame
+                    self.presence_told.pop(entry.device, None)
         if dead:
             self.set_aside(dead)
         self.counters.add("batches")

@@ -19,7 +19,8 @@ Requests (docs/query-protocol.md)::
     anything else                  -> {"ok":false,"code":"...","error":"..."} (codes: workers.core.errors)
 
 Timestamps in replies are Unix epoch milliseconds. ``last_seen`` is when the device's newest frame
-arrived (heartbeats included); ``online`` is whether that is within its ``offline_after_s``
+arrived (heartbeats included), to within ``parser.PRESENCE_REFRESH_S`` (a tenth of its offline_after_s
+when shorter); ``online`` is whether that is within its ``offline_after_s``
 (``[presence]``, or ``[devices.ID]``). ``history`` reads the SQLite store (read-only): the ``rollups``
 table, or ``readings`` when no window is given. On start the values are restored from the store
 (SQLite, or MongoDB when that sink is on), and restored once more ``resync_after_s`` later to cover
@@ -95,6 +96,16 @@ class LatestValues:
             known = devices.get(device)
             if known is None:
                 known = devices[device] = {}
+            newest = last_seen.get(device, 0)
+            if ts >= newest:      # the device's newest reading (a fleet's every one): each of its fields wins
+                for field, value in fields.items():
+                    if type(value) not in FIELD_TYPES:
+                        bad += 1
+                        continue
+                    known[field] = (value, ts)
+                if ts > newest:
+                    last_seen[device] = ts
+                continue
             for field, value in fields.items():
                 if type(value) not in FIELD_TYPES:
                     bad += 1
@@ -102,8 +113,6 @@ class LatestValues:
                 seen = known.get(field)
                 if seen is None or ts >= seen[1]:
                     known[field] = (value, ts)
-            if ts > last_seen.get(device, 0):
-                last_seen[device] = ts
         return bad
 
 
