@@ -185,6 +185,9 @@ def _merge(into_latest: dict[tuple[str, str], tuple[int, object]], into_seen: di
             into_seen[row[0]] = row
 
 
+_NEVER = ("", -2**63)
+
+
 def _unstorable(exc: Exception) -> str:
     return BEYOND_64_BITS if "64-bit" in str(exc) else f"sqlite: a value SQLite cannot store ({exc})"
 
@@ -283,7 +286,10 @@ class SqliteSink:
         assert self.db is not None
         rows = []
         rollups = []
+        # the batch's newest values that are newer than those waiting to be folded (an older one could
+        # never win), so that after the commit a dict update puts them with the others
         latest: dict[tuple[str, str], tuple[int, object]] = {}
+        unfolded = self.unfolded_latest
         marks = self.marks
         packed = self.packed
         plain: list = []              # readings that are not rollups, for the marks
@@ -317,14 +323,17 @@ class SqliteSink:
                 if type(value) is int and not INT_MIN <= value <= INT_MAX:
                     raise PermanentError(BEYOND_64_BITS)
                 key = (device, field)
-                seen = latest.get(key)
+                seen = latest.get(key) or unfolded.get(key)
                 if seen is None or ts >= seen[0]:
                     latest[key] = (ts, value)
         events = [(e.device, e.ts, e.kind, orjson.dumps(e.body).decode()) for e in batch.events]
-        devices = [(s.device, s.ts, s.listener, s.peer, self.offline_after_s(s.device)) for s in batch.seen]
+        devices: dict[str, tuple] = {}
+        if batch.seen:
+            _merge({}, devices, {}, [(s.device, s.ts, s.listener, s.peer, self.offline_after_s(s.device))
+                                     for s in batch.seen if s.ts >= self.unfolded_seen.get(s.device, _NEVER)[1]])
         try:      # the log a kill leaves behind; folded into latest_rows and device_rows every FOLD_EVERY_S
             log_row = (orjson.dumps([(d, f, ts, v) for (d, f), (ts, v) in latest.items()]).decode(),
-                       orjson.dumps(devices).decode())
+                       orjson.dumps(list(devices.values())).decode())
         except TypeError as exc:              # (the by-field layout, which does not encode fields)
             raise PermanentError(_unstorable(exc)) from None
         touched: set = set()
@@ -349,9 +358,7 @@ class SqliteSink:
                 if rollups:
                     self.db.executemany(UPSERT_ROLLUP, rollups)
                 if fold:
-                    all_latest, all_seen = dict(self.unfolded_latest), dict(self.unfolded_seen)
-                    _merge(all_latest, all_seen, latest, devices)
-                    self._fold(all_latest, all_seen)
+                    self._fold({**self.unfolded_latest, **latest}, {**self.unfolded_seen, **devices})
                 elif latest or devices:
                     self.db.execute("INSERT INTO latest_log (latest, seen) VALUES (?, ?)", log_row)
                 self.db.execute("COMMIT")
@@ -362,7 +369,8 @@ class SqliteSink:
                 self.unfolded_latest, self.unfolded_seen = {}, {}
                 self.fold_at = time.monotonic() + FOLD_EVERY_S
             else:
-                _merge(self.unfolded_latest, self.unfolded_seen, latest, devices)
+                self.unfolded_latest.update(latest)
+                self.unfolded_seen.update(devices)
             if touched or late:
                 # after the rows' commit, never before: a window computed before the rows were in is
                 # always marked again (RollupMarks); a failure here writes the batch again, marks too
