@@ -21,7 +21,7 @@ the fields the first lacked and changes none it had: per field, the first stored
 file made before this layout (``readings`` a table) is written as it always was.
 
 The newest values and presence are not upserted per commit: with thousands of devices each sending a
-little, that dirtied every page of ``latest`` and ``devices`` at every commit (about a third of the
+little, that dirtied every page of ``latest`` and ``devices`` at every commit (a fifth of the
 sink's CPU in a 10,000-board fleet). Each commit instead adds one row to ``latest_log`` (the batch's
 newest value per device and field, and its presence rows, as JSON), and every ``FOLD_EVERY_S`` the
 values waiting in memory are upserted once into ``latest_rows`` and ``device_rows`` and the log is
