@@ -37,7 +37,7 @@ def test_one_row_per_reading_read_back_per_field(tmp_path: Path) -> None:
                       ).fetchall() == [(1_000, 0.30000000000000004), (2_000, 21.5)]
     before = db.total_changes
     sink.write(Batch([Reading("b1", 2_000, {"temp": 21.5}, {})], []))             # redelivered: no rewrite
-    assert db.total_changes - before == 1          # the latest value's upsert (same ts); the reading's row untouched
+    assert db.total_changes - before == 1          # the latest_log row; the reading's row untouched
     sink.close()
 
 
