@@ -676,16 +676,23 @@ async def forget_server(opts: JournalOptions, server: str, timeout_s: float = 5.
     import nats
     nc = await nats.connect(list(opts.servers), connect_timeout=timeout_s, max_reconnect_attempts=1,
                             allow_reconnect=False, name="sensorpipe-forget-server")
+    said: list[str] = []
     try:
-        reply = await nc.request(f"$JS.API.STREAM.PEER.REMOVE.{opts.stream}", json.dumps({"peer": server}).encode(),
-                                 timeout=timeout_s)
-        answer = json.loads(reply.data)
-        error = answer.get("error")
-        if error and "not a member" in str(error.get("description", "")):
-            # JetStream already placed the replica elsewhere (it does once a new server has joined)
-            return f"stream {opts.stream}: no replica on {server} (moved already)"
-        if error:
-            raise RuntimeError(error.get("description", str(error)))
-        return f"stream {opts.stream}: replica moved off {server}"
+        # the batches, the consumers' floors and the shared counters (KV bucket): each has a replica
+        for stream in (opts.stream, f"{opts.stream}_ACKS", f"KV_{opts.stream}_COUNTERS"):
+            reply = await nc.request(f"$JS.API.STREAM.PEER.REMOVE.{stream}", json.dumps({"peer": server}).encode(),
+                                     timeout=timeout_s)
+            answer = json.loads(reply.data)
+            error = answer.get("error")
+            if error and "not a member" in str(error.get("description", "")):
+                # JetStream already placed the replica elsewhere (it does once a new server has joined)
+                said.append(f"stream {stream}: no replica on {server} (moved already)")
+            elif error and answer.get("error", {}).get("err_code") == 10059 and stream != opts.stream:
+                said.append(f"stream {stream}: none (made by the first edge that starts)")   # not found
+            elif error:
+                raise RuntimeError(f"stream {stream}: {error.get('description', str(error))}")
+            else:
+                said.append(f"stream {stream}: replica moved off {server}")
+        return "\n".join(said)
     finally:
         await nc.close()
