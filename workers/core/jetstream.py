@@ -17,7 +17,10 @@ Two halves, both run inside the edge process (which owns the NATS connection of 
   acknowledge within ``ack_wait_s`` is sent again.
 
 The stream keeps a batch until every consumer listed in ``[journal] consumers`` has it: the feeders
-trim it below the lowest floor. Every edge creates both streams at start (idempotent).
+trim it below the lowest floor. A third replicated stream is the KV bucket ``<stream>_COUNTERS``: the
+highest counter journaled per device for authenticated binary packets (``SharedCounters``, read and
+written by the edges' guards and publishers; docs/scale-out.md "The keys hold across edges"). Every
+edge creates the three at start (idempotent).
 
 ``nats`` (PyPI ``nats-py``, the ``cluster`` extra) is imported only when the backend is used.
 """
@@ -137,6 +140,7 @@ class StreamLink:
                     # server can leave without a quorum for a while; publishing needs only the stream's.
                     await self.js.stream_info(self.opts.stream)
                     await self.js.stream_info(f"{self.opts.stream}_ACKS")
+                    await self.js.stream_info(f"KV_{self.opts.stream}_COUNTERS")
                     log.warning("jetstream: could not create or check the streams (%s: %s); they exist: using"
                                 " them as they are", type(exc).__name__, exc)
                 self.ready.set()
