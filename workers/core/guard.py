@@ -70,12 +70,13 @@ class Owed:
     (the one it came on, then any that sent it again meanwhile, or sent a copy of the newest packet
     behind it) and, authenticated, its idempotency key (device, counter)."""
 
-    __slots__ = ("conns", "device", "counter", "pos")
+    __slots__ = ("conns", "device", "counter", "tag", "pos")
 
-    def __init__(self, conn: Any, device: str = "", counter: int = -1) -> None:
+    def __init__(self, conn: Any, device: str = "", counter: int = -1, tag: str = "") -> None:
         self.conns = [conn]
         self.device = device
         self.counter = counter
+        self.tag = tag               # the device's key (``key_tag``): a new key counts from the start
         self.pos = -1                # where its frame is in the edge's pending batch
 
     def gone(self) -> bool:
@@ -148,6 +149,7 @@ class CounterLog:
 
 
 def key_tag(mac_key: bytes) -> str:
+    """Names a device's key without giving anything of it away (8 hex digits of its SHA-256)."""
     return hashlib.sha256(mac_key).hexdigest()[:8]
 
 
@@ -187,6 +189,7 @@ class Guard:
         self.counter_log: CounterLog | None = None    # file journal: the known counters beside it
         self.shared: SharedCounters | None = None     # jetstream journal: the known counters of every edge
         self._lookups: set[asyncio.Future] = set()
+        self._tags: dict[bytes, str] = {}             # mac key -> key_tag
         self._counters_dirty = False
         self._store_version = -1
         self.by_address: Counter[str] = Counter()
@@ -291,9 +294,8 @@ class Guard:
             if item.counter > self.mac_counters.get(item.device, -1):
                 self.mac_counters[item.device] = item.counter
                 self._counters_dirty = True
-                credential = self.credentials.get(item.device)
-                if credential is not None:
-                    changed[item.device] = (item.counter, key_tag(credential.mac_key))
+                if item.tag:
+                    changed[item.device] = (item.counter, item.tag)
         if changed and self.counter_log is not None:
             try:
                 self.counter_log.write(changed)
@@ -545,11 +547,17 @@ class Guard:
                 self.counters.add("binary_resent_waiting")
                 conn.edge.wait_for(conn, flying)
                 continue
-            owed = Owed(conn, credential.device, counter)
+            owed = Owed(conn, credential.device, counter, self._tag(credential))
             self.flying[(credential.device, counter)] = owed
             session.owed.append(owed)
             passed.append(opened[0])
         return passed, refused
+
+    def _tag(self, credential: Credential) -> str:
+        tag = self._tags.get(credential.mac_key)
+        if tag is None:
+            tag = self._tags[credential.mac_key] = key_tag(credential.mac_key)
+        return tag
 
     def _device_of(self, framed: bytes) -> str | None:
         number = PACKET_HEADER.unpack_from(framed)[4] if len(framed) >= PACKET_HEADER.size else -1
@@ -565,7 +573,7 @@ class Guard:
         session.held.extend(frames)
         if conn.transport is not None:
             conn.transport.pause_reading()
-        task = asyncio.ensure_future(self.shared.get(device))
+        task = asyncio.ensure_future(self.shared.get(device, self._tag(self.credentials[device])))
         self._lookups.add(task)
         task.add_done_callback(self._lookups.discard)
         task.add_done_callback(lambda f: self._looked_up(conn, session, device, f))

@@ -202,7 +202,7 @@ class Unpublished:
     record: bytes
     stored: Callable[[int], None]         # called with the stream sequence once JetStream has the batch
     retry: Callable[[], bytes | None]     # before another try: the record to publish now, or None
-    mark: tuple[str, int] | None = None   # an authenticated packet: (device, counter) to share once stored
+    mark: tuple[str, int, str] | None = None   # an authenticated packet: (device, counter, key tag), shared once stored
     tries: int = 0
     seq: int = 0                          # confirmed by JetStream (the counter still to be shared)
 
@@ -221,7 +221,8 @@ def kv_key(device: str) -> str:
 class SharedCounters:
     """The known counters of authenticated binary packets, shared by every edge: a KV bucket
     ``<stream>_COUNTERS`` replicated like the stream, key the device (``kv_key``), value the highest
-    counter journaled (ASCII). An edge reads a device's entry before the first packet of each
+    counter journaled and the tag of the key it was sealed with (ASCII ``"<counter> <tag>"``: a device
+    given a new token counts from the start, and the old key's counter does not hold it back). An edge reads a device's entry before the first packet of each
     connection (``get``) and writes it after JetStream confirmed a packet, before the ``A``
     (``advance``, coalesced per device per round of publishes).
 
@@ -237,7 +238,7 @@ class SharedCounters:
         self.link = link
         self.counters = counters
         self._kv: Any = None
-        self.revisions: dict[str, tuple[int, int]] = {}   # key -> (counter, revision) last seen
+        self.revisions: dict[str, tuple[int, str, int]] = {}   # key -> (counter, tag, revision) last seen
 
     @property
     def bucket(self) -> str:
@@ -250,42 +251,44 @@ class SharedCounters:
             self._kv = await self.link.js.key_value(self.bucket)
         return self._kv
 
-    async def get(self, device: str) -> int:
-        """The highest counter journaled for ``device`` by any edge (-1: none)."""
+    async def get(self, device: str, tag: str) -> int:
+        """The highest counter journaled for ``device`` under the key ``tag`` by any edge (-1: none)."""
         from nats.js.errors import KeyNotFoundError
         kv = await self._store()
         key = kv_key(device)
+        self.counters.add("counter_reads")
         try:
             entry = await kv.get(key)
         except KeyNotFoundError:
             self.revisions.pop(key, None)
             return -1
-        counter = int(entry.value or b"-1")
-        self.revisions[key] = (counter, entry.revision or 0)
-        self.counters.add("counter_reads")
-        return counter
+        counter_text, _, known_tag = (entry.value or b"-1").decode().partition(" ")
+        counter = int(counter_text)
+        self.revisions[key] = (counter, known_tag, entry.revision or 0)
+        return counter if known_tag == tag else -1
 
-    async def advance(self, device: str, counter: int) -> None:
-        """Make the shared counter of ``device`` at least ``counter``. Raises when the cluster does not
-        answer (the caller tries again)."""
-        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+    async def advance(self, device: str, counter: int, tag: str) -> None:
+        """Make the shared counter of ``device`` at least ``counter`` (under the key ``tag``; another
+        key's is replaced). Raises when the cluster does not answer (the caller tries again)."""
+        from nats.js.errors import KeyWrongLastSequenceError
         kv = await self._store()
         key = kv_key(device)
+        value = f"{counter} {tag}".encode()
         for _ in range(8):
             known = self.revisions.get(key)
-            if known is not None and known[0] >= counter:
+            if known is not None and known[1] == tag and known[0] >= counter:
                 return
             try:
                 if known is None:
-                    revision = await kv.create(key, str(counter).encode())
+                    revision = await kv.create(key, value)
                 else:
-                    revision = await kv.update(key, str(counter).encode(), last=known[1])
-                self.revisions[key] = (counter, revision)
+                    revision = await kv.update(key, value, last=known[2])
+                self.revisions[key] = (counter, tag, revision)
                 self.counters.add("counter_writes")
                 return
             except KeyWrongLastSequenceError:
                 self.counters.add("counter_conflicts")       # another edge wrote it meanwhile: read, retry
-                await self.get(device)
+                await self.get(device, tag)
         raise RuntimeError(f"the shared counter of {device!r} keeps changing under this edge")
 
 
@@ -310,11 +313,11 @@ class BatchPublisher:
         self._tags: dict[str, str] = {}
 
     def publish(self, record: bytes, stored: Callable[[int], None], retry: Callable[[], bytes | None],
-                msg_id: str | None = None, mark: tuple[str, int] | None = None) -> None:
+                msg_id: str | None = None, mark: tuple[str, int, str] | None = None) -> None:
         """Queue a batch; ``stored(seq)`` once confirmed. After a failed try, ``retry()`` gives the record
         to publish instead (the same id: if the failed try did reach the stream, it is the one kept).
-        ``msg_id``: an id of the caller's (an authenticated packet's key); ``mark``: (device, counter)
-        advanced in the shared counters once the batch is confirmed, before ``stored``."""
+        ``msg_id``: an id of the caller's (an authenticated packet's key); ``mark``: (device, counter,
+        key tag) advanced in the shared counters once the batch is confirmed, before ``stored``."""
         if msg_id is None:
             self._count += 1
             msg_id = f"{self._prefix}{self._count}"
@@ -322,9 +325,9 @@ class BatchPublisher:
         self.wake.set()
         self.check_full()
 
-    def packet_id(self, device: str, counter: int) -> str:
+    def packet_id(self, device: str, counter: int, tag: str) -> str:
         """The message id of an authenticated packet, the same on every edge."""
-        return f"p-{kv_key(device)}-{counter}"
+        return f"p-{tag}-{kv_key(device)}-{counter}"
 
     def check_full(self) -> bool:
         """Past ``PUBLISH_HIGH`` waiting (or while JetStream refuses), full until below ``PUBLISH_LOW``."""
@@ -361,13 +364,13 @@ class BatchPublisher:
                 self.counters.add("published")
                 item.seq = result.seq
             confirmed = [item for item in batch if item.seq]
-            marks: dict[str, int] = {}
-            for item in confirmed:
-                if item.mark is not None and item.mark[1] > marks.get(item.mark[0], -1):
-                    marks[item.mark[0]] = item.mark[1]
+            marks: dict[str, tuple[int, str]] = {}
+            for item in confirmed:                # coalesced: one write per device per round
+                if item.mark is not None and item.mark[1] > marks.get(item.mark[0], (-1, ""))[0]:
+                    marks[item.mark[0]] = item.mark[1:]
             if marks and self.shared is not None:
                 shared = self.shared
-                outcomes = await asyncio.gather(*(shared.advance(d, c) for d, c in marks.items()),
+                outcomes = await asyncio.gather(*(shared.advance(d, c, t) for d, (c, t) in marks.items()),
                                                 return_exceptions=True)
                 unshared = {d for d, outcome in zip(marks, outcomes) if isinstance(outcome, BaseException)}
                 if unshared:          # stored, not yet shared: no A yet; the next round tries again

@@ -506,8 +506,8 @@ class Edge:
                 self._check_pressure()
 
         self.publisher.publish(record, stored, still_wanted,
-                               msg_id=self.publisher.packet_id(owed.device, owed.counter),
-                               mark=(owed.device, owed.counter))
+                               msg_id=self.publisher.packet_id(owed.device, owed.counter, owed.tag),
+                               mark=(owed.device, owed.counter, owed.tag))
 
     def _publish_rest(self, record: bytes, boards: list[Owed], replies: list[tuple[list[bytes], int]],
                       conns: list[Conn], frames: list[tuple[bytes, int, int]], index_of: dict[int, int]) -> None:
