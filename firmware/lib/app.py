@@ -428,7 +428,8 @@ class App:
         try:
             self.send_buffer(buf)
         except OSError as e:
-            log("server: %r; %d records kept" % (e, len(buf)))
+            pending = " and a sealed packet" if devauth.pending()[0] is not None else ""
+            log("server: %r; %d records kept%s" % (e, len(buf), pending))
             return
         self.hw.rtc_save(buf.to_bytes())
         hw = self.hw

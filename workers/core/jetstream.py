@@ -66,7 +66,8 @@ class JournalOptions:
     max_ack_pending: int = 1000                   # batches a consumer may have unacknowledged
     max_bytes: int = 1024 * 1024 * 1024           # stream bound: past it publishes fail, devices wait
     publish_timeout_s: float = 5.0
-    duplicate_window_s: float = 120.0             # a batch published twice in this window is kept once
+    duplicate_window_s: float = 120.0             # a batch published twice in this window is kept once (an
+                                                  # authenticated packet too, from any edge: docs/scale-out.md)
 
     @property
     def subject(self) -> str:
