@@ -13,6 +13,13 @@ tests' Pipeline fixture on free 127.0.0.1 ports); ``jetstream`` adds three nats-
   (workers, and the nats-servers for jetstream) per reading stored.
 - send to stored: at 2,000 lines/s, 40 marker lines, each polled in SQLite until it is there.
 
+``--boards N`` measures instead the battery-board workload with and without authenticated packets:
+N boards (threads), each a device of its own, each packet (``RECORDS_PER_PACKET`` u32 records) on a
+connection of its own, the next one as soon as the ``A`` came, for ``--seconds``; packets/s answered,
+CPU per reading stored (all processes, the nats-servers included) and the ``A`` time (connect, send,
+``A``) p50 / p99. ``auth = "required"``: sealed packets (counter + MAC), their (device, counter) the
+idempotency key (docs/scale-out.md); ``off``: seed-style packets.
+
 Prints a Markdown table. Needs nats-server (deploy/test-servers.sh) and psutil (the ``bench`` extra).
 """
 from __future__ import annotations
@@ -38,6 +45,8 @@ LINES_PER_WRITE = 200
 PACED_RATE = 2000
 MARKERS = 40
 ACK_SAMPLES = 200
+RECORDS_PER_PACKET = 4
+FIRST_BOARD = 10
 
 
 def packet(n: int) -> bytes:
@@ -146,6 +155,88 @@ def send_to_stored(p: Pipeline) -> tuple[float, float]:
     return statistics.median(latencies), latencies[int(len(latencies) * 0.95) - 1]
 
 
+def boards_toml(count: int) -> str:
+    return "".join(f'\n[binary.devices.{n}]\ndevice = "bench-{n}"\nfields = [ {{ name = "n", type = "u32" }} ]\n'
+                   for n in range(FIRST_BOARD, FIRST_BOARD + count))
+
+
+def boards_run(p: Pipeline, seconds: float, procs: list[psutil.Process], keys: dict[int, bytes]
+               ) -> tuple[float, float, float, float]:
+    """(packets/s answered, CPU µs per reading stored, A p50 ms, A p99 ms); ``keys``: device number ->
+    MAC key (b"": unauthenticated)."""
+    from workers.core import credentials
+    stop = threading.Event()
+    times: list[float] = []
+    sent = [0]
+
+    def board(number: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            body = b"".join(struct.pack("<I", n * RECORDS_PER_PACKET + k) for k in range(RECORDS_PER_PACKET))
+            packet = struct.pack("<HHHBBB", len(body), 60, 1, 4, number, RECORDS_PER_PACKET) + body
+            if keys[number]:                  # b"": a seed-style board (auth off)
+                packet = credentials.sign_packet(keys[number], packet, n)
+            began = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", p.binary_port)) as sock:
+                sock.sendall(packet)
+                assert sock.recv(1) == b"A"
+            times.append((time.perf_counter() - began) * 1000)
+            sent[0] += 1
+
+    before_rows = p.count_rows()
+    cpu_before = cpu_seconds(procs)
+    threads = [threading.Thread(target=board, args=(number,), daemon=True) for number in keys]
+    began = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - began
+    expected = before_rows + sent[0] * RECORDS_PER_PACKET
+    wait_for(lambda: p.count_rows() >= expected, timeout=60, message="every reading stored")
+    time.sleep(0.5)
+    stored = p.count_rows() - before_rows
+    cpu = cpu_seconds(procs) - cpu_before
+    times.sort()
+    return sent[0] / elapsed, cpu / stored * 1e6, statistics.median(times), times[int(len(times) * 0.99) - 1]
+
+
+def measure_boards(backend: str, auth: str, work: Path, seconds: float, count: int) -> dict[str, float]:
+    cluster = None
+    extra = boards_toml(count)
+    if backend == "jetstream":
+        cluster = NatsCluster(work / f"nats-{auth}")
+        cluster.start()
+        servers = ", ".join(f'"{u}"' for u in cluster.urls)
+        extra += f'\n[journal]\nbackend = "jetstream"\nservers = [{servers}]\n'
+    (work / f"{backend}-{auth}").mkdir(exist_ok=True)
+    p = Pipeline(work / f"{backend}-{auth}", extra_toml=extra, redeliver=15, auth=auth)
+    try:
+        from workers.core import credentials
+        keys: dict[int, bytes] = {}
+        for n in range(FIRST_BOARD, FIRST_BOARD + count):
+            if auth == "required":
+                out = p.cli("devices", "add", f"bench-{n}")
+                assert out.returncode == 0, out.stderr
+                keys[n] = credentials.mac_key_for(out.stdout.strip().splitlines()[-1])
+            else:
+                keys[n] = b""
+        p.start_all()
+        wait_for(p._port_open, message="edge answering")
+        procs = [psutil.Process(proc.pid) for proc in p.procs.values()]
+        if cluster is not None:
+            procs += [psutil.Process(node.process.pid) for node in cluster.nodes if node.process.pid]
+        rate, cpu, a50, a99 = boards_run(p, seconds, procs, keys)
+        return {"rate": rate, "cpu": cpu, "a50": a50, "a99": a99}
+    finally:
+        p.stop_all()
+        if cluster is not None:
+            cluster.stop()
+
+
 def measure(backend: str, work: Path, seconds: float) -> dict[str, float]:
     cluster = None
     extra = ""
@@ -176,9 +267,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--only", default="file,jetstream")
+    parser.add_argument("--boards", type=int, default=0, help="the battery-board workload, auth off and required")
     args = parser.parse_args()
     load = " / ".join(f"{x:.1f}" for x in psutil.getloadavg())
     rows = []
+    if args.boards:
+        with tempfile.TemporaryDirectory(prefix="journal-bench-", dir=".") as tmp:
+            for backend in args.only.split(","):
+                for auth in ("off", "required"):
+                    r = measure_boards(backend, auth, Path(tmp), args.seconds, args.boards)
+                    rows.append(f"| {backend} | {auth} | {r['rate']:,.0f} | {r['cpu']:.1f} | {r['a50']:.2f} / "
+                                f"{r['a99']:.2f} ms |")
+                    print(rows[-1], flush=True)
+        print(f"\nload average before: {load}; {psutil.cpu_count()} CPUs; {args.boards} boards, "
+              f"{RECORDS_PER_PACKET} u32 records a packet, a connection a packet, {args.seconds:.0f} s\n")
+        print("| journal | auth | packets/s answered | CPU µs per reading (all processes) | A time p50 / p99 |")
+        print("|---|---|---|---|---|")
+        print("\n".join(rows))
+        return 0
     with tempfile.TemporaryDirectory(prefix="journal-bench-", dir=".") as tmp:
         for backend in args.only.split(","):
             r = measure(backend, Path(tmp), args.seconds)

@@ -97,3 +97,45 @@ def test_over_the_rate_reading_stops_then_resumes(tmp_path) -> None:
         guard.close()
 
     asyncio.run(run())
+
+
+def test_counter_log_keeps_the_newest_counter_per_key(tmp_path) -> None:
+    """The known counters beside the file journal: the highest per device under its key; a line for a
+    new key (``devices add --replace``) starts it anew; a torn last line is ignored; compacted to one."""
+    from workers.core.guard import COUNTER_LOG_COMPACT_BYTES, CounterLog
+
+    path = tmp_path / "counters.log"
+    log = CounterLog(path)
+    log.write({"a": (3, "k1"), "b": (1, "k1")})
+    log.write({"a": (5, "k1")})
+    log.write({"b": (1, "k2")})                 # b's token replaced: counting anew under k2
+    log.sync()
+    with open(path, "ab") as fh:
+        fh.write(b'{"a": [9, "k')                # torn by a crash: never answered
+    assert CounterLog.load(path) == {"a": (5, "k1"), "b": (1, "k2")}
+    log.size = COUNTER_LOG_COMPACT_BYTES
+    log.compact({"a": (5, "k1"), "b": (1, "k2")})
+    log.write({"a": (6, "k1")})
+    log.close()
+    assert CounterLog.load(path) == {"a": (6, "k1"), "b": (1, "k2")}
+    assert len(path.read_bytes().splitlines()) == 2
+
+
+def test_owed_is_gone_only_when_every_sender_is() -> None:
+    from workers.core.guard import Owed
+
+    first, resend = Connection.__new__(Connection), Connection.__new__(Connection)
+    first.closed = resend.closed = False
+    owed = Owed(first, "balcony", 7)
+    owed.conns.append(resend)                   # the board sent it again on a new connection
+    first.closed = True                         # ... after it gave up on the first one
+    assert not owed.gone()                      # still published: the resend waits for it
+    resend.closed = True
+    assert owed.gone()
+
+
+def test_kv_keys_never_collide() -> None:
+    from workers.core.jetstream import kv_key
+
+    assert kv_key("greenhouse-7") == "greenhouse-7"
+    assert kv_key("a.b") == "a=2eb" and kv_key("a=2eb") == "a=3d2eb" and kv_key("ü x") == "=c3=bc=20x"

@@ -112,3 +112,30 @@ def test_jetstream_journal_end_to_end(pipeline_factory, nats_cluster: NatsCluste
     assert db.execute("SELECT count(*), count(DISTINCT ts) FROM readings WHERE device='js-1' AND field='n'"
                       ).fetchone() == (40, 40)
     db.close()
+
+
+@pytest.mark.unit
+def test_authenticated_packets_once_with_shared_counters(pipeline_factory, nats_cluster: NatsCluster) -> None:
+    """Authenticated binary packets with the JetStream journal: each goes under its key's message id
+    and its counter to the shared KV bucket before the A; an edge restarted (SIGKILL) reads the bucket
+    before the first packet of a connection, so the board's resend is answered and stored once."""
+    from tests.test_security import SECURE, add_device, balcony, dead_letters, edge_counter, send_packet
+    from workers.core import credentials
+    p: Pipeline = pipeline_factory(extra_toml=journal_toml(nats_cluster), **SECURE)
+    p.start_all()
+    key = credentials.mac_key_for(add_device(p, "balcony"))
+    first = credentials.sign_packet(key, balcony(700), 5)
+    assert send_packet(p, first, refused=False) == b"A"
+    p.kill("edge:1")
+    p.start("edge")
+    wait_for(p._port_open, message="edge back")
+    assert send_packet(p, first, refused=False) == b"A"                  # known from the bucket
+    assert send_packet(p, credentials.sign_packet(key, balcony(666), 4), refused=True) == b""   # replayed
+    assert send_packet(p, credentials.sign_packet(key, balcony(701), 6), refused=False) == b"A"
+    wait_for(lambda: p.latest("balcony").get("light") == 701, message="the next packet")
+    wait_for(lambda: edge_counter(p, "binary_resent") == 1 and edge_counter(p, "counter_writes") >= 1,
+             message="the edge's counters")
+    lights = [row[0] for row in p.db().execute(
+        "SELECT value FROM readings WHERE device = 'balcony' AND field = 'light' ORDER BY value")]
+    assert lights == [700, 701]
+    assert sum("replayed packet" in d["reason"] for d in dead_letters(p)) == 1

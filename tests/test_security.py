@@ -246,7 +246,7 @@ def test_binary_port_mac_and_replay(pipeline_factory) -> None:
     first = credentials.sign_packet(key, balcony(300), 1)
     assert accepted(first)
     wait_for(lambda: p.latest("balcony").get("light") == 300, message="authenticated packet stored")
-    assert refused(first)                                                 # replayed
+    assert accepted(first)            # the newest packet again (its A lost): answered, stored nothing
     assert refused(credentials.sign_packet(credentials.mac_key_for("guess"), balcony(666), 2))   # forged
     tampered = bytearray(credentials.sign_packet(key, balcony(301), 3))
     tampered[9] ^= 0xFF
@@ -259,17 +259,19 @@ def test_binary_port_mac_and_replay(pipeline_factory) -> None:
     p.stop("edge:1")
     p.start("edge")
     wait_for(p._port_open, message="edge back")
-    assert refused(credentials.sign_packet(key, balcony(304), 2))
+    assert refused(first)                                                 # replayed: below the known one
+    assert accepted(credentials.sign_packet(key, balcony(303), 2))        # the newest again: answered only
     assert accepted(credentials.sign_packet(key, balcony(305), 7))
     wait_for(lambda: p.latest("balcony").get("light") == 305, message="after the restart")
 
     reasons = [d["reason"] for d in dead_letters(p)]
-    assert sum("replayed packet" in r for r in reasons) == 2
+    assert sum("replayed packet" in r for r in reasons) == 1
     assert sum("bad MAC" in r for r in reasons) == 3
     lights = [row[0] for row in p.db().execute(
         "SELECT value FROM readings WHERE device = 'balcony' AND field = 'light' ORDER BY value")]
     assert lights == [300, 303, 305]
-    wait_for(lambda: edge_counter(p, "binary_replayed") == 1, message="the new edge's counter")
+    wait_for(lambda: edge_counter(p, "binary_replayed") == 1 and edge_counter(p, "binary_resent") == 1,
+             message="the new edge's counters")
 
 
 def test_tls_listener(pipeline_factory, tmp_path: Path) -> None:
@@ -362,3 +364,35 @@ def test_tls_client_certificates(pipeline_factory, tmp_path: Path) -> None:
         pass
     assert without.closed_by_server()
     wait_for(lambda: edge_counter(p, "tls_failed") >= 1, message="the refused handshake counted")
+
+
+def test_binary_resend_is_stored_once(pipeline_factory) -> None:
+    """A board that got no ``A`` sends the same packet again, byte for byte (docs/protocols.md): answered,
+    stored once, also when the edge was SIGKILLed right after the first ``A`` (the known counters are
+    written beside the journal before it, not once a second after it)."""
+    p = pipeline_factory(**SECURE)
+    p.start_all()
+    key = credentials.mac_key_for(add_device(p, "balcony"))
+    first = credentials.sign_packet(key, balcony(500), 1)
+    assert send_packet(p, first, refused=False) == b"A"
+    p.kill("edge:1")                                  # within the second the store is written in
+    p.start("edge")
+    wait_for(p._port_open, message="edge back")
+    assert send_packet(p, first, refused=False) == b"A"
+    # twice on one connection, the second right behind the first: one A each, in order, one row
+    second = credentials.sign_packet(key, balcony(501), 2)
+    with socket.create_connection(("127.0.0.1", p.binary_port), timeout=5) as sock:
+        sock.sendall(second + second)
+        replies = b""
+        while len(replies) < 2:
+            chunk = sock.recv(2)
+            assert chunk, replies
+            replies += chunk
+    assert replies == b"AA"
+    wait_for(lambda: p.latest("balcony").get("light") == 501, message="the second packet")
+    wait_for(lambda: edge_counter(p, "binary_resent") + edge_counter(p, "binary_resent_waiting") >= 1,
+             message="the resends counted")
+    lights = [row[0] for row in p.db().execute(
+        "SELECT value FROM readings WHERE device = 'balcony' AND field = 'light' ORDER BY value")]
+    assert lights == [500, 501]
+    assert not dead_letters(p)

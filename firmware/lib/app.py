@@ -216,16 +216,48 @@ class App:
             otaboot.rollback_reported()
 
     def send_buffer(self, buf):
-        # Raises OSError unless the server acknowledged; clears buf only then.
+        # Raises OSError unless the server acknowledged. Without a token buf is
+        # cleared only after the `A`; with one, a packet sealed and not answered
+        # is kept on flash and sent again byte for byte before anything new is
+        # sealed (lib/devauth.py): its records leave buf once it is kept.
+        c = self.conf
+        if c.DEVICE_TOKEN:
+            self.send_pending()
         if buf is None or not len(buf):
             return
-        c = self.conf
         data = packet.binary_packet(c.DEVICE_NUMBER, buf.records(), c.WAKE_S if c.BATTERY else c.MEASURE_S,
                                     c.MEASURE_S)
-        data = devauth.seal(c, data)
-        if not link.send_packet(c.SERVER_HOST, c.BINARY_PORT, data, c.CONNECT_TIMEOUT_S, c.ACK_TIMEOUT_S, self.tls):
-            raise OSError(link.ETIMEDOUT, "no ack from the server")
+        if not c.DEVICE_TOKEN:
+            if not link.send_packet(c.SERVER_HOST, c.BINARY_PORT, data, c.CONNECT_TIMEOUT_S, c.ACK_TIMEOUT_S,
+                                    self.tls):
+                raise OSError(link.ETIMEDOUT, "no ack from the server")
+            buf.clear()
+            return
+        devauth.keep(devauth.seal(c, data))
         buf.clear()
+        if c.BATTERY:
+            self.hw.rtc_save(buf.to_bytes())
+        self.send_pending()
+
+    def send_pending(self):
+        # The sealed packet kept on flash, if any: cleared after its `A`.
+        c = self.conf
+        data, tries = devauth.pending()
+        if data is None:
+            return
+        if link.send_packet(c.SERVER_HOST, c.BINARY_PORT, data, c.CONNECT_TIMEOUT_S, c.ACK_TIMEOUT_S, self.tls):
+            devauth.answered()
+            return
+        tries += 1
+        if tries >= devauth.PENDING_TRIES_MAX:
+            records = max(0, len(data) - packet.HEADER_SIZE - devauth.TRAILER_SIZE) // packet.RECORD_SIZE
+            log("server: a packet unanswered %d times set aside (%d records dropped)" % (tries, records))
+            devauth.answered()
+            if self.buffer is not None:
+                self.buffer.dropped += records
+        else:
+            devauth.keep(data, tries)
+        raise OSError(link.ETIMEDOUT, "no ack from the server")
 
     # ------------------------------------------------------------ commands
 
@@ -396,7 +428,8 @@ class App:
         try:
             self.send_buffer(buf)
         except OSError as e:
-            log("server: %r; %d records kept" % (e, len(buf)))
+            pending = " and a sealed packet" if devauth.pending()[0] is not None else ""
+            log("server: %r; %d records kept%s" % (e, len(buf), pending))
             return
         self.hw.rtc_save(buf.to_bytes())
         hw = self.hw

@@ -12,6 +12,12 @@
 # The counter must grow across deep sleep and resets: it is kept in a small
 # file on flash and written before the packet goes out, so a number is never
 # used twice (one write per wake).
+#
+# (device, counter) is the packet's idempotency key on the server: a sealed
+# packet that got no `A` is kept on flash (PENDING_FILE, so it survives deep
+# sleep and resets) and sent again byte for byte, same counter, before any
+# new records are sealed; the server answers a packet it journaled already
+# with `A` and stores nothing (docs/protocols.md). Cleared after its `A`.
 
 import hashlib
 import struct
@@ -24,7 +30,10 @@ except ImportError:
 MAC_KEY_LABEL = b"sensorpipe-mac-key:"
 OTA_KEY_LABEL = b"sensorpipe-ota-key"
 MAC_BYTES = 16
+TRAILER_SIZE = 4 + MAC_BYTES  # the counter and the MAC behind the packet
 COUNTER_FILE = "auth_counter"
+PENDING_FILE = "auth_pending"
+PENDING_TRIES_MAX = 20  # unanswered on a made connection this often: set aside (a key changed?)
 AUTH_OK = b'{"auth":"ok"}'
 
 
@@ -76,6 +85,36 @@ def seal(conf, packet, path=COUNTER_FILE):
     if not conf.DEVICE_TOKEN:
         return packet
     return sign(packet, mac_key(conf.DEVICE_TOKEN), next_counter(path))
+
+
+def pending(path=PENDING_FILE):
+    # (the sealed packet waiting for its `A`, how often it went unanswered),
+    # or (None, 0).
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None, 0
+    if len(data) < 2:
+        return None, 0
+    return data[1:], data[0]
+
+
+def keep(data, tries=0, path=PENDING_FILE):
+    # Written whole, then renamed over the old one: a reset mid-write
+    # never leaves half a packet (it would never be answered).
+    import os
+    with open(path + ".tmp", "wb") as f:
+        f.write(bytes([min(tries, 255)]) + data)
+    os.rename(path + ".tmp", path)
+
+
+def answered(path=PENDING_FILE):
+    import os
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def ota_key(conf):

@@ -44,3 +44,25 @@ elif MODE == "battery":
             print("slept", sleep.ms)
     with open("auth_counter") as f:
         print("counter", f.read())
+elif MODE == "resend":
+    # BINARY_PORT is a proxy that drops the A of the first packet (the server journaled it): the
+    # packet stays on flash and goes again, byte for byte, before the next one is sealed.
+    Config.TRANSPORT = "binary"
+    Config.BATTERY = True
+    Config.DEVICE_NUMBER = 7
+    Config.MEASURE_S = 60
+    Config.WAKE_S = 120
+    Config.ACK_TIMEOUT_S = 2
+    fakeboard.dht = [(30.0 + i / 10, 60.0) for i in range(3)]
+    for wake in range(3):  # sends at wakes 1 (A lost) and 3 (the kept packet again, then a new one)
+        try:
+            firmware().main(Config)
+        except fakeboard.DeepSleep:
+            pass
+        try:
+            with open("auth_pending", "rb") as f:
+                print("wake", wake + 1, "pending", len(f.read()))
+        except OSError:
+            print("wake", wake + 1, "pending none")
+    with open("auth_counter") as f:
+        print("counter", f.read())

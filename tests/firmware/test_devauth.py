@@ -3,8 +3,10 @@ server's workers/core/credentials.py, and a board on MicroPython's unix port wri
 whose listeners require credentials (text hello, signed battery packets)."""
 from __future__ import annotations
 
+import socket
 import sqlite3
 import struct
+import threading
 
 import pytest
 
@@ -61,3 +63,65 @@ def test_on_the_unix_port_against_required_credentials(pipeline_factory, micropy
     output = micropython_unix.run(script, "battery", *ports, "plot-7", tokens["plot-7"], cwd=tmp_path).splitlines()
     assert output[-1] == "counter 2", output
     wait_for(lambda: sorted(readings(p, "plot-7")) == pytest.approx([10.0, 10.1, 10.2]), message="signed packets' readings")
+
+
+class AckDropper:
+    """A TCP proxy in front of the binary port that forwards the first packet and drops the edge's A for
+    it (the board's connection closed instead): the server journaled what the board never heard of."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self.dropped = 0
+        self.packets: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                board, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._relay, args=(board, self.connections == 1), daemon=True).start()
+
+    def _relay(self, board: socket.socket, drop: bool) -> None:
+        with board, socket.create_connection(("127.0.0.1", self.upstream), timeout=10) as edge:
+            board.settimeout(10)
+            edge.settimeout(10)
+            data = board.recv(65536)
+            self.packets.append(data)
+            edge.sendall(data)
+            reply = edge.recv(1)
+            if drop:
+                self.dropped += reply == b"A"
+                return                       # closed without the A
+            board.sendall(reply)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_packet_without_its_ack_goes_again_byte_for_byte(pipeline_factory, micropython_unix, tmp_path) -> None:
+    p = pipeline_factory(extra_toml=LAYOUT_TOML, auth="required")
+    p.start_all()
+    result = p.cli("devices", "add", "plot-7")
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip().splitlines()[-1]
+    proxy = AckDropper(p.binary_port)
+    try:
+        output = micropython_unix.run(HERE / "auth_board.py", "resend", "127.0.0.1", str(p.text_port),
+                                      str(proxy.port), "plot-7", token, cwd=tmp_path).splitlines()
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1
+    assert [line for line in output if line.startswith(("wake", "counter"))] == [
+        "wake 1 pending 38", "wake 2 pending 38", "wake 3 pending none", "counter 2"], output   # 1 + 9 + 8 + 20
+    first, again, new = proxy.packets
+    assert again == first and new != first                 # the same bytes, then a packet of its own
+    wait_for(lambda: sorted(readings(p, "plot-7")) == pytest.approx([30.0, 30.1, 30.2]), message="each reading once")
+    # the edge's counters reach the query worker with its next stats message
+    wait_for(lambda: p.query({"op": "status"})["workers"].get("edge", {}).get("binary_resent") == 1,
+             message="the resend counted (binary_resent)")

@@ -14,8 +14,15 @@ protects against.
   minute costs one scrypt per edge start. Nothing a connection sends before its hello is stored.
 - **Binary MAC**: on an authenticated binary listener a packet is the seed-style packet, then a u32
   counter and a 16-byte HMAC-SHA256 (``credentials.sign_packet``). The device is the one its device
-  number's layout names; the counter must grow, so a replayed packet is refused. A refused packet
-  gets no ``A`` and becomes a dead letter (the edge's reject path).
+  number's layout names. (device, counter) is the packet's idempotency key: against the highest
+  counter known *journaled* for the device, a lower one is a replay (refused: no ``A``, a dead letter
+  through the edge's reject path); the same one is the board sending again a packet whose ``A`` it
+  missed (answered ``A``, stored nothing, ``binary_resent``); a higher one is journaled and becomes
+  the known counter once the journal confirmed it. A resend that arrives while the original is still
+  being journaled here waits for it (``Owed``: one packet, every connection waiting for its ``A``).
+  The known counters outlive a restart: beside the file journal (``CounterLog``, fsynced with it), in
+  a replicated KV bucket with the JetStream journal (``jetstream.SharedCounters``, read before the
+  first packet of each connection: the board may have been on another edge since).
 - **TLS**: the TCP connection counts against the limits first, then the handshake runs under the
   hello deadline; a peer that sends plain text or never finishes is closed and counted.
 - **Limits**: connections in all (``[edge] max_connections``) and per source address
@@ -29,10 +36,14 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import ssl
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from workers.core import credentials
 from workers.core.config import Config, Listener
@@ -40,6 +51,7 @@ from workers.core.credentials import Credential, CredentialStore
 from workers.core.framing import PACKET_HEADER
 
 if TYPE_CHECKING:
+    from workers.core.jetstream import SharedCounters
     from workers.core.runtime import Counters
 
 log = logging.getLogger(__name__)
@@ -50,13 +62,102 @@ MAX_VERIFYING = 16              # scrypt checks in flight at once; more hellos a
 COUNTERS_SAVE_S = 1.0           # how often accepted replay counters are written down
 RELOAD_CHECK_S = 1.0            # how often the credential store is checked for changes (revocations)
 LOG_EVERY_S = 10.0
+COUNTER_LOG_COMPACT_BYTES = 1024 * 1024   # the counter log is rewritten (one line) past this
+
+
+class Owed:
+    """A binary packet read from a board and not answered yet: every connection waiting for its ``A``
+    (the one it came on, then any that sent it again meanwhile, or sent a copy of the newest packet
+    behind it) and, authenticated, its idempotency key (device, counter)."""
+
+    __slots__ = ("conns", "device", "counter", "tag", "pos")
+
+    def __init__(self, conn: Any, device: str = "", counter: int = -1, tag: str = "") -> None:
+        self.conns = [conn]
+        self.device = device
+        self.counter = counter
+        self.tag = tag               # the device's key (``key_tag``): a new key counts from the start
+        self.pos = -1                # where its frame is in the edge's pending batch
+
+    def gone(self) -> bool:
+        """Nobody waits for it any more: every connection that sent it closed."""
+        return all(c.closed for c in self.conns)
+
+
+class CounterLog:
+    """The known counters beside the file journal (``<data>/journal/counters.log``): a line
+    ``{"device": [counter, key tag]}`` per batch that journaled authenticated packets, written after the
+    batch and before its ``A``s, fsynced with the journal (``Journal.companion``): an edge restarted a
+    moment after an ``A`` knows that packet, so the board sending it again is answered, not stored
+    twice. The key tag (4 bytes of the key's SHA-256) drops a counter of a key since replaced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.size = os.fstat(self.fd).st_size
+        self.dirty = False
+
+    @staticmethod
+    def load(path: Path) -> dict[str, tuple[int, str]]:
+        out: dict[str, tuple[int, str]] = {}
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return out
+        for line in data.splitlines():
+            try:
+                for device, (counter, tag) in orjson.loads(line).items():
+                    if counter > out.get(device, (-1, ""))[0] or out.get(device, (-1, ""))[1] != tag:
+                        out[device] = (int(counter), str(tag))
+            except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
+                continue                 # a line torn by a crash: it was never answered
+        return out
+
+    def write(self, entries: dict[str, tuple[int, str]]) -> None:
+        line = orjson.dumps(entries) + b"\n"
+        os.write(self.fd, line)
+        self.size += len(line)
+        self.dirty = True
+
+    def sync(self) -> None:
+        if self.dirty:
+            os.fdatasync(self.fd)
+            self.dirty = False
+
+    def compact(self, entries: dict[str, tuple[int, str]]) -> None:
+        """Rewrite as one line (atomically) once it has grown past ``COUNTER_LOG_COMPACT_BYTES``."""
+        if self.size < COUNTER_LOG_COMPACT_BYTES:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        data = orjson.dumps(entries) + b"\n"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.size = len(data)
+        self.dirty = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.sync()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def key_tag(mac_key: bytes) -> str:
+    """Names a device's key without giving anything of it away (8 hex digits of its SHA-256)."""
+    return hashlib.sha256(mac_key).hexdigest()[:8]
 
 
 class Session:
     """What the guard knows about one connection."""
 
     __slots__ = ("address", "device", "hello_pending", "held", "tokens", "last_refill", "rate_timer",
-                 "deadline_timer", "tls_pending", "eof")
+                 "deadline_timer", "tls_pending", "eof", "owed", "looked_up")
 
     def __init__(self, address: str, rate: float) -> None:
         self.address = address
@@ -69,6 +170,8 @@ class Session:
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.tls_pending = False
         self.eof = False                      # the peer hung up while its hello was being checked
+        self.owed: list[Owed] = []            # binary: the packets of the last screen (the edge takes them)
+        self.looked_up = False                # its device's known counter read from the shared counters
 
 
 class Guard:
@@ -81,7 +184,12 @@ class Guard:
             if self.needs_store else None
         self.credentials: dict[str, Credential] = {}
         self.verified: dict[str, bytes] = {}          # device -> SHA-256 of a token scrypt accepted
-        self.mac_counters: dict[str, int] = {}        # device -> the newest binary counter accepted
+        self.mac_counters: dict[str, int] = {}        # device -> the highest counter known journaled
+        self.flying: dict[tuple[str, int], Owed] = {}  # (device, counter) read, being journaled here
+        self.counter_log: CounterLog | None = None    # file journal: the known counters beside it
+        self.shared: SharedCounters | None = None     # jetstream journal: the known counters of every edge
+        self._lookups: set[asyncio.Future] = set()
+        self._tags: dict[bytes, str] = {}             # mac key -> key_tag
         self._counters_dirty = False
         self._store_version = -1
         self.by_address: Counter[str] = Counter()
@@ -95,6 +203,19 @@ class Guard:
         if self.store is not None:
             self.mac_counters = self.store.counters()
             self.reload()
+
+    def keep_counters_beside(self, journal_dir: Path) -> None:
+        """File journal: the known counters are written beside it (``CounterLog``), and read back here."""
+        if self.store is None:
+            return
+        path = journal_dir / "counters.log"
+        for device, (counter, tag) in CounterLog.load(path).items():
+            credential = self.credentials.get(device)
+            if credential is not None and key_tag(credential.mac_key) == tag \
+                    and counter > self.mac_counters.get(device, -1):
+                self.mac_counters[device] = counter
+                self._counters_dirty = True
+        self.counter_log = CounterLog(path)
 
     # ------------------------------------------------------------------ the store
 
@@ -111,7 +232,8 @@ class Guard:
             new = fresh.get(device)
             if new is None or new.token_hash != old.token_hash or new.may_report != old.may_report:
                 self.verified.pop(device, None)
-                self.mac_counters.pop(device, None)
+                if new is None or new.mac_key != old.mac_key:
+                    self.mac_counters.pop(device, None)     # a new key counts from the start
                 for conn in list(self.authenticated.get(device, ())):
                     self.counters.add("closed_revoked")
                     log.info("closing %s: the credential of %s was revoked or replaced", conn.conn.peer, device)
@@ -132,6 +254,12 @@ class Guard:
         if now >= self._next_reload:
             self._next_reload = now + RELOAD_CHECK_S
             self._fresh()
+            if self.counter_log is not None and self.counter_log.size >= COUNTER_LOG_COMPACT_BYTES:
+                try:
+                    self.counter_log.compact({d: (c, key_tag(self.credentials[d].mac_key))
+                                              for d, c in self.mac_counters.items() if d in self.credentials})
+                except OSError as exc:
+                    log.warning("could not compact the counter log: %r", exc)
         if self._counters_dirty and now >= self._next_save:
             self._next_save = now + COUNTERS_SAVE_S
             self.save_counters()
@@ -148,8 +276,42 @@ class Guard:
 
     def close(self) -> None:
         self.save_counters()
+        if self.counter_log is not None:
+            self.counter_log.close()
         if self.store is not None:
             self.store.close()
+
+    # ------------------------------------------------------------------ the idempotency keys
+
+    def journaled(self, owed: list[Owed]) -> None:
+        """These packets are journaled (the file appended, or JetStream confirmed): their counters are
+        known now, before any ``A`` goes out. With the file journal they are written beside it."""
+        changed: dict[str, tuple[int, str]] = {}
+        for item in owed:
+            if not item.device:
+                continue
+            self.flying.pop((item.device, item.counter), None)
+            if item.counter > self.mac_counters.get(item.device, -1):
+                self.mac_counters[item.device] = item.counter
+                self._counters_dirty = True
+                if item.tag:
+                    changed[item.device] = (item.counter, item.tag)
+        if changed and self.counter_log is not None:
+            try:
+                self.counter_log.write(changed)
+            except OSError as exc:      # the journal has the packets; a restart may store a resend twice
+                self.counters.add("counter_log_errors")
+                log.warning("could not write the known counters beside the journal: %r", exc)
+
+    def not_journaled(self, owed: Owed) -> None:
+        """Left out (every connection that sent it closed): a resend is journaled anew."""
+        if owed.device:
+            self.flying.pop((owed.device, owed.counter), None)
+
+    def sync_counter_log(self) -> None:
+        """Called with the journal's fsync (``Journal.companion``)."""
+        if self.counter_log is not None:
+            self.counter_log.sync()
 
     # ------------------------------------------------------------------ connections
 
@@ -334,27 +496,38 @@ class Guard:
 
     def _screen_packets(self, conn: Any, session: Session, frames: list[bytes]
                         ) -> tuple[list[bytes], list[tuple[str, bytes]]]:
-        """Authenticated binary packets: check each MAC and counter; pass on the seed-style packets,
-        and the refused ones as rejects (dead letters, never acknowledged)."""
+        """Authenticated binary packets: check each MAC and counter; pass on the seed-style packets (their
+        ``Owed`` in ``session.owed``), and the refused ones as rejects (dead letters, never acknowledged).
+        With shared counters, the first packet of a connection waits until its device's entry is read."""
         passed: list[bytes] = []
         refused: list[tuple[str, bytes]] = []
-        if frames:
-            self._fresh()
+        if not frames:
+            return passed, refused
+        self._fresh()
+        if self.shared is not None and not session.looked_up:
+            if session.hello_pending:
+                session.held.extend(frames)
+                return passed, refused
+            device = self._device_of(frames[0])
+            if device is not None:
+                self._look_up(conn, session, device, frames)
+                return passed, refused
         for framed in frames:
             reason = None
             number = PACKET_HEADER.unpack_from(framed)[4] if len(framed) >= PACKET_HEADER.size else -1
             layout = self.cfg.binary.get(number)
             credential = self.credentials.get(layout.device) if layout is not None else None
             opened = credentials.open_packet(credential.mac_key, framed) if credential is not None else None
+            known = self.mac_counters.get(layout.device, -1) if layout is not None else -1
             if layout is None:
                 reason, counter_name = f"authenticated packet from device number {number}, which has no layout", "binary_unknown"
             elif credential is None:
                 reason, counter_name = f"no credential for {layout.device!r} (device number {number})", "binary_no_credential"
             elif opened is None:
                 reason, counter_name = f"bad MAC for {layout.device!r}", "binary_bad_mac"
-            elif opened[1] <= self.mac_counters.get(layout.device, -1):
-                reason, counter_name = (f"replayed packet for {layout.device!r}: counter {opened[1]} is not above "
-                                        f"{self.mac_counters[layout.device]}"), "binary_replayed"
+            elif opened[1] < known:
+                reason, counter_name = (f"replayed packet for {layout.device!r}: counter {opened[1]} is below "
+                                        f"{known}, journaled already"), "binary_replayed"
             elif session.device and session.device != layout.device:
                 reason, counter_name = f"a second device ({layout.device!r}) on {session.device!r}'s connection", "binary_mixed"
             if reason is not None:
@@ -362,12 +535,73 @@ class Guard:
                 refused.append((reason, framed[:4096]))
                 continue
             assert opened is not None and credential is not None
-            self.mac_counters[credential.device] = opened[1]
-            self._counters_dirty = True
             if not session.device:
                 self._authenticated(conn, session, credential)
+            counter = opened[1]
+            if counter == known:                 # journaled: its A was lost; answer it, store nothing
+                self.counters.add("binary_resent")
+                conn.edge.answer_resent(conn)
+                continue
+            flying = self.flying.get((credential.device, counter))
+            if flying is not None:               # the original is being journaled here: wait for it
+                self.counters.add("binary_resent_waiting")
+                conn.edge.wait_for(conn, flying)
+                continue
+            owed = Owed(conn, credential.device, counter, self._tag(credential))
+            self.flying[(credential.device, counter)] = owed
+            session.owed.append(owed)
             passed.append(opened[0])
         return passed, refused
+
+    def _tag(self, credential: Credential) -> str:
+        tag = self._tags.get(credential.mac_key)
+        if tag is None:
+            tag = self._tags[credential.mac_key] = key_tag(credential.mac_key)
+        return tag
+
+    def _device_of(self, framed: bytes) -> str | None:
+        number = PACKET_HEADER.unpack_from(framed)[4] if len(framed) >= PACKET_HEADER.size else -1
+        layout = self.cfg.binary.get(number)
+        return layout.device if layout is not None and layout.device in self.credentials else None
+
+    def _look_up(self, conn: Any, session: Session, device: str, frames: list[bytes]) -> None:
+        """Read ``device``'s known counter from the shared counters, then screen ``frames`` (and what
+        came meanwhile). Reading stops until then; a cluster that does not answer closes the
+        connection unanswered (the board sends again later)."""
+        assert self.shared is not None
+        session.hello_pending = True
+        session.held.extend(frames)
+        if conn.transport is not None:
+            conn.transport.pause_reading()
+        task = asyncio.ensure_future(self.shared.get(device, self._tag(self.credentials[device])))
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+        task.add_done_callback(lambda f: self._looked_up(conn, session, device, f))
+
+    def _looked_up(self, conn: Any, session: Session, device: str, future: asyncio.Future) -> None:
+        session.hello_pending = False
+        held, session.held = session.held, []
+        if conn.closed or conn.session is not session:
+            return
+        if future.cancelled() or future.exception() is not None:
+            self.counters.add("binary_counter_lookup_failed")
+            self._log("binary_counter_lookup_failed", "closing %s unanswered: cannot read %s's known counter (%r)",
+                      conn.conn.peer, device, None if future.cancelled() else future.exception())
+            conn.close()
+            return
+        session.looked_up = True
+        known = future.result()
+        if known > self.mac_counters.get(device, -1):
+            self.mac_counters[device] = known
+        passed, refused = self._screen_packets(conn, session, held)
+        if passed or refused:
+            conn.edge.accept(conn, passed, refused)
+        if session.eof:
+            conn.close_after_answers()
+            return
+        if conn.transport is not None and not conn.transport.is_closing() and not getattr(conn.edge, "paused", False) \
+                and session.rate_timer is None and not conn.close_when_answered:
+            conn.transport.resume_reading()
 
     def _charge(self, conn: Any, session: Session, count: int) -> None:
         rate = conn.listener.max_frames_per_s

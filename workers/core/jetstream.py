@@ -17,7 +17,10 @@ Two halves, both run inside the edge process (which owns the NATS connection of 
   acknowledge within ``ack_wait_s`` is sent again.
 
 The stream keeps a batch until every consumer listed in ``[journal] consumers`` has it: the feeders
-trim it below the lowest floor. Every edge creates both streams at start (idempotent).
+trim it below the lowest floor. A third replicated stream is the KV bucket ``<stream>_COUNTERS``: the
+highest counter journaled per device for authenticated binary packets (``SharedCounters``, read and
+written by the edges' guards and publishers; docs/scale-out.md "The keys hold across edges"). Every
+edge creates the three at start (idempotent).
 
 ``nats`` (PyPI ``nats-py``, the ``cluster`` extra) is imported only when the backend is used.
 """
@@ -63,7 +66,8 @@ class JournalOptions:
     max_ack_pending: int = 1000                   # batches a consumer may have unacknowledged
     max_bytes: int = 1024 * 1024 * 1024           # stream bound: past it publishes fail, devices wait
     publish_timeout_s: float = 5.0
-    duplicate_window_s: float = 120.0             # a batch published twice in this window is kept once
+    duplicate_window_s: float = 120.0             # a batch published twice in this window is kept once (an
+                                                  # authenticated packet too, from any edge: docs/scale-out.md)
 
     @property
     def subject(self) -> str:
@@ -137,6 +141,7 @@ class StreamLink:
                     # server can leave without a quorum for a while; publishing needs only the stream's.
                     await self.js.stream_info(self.opts.stream)
                     await self.js.stream_info(f"{self.opts.stream}_ACKS")
+                    await self.js.stream_info(f"KV_{self.opts.stream}_COUNTERS")
                     log.warning("jetstream: could not create or check the streams (%s: %s); they exist: using"
                                 " them as they are", type(exc).__name__, exc)
                 self.ready.set()
@@ -162,7 +167,11 @@ class StreamLink:
         acks = StreamConfig(name=f"{opts.stream}_ACKS", subjects=[f"{opts.stream}_ACKS.*"],
                             retention=RetentionPolicy.LIMITS, max_msgs_per_subject=1, storage=StorageType.FILE,
                             num_replicas=opts.replicas, discard=DiscardPolicy.OLD)
-        for config in (batches, acks):
+        counters = StreamConfig(name=f"KV_{opts.stream}_COUNTERS", subjects=[f"$KV.{opts.stream}_COUNTERS.>"],
+                                retention=RetentionPolicy.LIMITS, max_msgs_per_subject=1, storage=StorageType.FILE,
+                                num_replicas=opts.replicas, discard=DiscardPolicy.NEW, allow_rollup_hdrs=True,
+                                deny_delete=True, allow_direct=True)
+        for config in (batches, acks, counters):
             try:
                 await self.js.add_stream(config)
             except BadRequestError as exc:      # exists with another configuration: say so, use it as it is
@@ -194,7 +203,94 @@ class Unpublished:
     record: bytes
     stored: Callable[[int], None]         # called with the stream sequence once JetStream has the batch
     retry: Callable[[], bytes | None]     # before another try: the record to publish now, or None
+    mark: tuple[str, int, str] | None = None   # an authenticated packet: (device, counter, key tag), shared once stored
     tries: int = 0
+    seq: int = 0                          # confirmed by JetStream (the counter still to be shared)
+
+
+KV_KEY_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def kv_key(device: str) -> str:
+    """A device id as a KV key (NATS subject tokens): other characters than [A-Za-z0-9_-] as ``=xx``
+    (their UTF-8 bytes in hex), so that two devices never share a key."""
+    if all(c in KV_KEY_SAFE for c in device):
+        return device
+    return "".join(c if c in KV_KEY_SAFE else "".join(f"={b:02x}" for b in c.encode()) for c in device)
+
+
+class SharedCounters:
+    """The known counters of authenticated binary packets, shared by every edge: a KV bucket
+    ``<stream>_COUNTERS`` replicated like the stream, key the device (``kv_key``), value the highest
+    counter journaled and the tag of the key it was sealed with (ASCII ``"<counter> <tag>"``: a device
+    given a new token counts from the start, and the old key's counter does not hold it back). An edge reads a device's entry before the first packet of each
+    connection (``get``) and writes it after JetStream confirmed a packet, before the ``A``
+    (``advance``, coalesced per device per round of publishes).
+
+    Written after the publish, never with it: written first, a publish that then failed (the edge died
+    before a retry) would leave a counter known that no stream holds, and the board's resend would be
+    answered and stored nowhere. A resend that comes while the entry lags behind the stream (the edge
+    died between the two) is published again under the same message id and JetStream's duplicate
+    window keeps one copy. ``advance`` is a compare-and-set (``update`` with the revision read) so the
+    value only grows: two edges writing one device (a board that went to the other edge meanwhile)
+    never turn it back, which would let a replay of the newer packet through."""
+
+    def __init__(self, link: "StreamLink", counters: Any) -> None:
+        self.link = link
+        self.counters = counters
+        self._kv: Any = None
+        self.revisions: dict[str, tuple[int, str, int]] = {}   # key -> (counter, tag, revision) last seen
+
+    @property
+    def bucket(self) -> str:
+        return f"{self.link.opts.stream}_COUNTERS"
+
+    async def _store(self) -> Any:
+        if self._kv is None:
+            await self.link.ready.wait()
+            assert self.link.js is not None
+            self._kv = await self.link.js.key_value(self.bucket)
+        return self._kv
+
+    async def get(self, device: str, tag: str) -> int:
+        """The highest counter journaled for ``device`` under the key ``tag`` by any edge (-1: none)."""
+        from nats.js.errors import KeyNotFoundError
+        kv = await self._store()
+        key = kv_key(device)
+        self.counters.add("counter_reads")
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            self.revisions.pop(key, None)
+            return -1
+        counter_text, _, known_tag = (entry.value or b"-1").decode().partition(" ")
+        counter = int(counter_text)
+        self.revisions[key] = (counter, known_tag, entry.revision or 0)
+        return counter if known_tag == tag else -1
+
+    async def advance(self, device: str, counter: int, tag: str) -> None:
+        """Make the shared counter of ``device`` at least ``counter`` (under the key ``tag``; another
+        key's is replaced). Raises when the cluster does not answer (the caller tries again)."""
+        from nats.js.errors import KeyWrongLastSequenceError
+        kv = await self._store()
+        key = kv_key(device)
+        value = f"{counter} {tag}".encode()
+        for _ in range(8):
+            known = self.revisions.get(key)
+            if known is not None and known[1] == tag and known[0] >= counter:
+                return
+            try:
+                if known is None:
+                    revision = await kv.create(key, value)
+                else:
+                    revision = await kv.update(key, value, last=known[2])
+                self.revisions[key] = (counter, tag, revision)
+                self.counters.add("counter_writes")
+                return
+            except KeyWrongLastSequenceError:
+                self.counters.add("counter_conflicts")       # another edge wrote it meanwhile: read, retry
+                await self.get(device, tag)
+        raise RuntimeError(f"the shared counter of {device!r} keeps changing under this edge")
 
 
 class BatchPublisher:
@@ -214,14 +310,25 @@ class BatchPublisher:
         self.failing = False
         self.full = False
         self._last_log = -LOG_EVERY_S
+        self.shared: SharedCounters | None = None     # authenticated packets: their counters shared
+        self._tags: dict[str, str] = {}
 
-    def publish(self, record: bytes, stored: Callable[[int], None], retry: Callable[[], bytes | None]) -> None:
+    def publish(self, record: bytes, stored: Callable[[int], None], retry: Callable[[], bytes | None],
+                msg_id: str | None = None, mark: tuple[str, int, str] | None = None) -> None:
         """Queue a batch; ``stored(seq)`` once confirmed. After a failed try, ``retry()`` gives the record
-        to publish instead (the same id: if the failed try did reach the stream, it is the one kept)."""
-        self._count += 1
-        self.queue.append(Unpublished(f"{self._prefix}{self._count}", record, stored, retry))
+        to publish instead (the same id: if the failed try did reach the stream, it is the one kept).
+        ``msg_id``: an id of the caller's (an authenticated packet's key); ``mark``: (device, counter,
+        key tag) advanced in the shared counters once the batch is confirmed, before ``stored``."""
+        if msg_id is None:
+            self._count += 1
+            msg_id = f"{self._prefix}{self._count}"
+        self.queue.append(Unpublished(msg_id, record, stored, retry, mark))
         self.wake.set()
         self.check_full()
+
+    def packet_id(self, device: str, counter: int, tag: str) -> str:
+        """The message id of an authenticated packet, the same on every edge."""
+        return f"p-{tag}-{kv_key(device)}-{counter}"
 
     def check_full(self) -> bool:
         """Past ``PUBLISH_HIGH`` waiting (or while JetStream refuses), full until below ``PUBLISH_LOW``."""
@@ -242,31 +349,53 @@ class BatchPublisher:
                 self.wake.clear()
                 await self.wake.wait()
             batch = [self.queue[i] for i in range(min(len(self.queue), PUBLISH_CONCURRENCY))]
+            sending = [item for item in batch if not item.seq]      # (the others: stored, to be shared)
             results = await asyncio.gather(*(js.publish(subject, item.record, headers={"Nats-Msg-Id": item.msg_id})
-                                             for item in batch), return_exceptions=True)
+                                             for item in sending), return_exceptions=True)
             failed: list[Unpublished] = []
-            for item, result in zip(batch, results):
+            error: BaseException | None = None
+            for item, result in zip(sending, results):
                 if isinstance(result, BaseException):
                     item.tries += 1
                     failed.append(item)
+                    error = error or result
                     continue
-                self.queue.remove(item)
                 if result.duplicate:
                     self.counters.add("publish_duplicates")
                 self.counters.add("published")
-                item.stored(result.seq)
+                item.seq = result.seq
+            confirmed = [item for item in batch if item.seq]
+            marks: dict[str, tuple[int, str]] = {}
+            for item in confirmed:                # coalesced: one write per device per round
+                if item.mark is not None and item.mark[1] > marks.get(item.mark[0], (-1, ""))[0]:
+                    marks[item.mark[0]] = item.mark[1:]
+            if marks and self.shared is not None:
+                shared = self.shared
+                outcomes = await asyncio.gather(*(shared.advance(d, c, t) for d, (c, t) in marks.items()),
+                                                return_exceptions=True)
+                unshared = {d for d, outcome in zip(marks, outcomes) if isinstance(outcome, BaseException)}
+                if unshared:          # stored, not yet shared: no A yet; the next round tries again
+                    self.counters.add("counter_write_errors", len(unshared))
+                    error = error or next(o for o in outcomes if isinstance(o, BaseException))
+                    failed.extend(item for item in confirmed if item.mark is not None and item.mark[0] in unshared)
+                    confirmed = [item for item in confirmed if item.mark is None or item.mark[0] not in unshared]
+            for item in confirmed:
+                self.queue.remove(item)
+                item.stored(item.seq)
             if failed:
                 self.counters.add("publish_errors", len(failed))
                 now = time.monotonic()
                 if not self.failing or now - self._last_log >= LOG_EVERY_S:
                     self._last_log = now
-                    log.error("jetstream: %d batch(es) not confirmed (%s); holding them, acknowledging nothing,"
-                              " device reads paused; trying again", len(failed), results[batch.index(failed[0])])
+                    log.error("jetstream: %d batch(es) not confirmed (%r); holding them, acknowledging nothing,"
+                              " device reads paused; trying again", len(failed), error)
                 self.failing = True
                 self.check_full()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, PUBLISH_RETRY_MAX_S)
                 for item in failed:
+                    if item.seq:                 # in the stream: its counter is shared before anything else
+                        continue
                     record = item.retry()
                     if record is None:           # nothing left that anyone waits for
                         self.queue.remove(item)
@@ -555,16 +684,23 @@ async def forget_server(opts: JournalOptions, server: str, timeout_s: float = 5.
     import nats
     nc = await nats.connect(list(opts.servers), connect_timeout=timeout_s, max_reconnect_attempts=1,
                             allow_reconnect=False, name="sensorpipe-forget-server")
+    said: list[str] = []
     try:
-        reply = await nc.request(f"$JS.API.STREAM.PEER.REMOVE.{opts.stream}", json.dumps({"peer": server}).encode(),
-                                 timeout=timeout_s)
-        answer = json.loads(reply.data)
-        error = answer.get("error")
-        if error and "not a member" in str(error.get("description", "")):
-            # JetStream already placed the replica elsewhere (it does once a new server has joined)
-            return f"stream {opts.stream}: no replica on {server} (moved already)"
-        if error:
-            raise RuntimeError(error.get("description", str(error)))
-        return f"stream {opts.stream}: replica moved off {server}"
+        # the batches, the consumers' floors and the shared counters (KV bucket): each has a replica
+        for stream in (opts.stream, f"{opts.stream}_ACKS", f"KV_{opts.stream}_COUNTERS"):
+            reply = await nc.request(f"$JS.API.STREAM.PEER.REMOVE.{stream}", json.dumps({"peer": server}).encode(),
+                                     timeout=timeout_s)
+            answer = json.loads(reply.data)
+            error = answer.get("error")
+            if error and "not a member" in str(error.get("description", "")):
+                # JetStream already placed the replica elsewhere (it does once a new server has joined)
+                said.append(f"stream {stream}: no replica on {server} (moved already)")
+            elif error and answer.get("error", {}).get("err_code") == 10059 and stream != opts.stream:
+                said.append(f"stream {stream}: none (made by the first edge that starts)")   # not found
+            elif error:
+                raise RuntimeError(f"stream {stream}: {error.get('description', str(error))}")
+            else:
+                said.append(f"stream {stream}: replica moved off {server}")
+        return "\n".join(said)
     finally:
         await nc.close()

@@ -22,7 +22,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Iterable, NamedTuple
+from typing import Callable, Collection, Iterable, NamedTuple
 
 import orjson
 
@@ -76,6 +76,8 @@ class Journal:
         self.fsyncs = 0
         self.torn_bytes = 0              # cut off on recovery (a record a crash left half-written)
         self.skipped_on_recovery = 0     # records the checkpoint showed acknowledged by every sink
+        # a file written along with the journal (the guard's known counters): fsynced with it
+        self.companion: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -179,6 +181,8 @@ class Journal:
     def sync(self) -> None:
         if self._dirty and self._fd >= 0:
             os.fdatasync(self._fd)
+            if self.companion is not None:
+                self.companion()
             self.fsyncs += 1
             self._dirty = False
         self._last_fsync = time.monotonic()

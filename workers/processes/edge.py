@@ -44,10 +44,10 @@ from workers.core.config import Config, Listener
 from workers.core.envelope import Conn
 from workers.core.credentials import PACKET_TRAILER
 from workers.core.framing import make_framer
-from workers.core.guard import Guard, Session
+from workers.core.guard import Guard, Owed, Session
 from workers.core.inflight import InFlight, InFlightLedger
 from workers.core.journal import Journal, JournalError
-from workers.core.jetstream import MAX_EDGES, BatchPublisher, StreamFeeder, StreamLink
+from workers.core.jetstream import MAX_EDGES, BatchPublisher, SharedCounters, StreamFeeder, StreamLink
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class DeviceConnection(asyncio.Protocol):
         self.finished = False          # the framer's finish() has run (hang-up, or the edge cut it off)
         self.held = 0                  # bytes of an unfinished frame the framer keeps (edge-wide budget)
         self.acks_owed = 0             # binary packets read, not yet journaled and answered with an A
+        self.last_owed: Owed | None = None   # the newest of them (a resend's A goes out behind it)
         self.close_when_answered = False   # the board half-closed, or a bad header ended its stream
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,6 +200,9 @@ class Edge:
         self.guard = Guard(cfg, self.counters)
         self.journal = Journal(Path(cfg.data_dir) / "journal", cfg.edge.journal_segment_bytes,
                                cfg.edge.fsync, cfg.edge.fsync_interval_ms / 1000)
+        if not streamed:
+            self.guard.keep_counters_beside(self.journal.directory)
+            self.journal.companion = self.guard.sync_counter_log
         self.connections: set[DeviceConnection] = set()
         self.per_listener: dict[str, int] = {}
         self.inflight = InFlightLedger(self.sinks, cfg.edge.redeliver_after_s)
@@ -225,7 +229,7 @@ class Edge:
         self.sweep_interval = min([SWEEP_INTERVAL_S, *(lst.idle_timeout_s / 4 for lst in cfg.listeners)])
         self._batch_conns: dict[int, int] = {}
         self._batch_conn_list: list[Conn] = []
-        self._binary_acks: list[DeviceConnection] = []
+        self._binary_acks: list[Owed] = []      # the binary packets of the pending batch, in order
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flush_urgent = False              # the timer is due at ack_max_delay_ms
         self._batch_started = 0.0               # loop time of the pending batch's first frame
@@ -238,6 +242,8 @@ class Edge:
             self.link = StreamLink(cfg.journal, cfg.journal.all_consumers(local),
                                    f"sensorpipe-edge-{cfg.journal.edge_id}")
             self.publisher = BatchPublisher(self.link, cfg.journal.edge_id, self.counters)
+            if self.guard.store is not None:     # authenticated packets: their counters shared by every edge
+                self.guard.shared = self.publisher.shared = SharedCounters(self.link, self.counters)
             if local:
                 self.feeder = StreamFeeder(self.link, local, self._feed, lambda: self.outq.qsize() < OUTQ_LOW,
                                            self.counters)
@@ -346,6 +352,7 @@ class Edge:
             index = self._batch_conns[conn.conn.conn_id] = len(self._batch_conn_list)
             self._batch_conn_list.append(conn.conn)
         pending = self._pending
+        start = len(pending)
         if len(frames) == 1:              # a board's write: one line (the common case, made cheap)
             frame = frames[0]
             self._pending_bytes += len(frame)
@@ -361,9 +368,33 @@ class Edge:
                      rejects[0][0], rejects[0][1][:60])
         self.counters.add("frames", len(frames))
         if conn.binary and frames:
-            self._binary_acks.extend([conn] * len(frames))
+            session = conn.session
+            owed: list[Owed] = []
+            if session is not None and session.owed:      # authenticated: the guard's, with their keys
+                owed, session.owed = session.owed, []
+            if len(owed) != len(frames):
+                owed = [Owed(conn) for _ in frames]
+            for pos, item in enumerate(owed, start):
+                item.pos = pos
+            self._binary_acks.extend(owed)
             conn.acks_owed += len(frames)
+            conn.last_owed = owed[-1]
         self._schedule(urgent=conn.binary and bool(frames))
+
+    def answer_resent(self, conn: DeviceConnection) -> None:
+        """A packet journaled before (its ``A`` was lost) came again: ``A``, in order behind what the
+        connection still waits for, and nothing stored."""
+        if conn.acks_owed and conn.last_owed is not None:
+            self.wait_for(conn, conn.last_owed)
+        elif conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.write(BINARY_ACK)
+            self.counters.add("binary_acks")
+
+    def wait_for(self, conn: DeviceConnection, owed: Owed) -> None:
+        """``conn`` gets an ``A`` when ``owed`` is journaled (and keeps it from being left out)."""
+        owed.conns.append(conn)
+        conn.acks_owed += 1
+        conn.last_owed = owed
 
     def inject(self, conns: list[Conn], body: bytes, route: list[bytes] | None = None, ref: int = 0) -> None:
         """Frames from another worker (replay, MQTT): journaled and pushed like device frames. The
@@ -422,10 +453,10 @@ class Edge:
             self._flush_timer = None
         if not self._pending:
             return
-        record = envelope.journal_record(self._batch_conn_list, envelope.pack_frames(self._pending))
         if self.publisher is not None:
-            self._publish(record)
+            self._publish()
             return
+        record = envelope.journal_record(self._batch_conn_list, envelope.pack_frames(self._pending))
         try:
             seq, location = self.journal.append(record)
         except OSError as exc:
@@ -441,6 +472,7 @@ class Edge:
         if self.journal_failing:
             log.info("journal writable again")
             self.journal_failing = False
+        self.guard.journaled(self._binary_acks)   # the counters known (and written beside) before any A
         self._answer_boards(self._binary_acks)    # journaled: now the boards may clear their buffers
         self._answer_injectors(seq)
         self.inflight[seq] = InFlight(location, set(self.sinks), time.monotonic())
@@ -450,21 +482,72 @@ class Edge:
         self._pending_bytes = 0
         self._check_pressure()
 
-    def _publish(self, record: bytes) -> None:
-        """The batch to JetStream; its boards and injectors are answered once JetStream confirmed it."""
+    def _publish(self) -> None:
+        """The batch to JetStream; its boards and injectors are answered once JetStream confirmed it.
+
+        An authenticated packet goes as a batch of its own, under the message id of its idempotency key
+        (``p-<key tag>-<device>-<counter>``): when a board sent it again to another edge because the
+        ``A`` did not come (this edge slow, cut off, dead after publishing), JetStream's duplicate window
+        keeps one copy whichever edge publishes first, and the other is answered as stored. Its counter
+        then goes to the shared counters (``SharedCounters``) before the ``A``, for resends after the
+        window."""
         assert self.publisher is not None
         boards, replies = self._binary_acks, self._inject_replies
         conns, frames, index_of = self._batch_conn_list, self._pending, self._batch_conns
         self._inject_replies = []
+        keyed = [owed for owed in boards if owed.device]
+        if keyed:
+            alone = {owed.pos for owed in keyed}
+            for owed in keyed:
+                self._publish_packet(owed, conns, frames[owed.pos])
+            boards = [owed for owed in boards if not owed.device]
+            frames = [frame for pos, frame in enumerate(frames) if pos not in alone]
+        if frames:
+            record = envelope.journal_record(conns, envelope.pack_frames(frames))
+            self._publish_rest(record, boards, replies, conns, frames, index_of)
+        elif replies:
+            self._answer_injectors(0, replies)
+        self.counters.add("batches")
+        self._pending, self._batch_conns, self._batch_conn_list, self._binary_acks = [], {}, [], []
+        self._pending_bytes = 0
+        self._check_pressure()
+
+    def _publish_packet(self, owed: Owed, conns: list[Conn], frame: tuple[bytes, int, int]) -> None:
+        assert self.publisher is not None
+        record = envelope.journal_record([conns[frame[2]]], envelope.pack_frames([(frame[0], frame[1], 0)]))
+
+        def still_wanted() -> bytes | None:
+            if owed.gone():
+                self.counters.add("unpublished_frames_of_gone_boards")
+                return None
+            return record
+
+        def stored(seq: int) -> None:
+            if seq:
+                self.guard.journaled([owed])
+            else:
+                self.guard.not_journaled(owed)
+            self._answer_boards([owed])
+            if self.paused:
+                self._check_pressure()
+
+        self.publisher.publish(record, stored, still_wanted,
+                               msg_id=self.publisher.packet_id(owed.device, owed.counter, owed.tag),
+                               mark=(owed.device, owed.counter, owed.tag))
+
+    def _publish_rest(self, record: bytes, boards: list[Owed], replies: list[tuple[list[bytes], int]],
+                      conns: list[Conn], frames: list[tuple[bytes, int, int]], index_of: dict[int, int]) -> None:
+        assert self.publisher is not None
 
         def without_gone_boards() -> bytes | None:
             """Before a publish is tried again: the packets of boards that gave up waiting for their A
             (closed) are left out; they send them again, to this edge or another, and would otherwise
             be stored twice, at two arrival stamps. None: nothing is left to publish."""
-            gone = {index_of[c.conn.conn_id] for c in boards if c.closed and c.conn is not None}
-            if not gone:
+            gone_conns = {index_of[c.conn.conn_id] for owed in boards for c in owed.conns
+                          if owed.gone() and c.conn is not None and c.conn.conn_id in index_of}
+            if not gone_conns:
                 return record
-            kept = [frame for frame in frames if frame[2] & ~envelope.REJECTED not in gone]
+            kept = [frame for frame in frames if frame[2] & ~envelope.REJECTED not in gone_conns]
             self.counters.add("unpublished_frames_of_gone_boards", len(frames) - len(kept))
             return envelope.journal_record(conns, envelope.pack_frames(kept)) if kept else None
 
@@ -475,10 +558,6 @@ class Edge:
                 self._check_pressure()
 
         self.publisher.publish(record, stored, without_gone_boards)
-        self.counters.add("batches")
-        self._pending, self._batch_conns, self._batch_conn_list, self._binary_acks = [], {}, [], []
-        self._pending_bytes = 0
-        self._check_pressure()
 
     def _feed(self, seq: int, record: bytes, targets: list[str] | None) -> None:
         """A batch from the stream to this host's parsers (``StreamFeeder``)."""
@@ -494,14 +573,17 @@ class Edge:
             return
         self.outq.put_nowait((seq, envelope.frames_message(seq, conns, body, targets)))
 
-    def _answer_boards(self, boards: list[DeviceConnection]) -> None:
-        for conn in boards:
-            if not conn.closed and conn.transport is not None:
-                conn.transport.write(BINARY_ACK)
-                self.counters.add("binary_acks")
-            conn.acks_owed -= 1
-            if conn.close_when_answered and not conn.acks_owed:
-                conn.close()                      # after the A: close() sends what is buffered first
+    def _answer_boards(self, boards: list[Owed]) -> None:
+        for owed in boards:
+            for conn in owed.conns:
+                if not conn.closed and conn.transport is not None:
+                    conn.transport.write(BINARY_ACK)
+                    self.counters.add("binary_acks")
+                conn.acks_owed -= 1
+                if conn.last_owed is owed and not conn.acks_owed:
+                    conn.last_owed = None
+                if conn.close_when_answered and not conn.acks_owed:
+                    conn.close()                  # after the A: close() sends what is buffered first
 
     def _answer_injectors(self, seq: int, replies: list[tuple[list[bytes], int]] | None = None) -> None:
         if replies is None:
