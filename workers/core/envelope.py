@@ -236,6 +236,7 @@ def parse_frames_header(raw: bytes) -> tuple[int | None, list[str] | None, list[
 def iter_frames(body: bytes, conns: Sequence[Conn]) -> Iterator[Frame]:
     pos, end, size = 0, len(body), _FRAME_HEAD.size
     unpack = _FRAME_HEAD.unpack_from
+    new = tuple.__new__               # Frame(...) without the Python-level __new__: once per frame
     while pos < end:
         if pos + size > end:
             raise EnvelopeError("truncated frame header")
@@ -251,7 +252,7 @@ def iter_frames(body: bytes, conns: Sequence[Conn]) -> Iterator[Frame]:
             reason, _, raw = payload.partition(b"\n")
             yield Frame(raw, ts, conns[ci], reason.decode(errors="replace"))
         else:
-            yield Frame(payload, ts, conns[ci])
+            yield new(Frame, (payload, ts, conns[ci], None))
 
 
 # --------------------------------------------------------------------------- readings
