@@ -105,7 +105,7 @@ def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Ev
         for key in opts.fields_keys:
             if isinstance(obj.get(key), dict):
                 return _measurement(device, ts, obj[key], (), frame)
-    if keys.isdisjoint(opts.fields_keys):
+    else:
         fields = obj.copy()
         if device_key is not None:
             del fields[device_key]
