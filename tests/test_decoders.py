@@ -13,8 +13,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from workers.core import envelope
 from workers.core.config import from_dict
+from workers.core.envelope import Event, Reading
 from workers.decoders import REGISTRY, Context, DecodeError
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -115,3 +119,53 @@ def test_a_value_the_envelope_cannot_carry_costs_only_its_own_frame(tmp_path: Pa
     assert letter.raw == b"big" and "outside the 64-bit signed integers" in letter.reason
     assert parser.counters["unstorable_frames"] == 1
     parser.deadletters.close()
+
+
+scalars = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2 ** 63), 2 ** 64 - 1),
+                    st.booleans(), st.text(max_size=8), st.none(), st.lists(st.integers(-(2 ** 63), 2 ** 63 - 1), max_size=2),
+                    st.dictionaries(st.text(max_size=3), st.floats(allow_nan=False), max_size=2))
+
+
+@given(members=st.dictionaries(st.sampled_from(["temp", "humi", "rssi", "device", "id", "ts", "time", "Value",
+                                                "x y", "=", ""]), scalars, max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_the_json_short_path_gives_what_the_general_path_gives(members: dict) -> None:
+    """A flat object of numbers or text becomes its reading without a loop per member; whatever the
+    members, the result (or the error) is the general path's, member order included."""
+    from workers.decoders import json as json_decoder
+
+    frame = orjson.dumps(members)
+    ctx = Context("peer", RECV_TS, CONFIG)
+
+    def general(obj: dict) -> object:
+        # the general path alone: what decode gave before the short path existed
+        saved = json_decoder._NUMBERS, json_decoder._TEXT_AND_INTEGERS
+        json_decoder._NUMBERS = json_decoder._TEXT_AND_INTEGERS = frozenset()
+        try:
+            return json_decoder.decode(frame, ctx)
+        except DecodeError as exc:
+            return exc.reason
+        finally:
+            json_decoder._NUMBERS, json_decoder._TEXT_AND_INTEGERS = saved
+
+    try:
+        got: object = json_decoder.decode(frame, ctx)
+    except DecodeError as exc:
+        got = exc.reason
+    expected = general(members)
+    assert got == expected
+    if isinstance(got, list):
+        assert [type(i) for i in got] == [type(i) for i in expected]
+        assert [list(i.fields) for i in got if isinstance(i, Reading)] == \
+               [list(i.fields) for i in expected if isinstance(i, Reading)]
+
+
+def test_a_readings_message_with_a_row_of_the_wrong_length_is_refused() -> None:
+    header = envelope.readings_message([3], b"")[1]
+    good = orjson.dumps([[["d1", 1, {"t": 1.5}, {}]], [["d1", 1, "door", {}]]])
+    seqs, readings, events = envelope.parse_readings(header, good)
+    assert seqs == [3] and readings == [Reading("d1", 1, {"t": 1.5}, {})] and type(readings[0]) is Reading
+    assert events == [Event("d1", 1, "door", {})] and type(events[0]) is Event
+    for body in (b'[[["d1", 1, {"t": 1.5}]], []]', b'[[], [["d1", 1, "door", {}, 5]]]', b'[[5], []]'):
+        with pytest.raises(envelope.EnvelopeError):
+            envelope.parse_readings(header, body)

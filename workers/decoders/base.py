@@ -28,6 +28,8 @@ class Context(NamedTuple):
     config: "Config"
 
 
+_new = tuple.__new__
+
 Decoder = Callable[[bytes, Context], list[Reading | Event]]
 
 
@@ -44,7 +46,7 @@ def measurement(device: str, ts: int, fields: dict, failed: list[str]) -> list[R
             break
     out: list[Reading | Event] = []
     if fields:
-        out.append(Reading(device, ts, fields, {}))
+        out.append(_new(Reading, (device, ts, fields, {})))   # Reading(...) without its Python __new__
     if failed:
         out.append(Event(device, ts, "failed_read", {"fields": failed}))
     return out

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from workers.decoders.base import Context
 
 MAX_DEPTH = 8
+_NUMBERS = frozenset((float, int, bool))
+_TEXT_AND_INTEGERS = frozenset((str, int, bool))       # no float, so nothing to check for NaN
+_new = tuple.__new__                                   # Reading(...) without its Python __new__
 ACK_KEY = "cmd_ack"       # a device's answer to a command (docs/commands.md)
 
 
@@ -64,23 +67,22 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
 
 
 def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Event]:
-    # Every frame of a JSON board comes through here: membership tests run in C (isdisjoint) and the
-    # common shapes (a string device id, an epoch timestamp) take the short path.
+    # Every frame of a JSON board comes through here, so the common shape (a string device id, an
+    # epoch timestamp, flat numbers) is checked with C calls (isdisjoint, a set of the value types,
+    # one sum) rather than a Python loop per member; anything else takes the general path below.
     opts = ctx.config.decoders.json
     device = ctx.device
-    used: set[str] = set()
+    device_key = time_key = None
     for key in opts.device_keys:
         value = obj.get(key)
         if value is None:
             continue
         if type(value) is str:
             if value:
-                device = value
-                used.add(key)
+                device, device_key = value, key
                 break
         elif isinstance(value, int) and not isinstance(value, bool):
-            device = str(value)
-            used.add(key)
+            device, device_key = str(value), key
             break
     ts = ctx.recv_ts
     for key in opts.time_keys:
@@ -90,27 +92,46 @@ def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Ev
                 ts = epoch_to_ns(raw) if type(raw) is int else to_ns(raw)
             except ValueError as exc:
                 raise DecodeError(f"{key}: {exc}", frame) from None
-            used.add(key)
+            time_key = key
             break
-    if not obj.keys().isdisjoint(opts.event_keys):
+    keys = obj.keys()
+    if not keys.isdisjoint(opts.event_keys):
         for key in opts.event_keys:
             if key in obj:
                 # {"cmd":"heartU"} is a "heartU" event; a command ack {"cmd_ack":"c42",...} a "cmd_ack" one
                 return [Event(device, ts, key if key == ACK_KEY else str(obj[key]), obj)]
 
-    source = obj
-    if not obj.keys().isdisjoint(opts.fields_keys):
+    if not keys.isdisjoint(opts.fields_keys):
         for key in opts.fields_keys:
             if isinstance(obj.get(key), dict):
-                source, used = obj[key], set()
-                break
+                return _measurement(device, ts, obj[key], (), frame)
+    else:
+        fields = obj.copy()
+        if device_key is not None:
+            del fields[device_key]
+        if time_key is not None:
+            del fields[time_key]
+        if fields:
+            values = fields.values()
+            kinds = set(map(type, values))
+            if kinds <= _NUMBERS:
+                total = sum(values)
+                if total - total == 0:       # every number finite (NaN and infinities go the long way)
+                    return [_new(Reading, (device, ts, fields, {}))]
+            elif kinds <= _TEXT_AND_INTEGERS:
+                return [_new(Reading, (device, ts, fields, {}))]
+    return _measurement(device, ts, obj, (device_key, time_key), frame)
+
+
+def _measurement(device: str, ts: int, source: dict, used: tuple, frame: bytes) -> list[Reading | Event]:
+    """The general path: nested members flattened, ``null`` a failed read, NaN set apart."""
     fields: dict[str, FieldValue] = {}
     failed: list[str] = []
     for key, value in source.items():
         if key in used:
             continue
         kind = type(value)
-        if kind is float or kind is int or kind is str or kind is bool:     # the common case, inline
+        if kind is float or kind is int or kind is str or kind is bool:
             fields[key] = value
         else:
             _flatten(key, value, fields, failed, 0)

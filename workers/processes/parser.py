@@ -125,6 +125,8 @@ class Parser:
         dead: list[DeadLetter] = []
         last: dict[str, tuple[int, envelope.Conn]] = {}      # device -> its newest frame's (arrival, conn)
         sources: dict[int, tuple[str, str, Decoder]] = {}     # id(conn) -> decoder name, device, decoder
+        cfg = self.cfg
+        new = tuple.__new__              # a Context per frame without the NamedTuple's Python __new__
         for frame in envelope.iter_frames(body, conns):
             conn = frame.conn
             source = sources.get(id(conn))                    # conns are shared by a batch's frames
@@ -137,7 +139,7 @@ class Parser:
                                        frame.reject, frame.payload))
                 continue
             try:
-                items = decoder(frame.payload, Context(default_device, frame.recv_ts, self.cfg))
+                items = decoder(frame.payload, new(Context, (default_device, frame.recv_ts, cfg)))
             except DecodeError as exc:
                 dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
                                        exc.reason, frame.payload))
