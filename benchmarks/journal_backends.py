@@ -78,6 +78,18 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
+def run_for(seconds: float, stop: threading.Event, threads: list[threading.Thread]) -> float:
+    """Start the senders, let them send for ``seconds``, stop and join them; when they began."""
+    began = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return began
+
+
 def flat_out(p: Pipeline, seconds: float, procs: list[psutil.Process]) -> tuple[float, float]:
     stop = threading.Event()
     base_ms = int(time.time() * 1000) - 10_000_000
@@ -93,14 +105,7 @@ def flat_out(p: Pipeline, seconds: float, procs: list[psutil.Process]) -> tuple[
 
     before_rows = p.count_rows()
     cpu_before = cpu_seconds(procs)
-    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(SENDERS)]
-    began = time.monotonic()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
+    began = run_for(seconds, stop, [threading.Thread(target=send, args=(i,), daemon=True) for i in range(SENDERS)])
     # everything sent is stored in the end: readings/s is what was stored over the time until the last
     # reading was in (the backlog included), not over the sending time
     last, last_growth = -1, time.monotonic()
@@ -186,14 +191,7 @@ def boards_run(p: Pipeline, seconds: float, procs: list[psutil.Process], keys: d
 
     before_rows = p.count_rows()
     cpu_before = cpu_seconds(procs)
-    threads = [threading.Thread(target=board, args=(number,), daemon=True) for number in keys]
-    began = time.monotonic()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
+    began = run_for(seconds, stop, [threading.Thread(target=board, args=(number,), daemon=True) for number in keys])
     elapsed = time.monotonic() - began
     expected = before_rows + sent[0] * RECORDS_PER_PACKET
     wait_for(lambda: p.count_rows() >= expected, timeout=60, message="every reading stored")

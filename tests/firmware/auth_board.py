@@ -24,6 +24,16 @@ def firmware():
     return fakeboard.reset()
 
 
+
+def battery_board():
+    # Device number 7, a measurement a minute, awake every two minutes.
+    Config.TRANSPORT = "binary"
+    Config.BATTERY = True
+    Config.DEVICE_NUMBER = 7
+    Config.MEASURE_S = 60
+    Config.WAKE_S = 120
+
+
 if MODE == "json":
     fakeboard.dht = [(20.0 + i / 10, 50.0 + i) for i in range(3)]
     board = firmware().App(Config)
@@ -31,11 +41,7 @@ if MODE == "json":
     board.close()
     print("json", len(board.backlog))
 elif MODE == "battery":
-    Config.TRANSPORT = "binary"
-    Config.BATTERY = True
-    Config.DEVICE_NUMBER = 7
-    Config.MEASURE_S = 60
-    Config.WAKE_S = 120
+    battery_board()
     fakeboard.dht = [(10.0 + i / 10, 60.0) for i in range(3)]
     for _ in range(3):  # sends at wakes 1 and 3
         try:
@@ -47,11 +53,7 @@ elif MODE == "battery":
 elif MODE == "resend":
     # BINARY_PORT is a proxy that drops the A of the first packet (the server journaled it): the
     # packet stays on flash and goes again, byte for byte, before the next one is sealed.
-    Config.TRANSPORT = "binary"
-    Config.BATTERY = True
-    Config.DEVICE_NUMBER = 7
-    Config.MEASURE_S = 60
-    Config.WAKE_S = 120
+    battery_board()
     Config.ACK_TIMEOUT_S = 2
     fakeboard.dht = [(30.0 + i / 10, 60.0) for i in range(3)]
     for wake in range(3):  # sends at wakes 1 (A lost) and 3 (the kept packet again, then a new one)
