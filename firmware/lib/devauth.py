@@ -89,27 +89,36 @@ def seal(conf, packet, path=COUNTER_FILE):
 
 def pending(path=PENDING_FILE):
     # (the sealed packet waiting for its `A`, how often it went unanswered),
-    # or (None, 0).
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None, 0
-    if len(data) < 2:
-        return None, 0
-    return data[1:], data[0]
+    # or (None, 0). The new file is read when a reset came between removing
+    # the old one and renaming the new (see keep).
+    for name in (path, path + ".new"):
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if len(data) >= 2:
+            return data[1:], data[0]
+    return None, 0
 
 
 def keep(data, tries=0, path=PENDING_FILE):
-    # Written whole, then renamed over the old one: a reset mid-write
-    # never leaves half a packet (it would never be answered).
+    # Written whole to a new file, then renamed: a reset mid-write never
+    # leaves half a packet (it would never be answered). FAT (the ESP8266's
+    # default) cannot rename over a file, so the old one is removed first.
     import os
-    with open(path + ".tmp", "wb") as f:
+    with open(path + ".new", "wb") as f:
         f.write(bytes([min(tries, 255)]) + data)
-    os.rename(path + ".tmp", path)
+    _remove(path)
+    os.rename(path + ".new", path)
 
 
 def answered(path=PENDING_FILE):
+    _remove(path)
+    _remove(path + ".new")
+
+
+def _remove(path):
     import os
     try:
         os.remove(path)

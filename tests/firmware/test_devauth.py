@@ -32,6 +32,29 @@ def test_the_board_signs_and_greets_as_the_server_checks(firmware_path, tmp_path
     assert counter.read_text() == "3"
 
 
+def test_the_kept_packet_survives_fat_and_a_reset_between_its_writes(firmware_path, tmp_path, monkeypatch) -> None:
+    """FAT (the ESP8266's flash) cannot rename over a file: the kept packet is rewritten all the same,
+    and a reset after the old file was removed and before the new one was renamed loses nothing."""
+    import os
+
+    import devauth
+
+    def fat_rename(src: str, dst: str) -> None:
+        if os.path.exists(dst):
+            raise OSError(17, "EEXIST")
+        os.replace(src, dst)
+
+    monkeypatch.setattr(os, "rename", fat_rename)
+    path = str(tmp_path / "auth_pending")
+    devauth.keep(b"sealed-1", 0, path)
+    devauth.keep(b"sealed-1", 1, path)                  # unanswered once: written again, over the old one
+    assert devauth.pending(path) == (b"sealed-1", 1)
+    os.replace(path, path + ".new")                     # the reset: old removed, new not renamed yet
+    assert devauth.pending(path) == (b"sealed-1", 1)
+    devauth.answered(path)
+    assert devauth.pending(path) == (None, 0) and not os.listdir(tmp_path)
+
+
 def readings(p: Pipeline, device: str) -> list[float]:
     if not (p.data / "sensorpipe.db").exists():
         return []
