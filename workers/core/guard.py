@@ -514,8 +514,7 @@ class Guard:
                 return passed, refused
         for framed in frames:
             reason = None
-            number = PACKET_HEADER.unpack_from(framed)[4] if len(framed) >= PACKET_HEADER.size else -1
-            layout = self.cfg.binary.get(number)
+            number, layout = self._layout_of(framed)
             credential = self.credentials.get(layout.device) if layout is not None else None
             opened = credentials.open_packet(credential.mac_key, framed) if credential is not None else None
             known = self.mac_counters.get(layout.device, -1) if layout is not None else -1
@@ -559,9 +558,13 @@ class Guard:
             tag = self._tags[credential.mac_key] = key_tag(credential.mac_key)
         return tag
 
-    def _device_of(self, framed: bytes) -> str | None:
+    def _layout_of(self, framed: bytes) -> tuple[int, Any]:
+        """A packet's device number and its ``[binary]`` layout (None: no such layout)."""
         number = PACKET_HEADER.unpack_from(framed)[4] if len(framed) >= PACKET_HEADER.size else -1
-        layout = self.cfg.binary.get(number)
+        return number, self.cfg.binary.get(number)
+
+    def _device_of(self, framed: bytes) -> str | None:
+        layout = self._layout_of(framed)[1]
         return layout.device if layout is not None and layout.device in self.credentials else None
 
     def _look_up(self, conn: Any, session: Session, device: str, frames: list[bytes]) -> None:

@@ -311,7 +311,6 @@ class BatchPublisher:
         self.full = False
         self._last_log = -LOG_EVERY_S
         self.shared: SharedCounters | None = None     # authenticated packets: their counters shared
-        self._tags: dict[str, str] = {}
 
     def publish(self, record: bytes, stored: Callable[[int], None], retry: Callable[[], bytes | None],
                 msg_id: str | None = None, mark: tuple[str, int, str] | None = None) -> None:

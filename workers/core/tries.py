@@ -36,13 +36,13 @@ class BatchTries:
     def for_role(cls, data_dir: str | Path, role: str) -> "BatchTries":
         return cls(Path(data_dir) / "tries" / role)
 
-    def _path(self, key: int | str) -> Path:
-        return self.directory / str(key)
+    def _path(self, key: int | str) -> str:
+        return os.path.join(self._dir, str(key))      # os calls, not pathlib: every batch of every worker
 
     def count(self, key: int | str) -> int:
         """Tries noted for ``key`` and not finished."""
         try:
-            fd = os.open(os.path.join(self._dir, str(key)), os.O_RDONLY)
+            fd = os.open(self._path(key), os.O_RDONLY)
         except OSError:
             return 0
         try:
@@ -56,9 +56,9 @@ class BatchTries:
         """Note one more try of the batch made of ``keys``; returns the most tries any of them has had,
         this one included."""
         most = 0
-        for key in keys:       # os calls, not pathlib: every batch of every worker passes here
+        for key in keys:
             tries = self.count(key) + 1
-            path = os.path.join(self._dir, str(key))
+            path = self._path(key)
             tmp = path + ".tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -76,7 +76,7 @@ class BatchTries:
     def done(self, keys: Iterable[int | str]) -> None:
         for key in keys:
             try:
-                os.unlink(os.path.join(self._dir, str(key)))
+                os.unlink(self._path(key))
             except FileNotFoundError:
                 pass
 

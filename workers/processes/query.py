@@ -97,22 +97,15 @@ class LatestValues:
             if known is None:
                 known = devices[device] = {}
             newest = last_seen.get(device, 0)
-            if ts >= newest:      # the device's newest reading (a fleet's every one): each of its fields wins
-                for field, value in fields.items():
-                    if type(value) not in FIELD_TYPES:
-                        bad += 1
-                        continue
-                    known[field] = (value, ts)
-                if ts > newest:
-                    last_seen[device] = ts
-                continue
+            wins = ts >= newest   # the device's newest reading (a fleet's every one): each of its fields wins
             for field, value in fields.items():
                 if type(value) not in FIELD_TYPES:
                     bad += 1
                     continue
-                seen = known.get(field)
-                if seen is None or ts >= seen[1]:
+                if wins or (seen := known.get(field)) is None or ts >= seen[1]:
                     known[field] = (value, ts)
+            if ts > newest:
+                last_seen[device] = ts
         return bad
 
 

@@ -47,6 +47,7 @@ import orjson
 
 from workers.core.rollupstore import RollupMarks
 from workers.core.runtime import Counters, open_wal_db
+from workers.core.storable import INT_MAX, INT_MIN
 from workers.core.envelope import ROLLUP_TAG, EnvelopeError, rollup_stats
 from workers.sinks import Batch, PermanentError, TransientError
 
@@ -147,7 +148,6 @@ DROP TABLE devices;
 WAL_CHECKPOINT_PAGES = 10_000
 FOLD_EVERY_S = 5.0       # newest values and presence go from latest_log into their tables this often
 FOLD_MAX_KEYS = 200_000  # or once this many (device, field) and devices wait in memory
-INT_MIN, INT_MAX = -2**63, 2**63 - 1
 
 UPSERT_ROLLUP = (
     "INSERT INTO rollups (device, field, window, start, count, min, max, mean, last)"
@@ -176,20 +176,23 @@ def _not_finite(fields: dict) -> bool:
     return any(type(value) is float and value - value != 0.0 for value in fields.values())
 
 
-def _merge(into_latest: dict[tuple[str, str], tuple[int, object]], into_seen: dict[str, tuple],
-           latest: dict[tuple[str, str], tuple[int, object]], seen: list) -> None:
-    """A commit's newest values and presence over older ones: a newer ts wins, of two at one ts the later."""
-    for key, entry in latest.items():
-        known = into_latest.get(key)
-        if known is None or entry[0] >= known[0]:
-            into_latest[key] = entry
-    for row in seen:
-        known = into_seen.get(row[0])
+def _merge_latest(into: dict[tuple[str, str], tuple[int, object]], rows: list) -> None:
+    """Newest values ``[device, field, ts, value]`` over older ones: a newer ts wins, of two at one ts the later."""
+    for device, field, ts, value in rows:
+        known = into.get((device, field))
+        if known is None or ts >= known[0]:
+            into[(device, field)] = (ts, value)
+
+
+def _merge_seen(into: dict[str, tuple], rows: list) -> None:
+    """Presence rows ``(device, last_seen, via, peer, offline_after_s)`` likewise, per device."""
+    for row in rows:
+        known = into.get(row[0])
         if known is None or row[1] >= known[1]:
-            into_seen[row[0]] = row
+            into[row[0]] = row
 
 
-_NEVER = ("", -2**63)
+_NEVER = ("", INT_MIN)
 
 
 def _unstorable(exc: Exception) -> str:
@@ -261,7 +264,8 @@ class SqliteSink:
         latest: dict[tuple[str, str], tuple[int, object]] = {}
         seen: dict[str, tuple] = {}
         for log_latest, log_seen in self.db.execute("SELECT latest, seen FROM latest_log ORDER BY id"):
-            _merge(latest, seen, {(d, f): (ts, v) for d, f, ts, v in orjson.loads(log_latest)}, orjson.loads(log_seen))
+            _merge_latest(latest, orjson.loads(log_latest))
+            _merge_seen(seen, orjson.loads(log_seen))
         self.unfolded_latest, self.unfolded_seen = latest, seen
         self._fold_now()
 
@@ -334,8 +338,8 @@ class SqliteSink:
         events = [(e.device, e.ts, e.kind, orjson.dumps(e.body).decode()) for e in batch.events]
         devices: dict[str, tuple] = {}
         if batch.seen:
-            _merge({}, devices, {}, [(s.device, s.ts, s.listener, s.peer, self.offline_after_s(s.device))
-                                     for s in batch.seen if s.ts >= self.unfolded_seen.get(s.device, _NEVER)[1]])
+            _merge_seen(devices, [(s.device, s.ts, s.listener, s.peer, self.offline_after_s(s.device))
+                                  for s in batch.seen if s.ts >= self.unfolded_seen.get(s.device, _NEVER)[1]])
         try:      # the log a kill leaves behind; folded into latest_rows and device_rows every FOLD_EVERY_S
             log_row = (orjson.dumps([(d, f, ts, v) for (d, f), (ts, v) in latest.items()]).decode(),
                        orjson.dumps(list(devices.values())).decode())
