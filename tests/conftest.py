@@ -1,6 +1,6 @@
 import pytest
 
-pytest_plugins = ["tests.pipeline", "tests.servers"]
+pytest_plugins = ["tests.servers", "tests.pipeline"]
 
 # A test that uses one of these needs what `make test-servers` installs (VictoriaMetrics, mongoeco,
 # Mosquitto, MicroPython) or starts worker processes on real sockets: it is marked ``servers``. Every
