@@ -56,6 +56,20 @@ def newest_per_field(readings: list[Reading]) -> list[Reading]:
     """What the query worker's latest values need of a batch: per device its newest reading, and an
     older one only for a field the newer ones lack. A board whose 20 readings share a batch then costs
     the query worker one reading instead of 20; ``readings`` itself when there is nothing to drop."""
+    newest: dict[str, Reading] = {}
+    for reading in readings:           # the usual batch: each device's readings in time order, the newest
+        device = reading[0]            # with every field of the older ones: only the newest is needed
+        older = newest.get(device)
+        if older is not None and (reading[1] < older[1] or not reading[2].keys() >= older[2].keys()):
+            break
+        newest[device] = reading
+    else:
+        return readings if len(newest) == len(readings) else list(newest.values())
+    return newest_per_field_general(readings)
+
+
+def newest_per_field_general(readings: list[Reading]) -> list[Reading]:
+    """``newest_per_field`` for any batch (readings out of time order, fields that come and go)."""
     by_device: dict[str, list[Reading]] = {}
     for reading in readings:
         group = by_device.get(reading.device)
@@ -137,7 +151,8 @@ class Parser:
         dead: list[DeadLetter] = []
         last: dict[str, tuple[int, envelope.Conn]] = {}      # device -> its newest frame's (arrival, conn)
         cfg = self.cfg
-        sources = [self.source_of(conn) for conn in conns]
+        known_source, source_of = self.sources.get, self.source_of
+        sources = [known_source(id(conn)) or source_of(conn) for conn in conns]
         fast = fast and not check
         flat, loads, known, tagged = self.flat, orjson.loads, self.known.known, self.tagged
         add_reading = readings.append
@@ -194,8 +209,8 @@ class Parser:
         """(conn, decoder name, default device, decoder, JSON_ANY / JSON_OBJECTS / None, authenticated
         device) for frames from ``conn``; kept while the connection lasts (``parse_frames_header``
         hands the same Conn object to every batch of one connection)."""
-        source = self.sources.get(id(conn))
-        if source is None or source[0] is not conn:
+        source = self.sources.get(id(conn))     # (the table holds the conn: its id is not reused meanwhile)
+        if source is None:
             name, device = self.source(conn)
             decoder = REGISTRY[name]
             json_like = JSON_ANY if decoder is json_decoder.decode else JSON_OBJECTS if decoder is auto.decode else None
