@@ -174,7 +174,8 @@ plain_keys = st.sampled_from(["temp", "hum", "rssi", "k" * 257, "id", "ts", "tim
 @st.composite
 def fast_batches(draw: st.DrawFn) -> tuple[list[envelope.Conn], bytes]:
     conns = [envelope.Conn(1, "in", "10.0.0.7:5000"), envelope.Conn(2, "in", "10.0.0.8:5000", "d1", ()),
-             envelope.Conn(3, "in", "10.0.0.9:5000", "gw-7", ("d*",)), envelope.Conn(4, "json", "10.0.0.7:5001")]
+             envelope.Conn(3, "in", "10.0.0.9:5000", "gw-7", ("d*",)), envelope.Conn(4, "json", "10.0.0.7:5001"),
+             envelope.Conn(5, "json", ":5002")]                       # (no address: no default device)
     frames = []
     for i in range(draw(st.integers(min_value=1, max_value=6))):
         obj = draw(st.one_of(st.dictionaries(fast_keys, fast_values, max_size=5),
@@ -188,7 +189,7 @@ def fast_batches(draw: st.DrawFn) -> tuple[list[envelope.Conn], bytes]:
         except TypeError:
             raw = repr(obj).encode()
         raw = draw(st.sampled_from([raw, raw, b" " + raw, raw[:-1], b"[" + raw + b"]"]))
-        frames.append((raw, RECV_TS + i, draw(st.integers(min_value=0, max_value=3))))
+        frames.append((raw, RECV_TS + i, draw(st.integers(min_value=0, max_value=4))))
     return conns, envelope.pack_frames(frames)
 
 

@@ -90,7 +90,7 @@ def flat_reader(opts: JsonOptions) -> Callable[[dict, str, int, int], Reading | 
     scalars, new, reading = _SCALARS, _new, Reading
 
     def read(doc: dict, device: str, recv_ts: int, size: int) -> Reading | None:
-        if not doc.keys().isdisjoint(special):
+        if not special.isdisjoint(doc):
             return None
         fields = doc.copy()
         for key in device_keys:
@@ -110,7 +110,7 @@ def flat_reader(opts: JsonOptions) -> Callable[[dict, str, int, int], Reading | 
                 if ts > TS_MAX:
                     return None
                 break
-        if not fields or len(device) > MAX_ID_CHARS or not device.isprintable() or "" in fields:
+        if not fields or not device or len(device) > MAX_ID_CHARS or not device.isprintable() or "" in fields:
             return None
         if size > MAX_ID_CHARS and max(map(len, fields)) > MAX_ID_CHARS:     # (a longer name needs more bytes)
             return None
