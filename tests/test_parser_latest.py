@@ -34,6 +34,16 @@ def test_an_older_reading_stays_for_a_field_the_newer_ones_lack() -> None:
     assert _latest(kept) == _latest(readings)
 
 
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 4),
+                               st.sets(st.sampled_from(["t", "h", "v"]), min_size=1)), max_size=12))
+def test_the_in_order_shortcut_keeps_what_the_general_grouping_keeps(rows: list) -> None:
+    readings = [Reading(d, ts, {f: float(ts) for f in sorted(fields)}, {}) for d, ts, fields in rows]
+    kept = newest_per_field(readings)
+    assert kept == newest_per_field_general(readings)
+    assert _latest(kept) == _latest(readings)
+
+
 def test_of_equal_timestamps_the_later_wins_as_in_the_query_worker() -> None:
     readings = [Reading("a", 7, {"t": 1.0}, {}), Reading("a", 7, {"t": 2.0}, {})]
     kept = newest_per_field(readings)
@@ -87,12 +97,3 @@ def test_latest_values_are_the_same_whichever_order_and_path_readings_take() -> 
         batched.apply_readings(rows[cut:])
         assert (batched.devices, batched.last_seen) == (one_by_one.devices, one_by_one.last_seen)
 
-
-@settings(max_examples=200, deadline=None)
-@given(rows=st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 4),
-                               st.sets(st.sampled_from(["t", "h", "v"]), min_size=1)), max_size=12))
-def test_the_in_order_shortcut_keeps_what_the_general_grouping_keeps(rows: list) -> None:
-    readings = [Reading(d, ts, {f: float(ts) for f in sorted(fields)}, {}) for d, ts, fields in rows]
-    kept = newest_per_field(readings)
-    assert kept == newest_per_field_general(readings)
-    assert _latest(kept) == _latest(readings)
