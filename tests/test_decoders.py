@@ -169,3 +169,21 @@ def test_a_readings_message_with_a_row_of_the_wrong_length_is_refused() -> None:
     for body in (b'[[["d1", 1, {"t": 1.5}]], []]', b'[[], [["d1", 1, "door", {}, 5]]]', b'[[5], []]'):
         with pytest.raises(envelope.EnvelopeError):
             envelope.parse_readings(header, body)
+
+
+def test_the_flat_reader_takes_only_what_every_store_keeps() -> None:
+    """``flat_reader`` (the parser's fast path) gives None for what ``storable.problem`` would refuse."""
+    from workers.core import storable
+    from workers.decoders.json import JsonOptions, flat_reader
+
+    read = flat_reader(JsonOptions())
+    good = read(orjson.loads(b'{"device":"d1","ts":1732260000,"t":21.5,"n":3}'), "peer", 5, 40)
+    assert good == Reading("d1", 1_732_260_000_000_000_000, {"t": 21.5, "n": 3}, {})
+    assert storable.problem(good) is None
+    assert read(orjson.loads(b'{"t":21.5}'), "", 5, 10) is None                     # no device at all
+    assert read(orjson.loads(b'{"device":"d\\u0001","t":1}'), "peer", 5, 20) is None
+    assert read(orjson.loads(b'{"device":"d1","t":9223372036854775808}'), "peer", 5, 40) is None
+    assert read(orjson.loads(b'{"device":"d1","t":1,"s":"x"}'), "peer", 5, 30) is None   # text beside an integer
+    assert read(orjson.loads(b'{"device":"d1","t":null}'), "peer", 5, 30) is None
+    assert read(orjson.loads(b'{"device":"d1","cmd":"heartU"}'), "peer", 5, 30) is None
+    assert read(orjson.loads(b'{"device":"d1","ts":99999999999999999999,"t":1}'), "peer", 5, 50) is None

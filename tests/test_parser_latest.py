@@ -1,6 +1,9 @@
 """What the parser publishes to the query worker: only what its latest values need of a batch."""
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from workers.core.envelope import Reading
-from workers.processes.parser import newest_per_field
+from workers.processes.parser import newest_per_field, newest_per_field_general
 from workers.processes.query import LatestValues
 
 
@@ -28,6 +31,16 @@ def test_an_older_reading_stays_for_a_field_the_newer_ones_lack() -> None:
                 Reading("a", 2, {"h": 40.0}, {}), Reading("a", 0, {"t": 0.5}, {})]
     kept = newest_per_field(readings)
     assert sorted(r.ts for r in kept) == [1, 2, 3]
+    assert _latest(kept) == _latest(readings)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 4),
+                               st.sets(st.sampled_from(["t", "h", "v"]), min_size=1)), max_size=12))
+def test_the_in_order_shortcut_keeps_what_the_general_grouping_keeps(rows: list) -> None:
+    readings = [Reading(d, ts, {f: float(ts) for f in sorted(fields)}, {}) for d, ts, fields in rows]
+    kept = newest_per_field(readings)
+    assert kept == newest_per_field_general(readings)
     assert _latest(kept) == _latest(readings)
 
 
@@ -83,3 +96,4 @@ def test_latest_values_are_the_same_whichever_order_and_path_readings_take() -> 
         batched.apply_readings(rows[:cut])
         batched.apply_readings(rows[cut:])
         assert (batched.devices, batched.last_seen) == (one_by_one.devices, one_by_one.last_seen)
+

@@ -157,6 +157,91 @@ def test_every_binary_packet_is_stored_or_dead_lettered_and_its_records_never_sh
         assert all(RECV_TS - 256 < t <= RECV_TS for t in times)
 
 
+# --------------------------------------------------------------------------- the parser's fast path
+
+# Frames near the JSON fast path's edges (workers.decoders.json.flat_reader): its keys, its value kinds,
+# the 64-bit and 256-character bounds, control characters, epoch units; from plain and authenticated
+# connections, devices with tags, and more devices than the cap admits.
+fast_keys = st.sampled_from(["device", "device_id", "id", "name", "ts", "time", "timestamp", "cmd", "cmd_ack",
+                             "value", "data", "temp", "hum", "", "k" * 257, "rollup"])
+fast_values = st.one_of(numbers, st.booleans(), st.none(), texts, st.sampled_from(
+    ["d1", "d2", "gw-7", "d\x01", "x" * 257, "", 1_732_260_000, 1_732_260_000_123, 1_732_260_000_123_456,
+     1_732_260_000_123_456_789, 10 ** 17 - 1, 2 ** 63, -5, 2.5, [1, None], {"t": 1}]))
+
+plain_keys = st.sampled_from(["temp", "hum", "rssi", "k" * 257, "id", "ts", "time"])
+
+
+@st.composite
+def fast_batches(draw: st.DrawFn) -> tuple[list[envelope.Conn], bytes]:
+    conns = [envelope.Conn(1, "in", "10.0.0.7:5000"), envelope.Conn(2, "in", "10.0.0.8:5000", "d1", ()),
+             envelope.Conn(3, "in", "10.0.0.9:5000", "gw-7", ("d*",)), envelope.Conn(4, "json", "10.0.0.7:5001"),
+             envelope.Conn(5, "json", ":5002")]                       # (no address: no default device)
+    frames = []
+    for i in range(draw(st.integers(min_value=1, max_value=6))):
+        obj = draw(st.one_of(st.dictionaries(fast_keys, fast_values, max_size=5),
+                             st.dictionaries(plain_keys, st.one_of(numbers, st.booleans(), st.sampled_from(
+                                 ["on", "", "\x00"])), min_size=1, max_size=4)))
+        if draw(st.booleans()):
+            obj = {"device": draw(st.sampled_from(["d1", "d2", "d3", "gw-7", "tagged", "y" * 300])),
+                   "ts": draw(st.sampled_from([1_732_260_000_123, 1_732_260_000, -1, 2 ** 62])), **obj}
+        try:
+            raw = orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:
+            raw = repr(obj).encode()
+        raw = draw(st.sampled_from([raw, raw, b" " + raw, raw[:-1], b"[" + raw + b"]"]))
+        frames.append((raw, RECV_TS + i, draw(st.integers(min_value=0, max_value=4))))
+    return conns, envelope.pack_frames(frames)
+
+
+@pytest.fixture(scope="module")
+def fast_and_general(tmp_path_factory) -> Iterator[tuple]:
+    """Two parsers of one configuration, each with its own state (known devices, counters)."""
+    from workers.processes.parser import Parser
+
+    made = []
+    for name in ("fast", "general"):
+        cfg = from_dict({"data_dir": str(tmp_path_factory.mktemp(name)), "sinks": {"sqlite": {"enabled": True}},
+                         "limits": {"max_devices": 6},
+                         "devices": {"tagged": {"tags": {"place": "north", "rollup": "1m"}}},
+                         "replies": [{"match": {"cmd": "heartU"}, "reply": {"ok": 1}}],
+                         "listeners": [{"name": "in", "bind": "127.0.0.1:7000", "decoder": "auto"},
+                                       {"name": "json", "bind": "127.0.0.1:7001", "decoder": "json"}]})
+        made.append(Parser(cfg))
+    yield tuple(made)
+    for parser in made:
+        parser.deadletters.close()
+        parser.known.close()
+
+
+@MODEST
+@given(batch=fast_batches())
+def test_the_parsers_fast_path_gives_what_the_general_path_gives(fast_and_general: tuple, batch: tuple) -> None:
+    fast, general = fast_and_general
+    conns, body = batch
+    got = fast.decode_batch(conns, body), fast.last, fast.acks, fast.replies, dict(fast.counters)
+    want = (general.decode_batch(conns, body, fast=False), general.last, general.acks, general.replies,
+            dict(general.counters))
+    assert got == want
+    assert [list(r) for r in got[0][0]] == [list(r) for r in want[0][0]]    # field order too
+    fast.acks, fast.replies, general.acks, general.replies = [], [], [], []
+
+
+conn_rows = st.lists(st.one_of(
+    st.tuples(st.integers(1, 3), st.sampled_from(["text", "in"]), st.sampled_from(["10.0.0.1:1", "10.0.0.2:1"])),
+    st.tuples(st.integers(1, 3), st.just("text"), st.sampled_from(["10.0.0.1:1", "10.0.0.2:1"]),
+              st.sampled_from(["d1", "d2"]), st.lists(st.sampled_from(["d*", "e?", 1, 1.0, True]), max_size=2))), max_size=4)
+
+
+@MODEST
+@given(batches=st.lists(conn_rows, max_size=5))
+def test_a_parsers_table_of_connections_gives_what_unpacking_each_header_gives(batches: list) -> None:
+    """Connection ids and peers reused with another listener, device or patterns: never a stale Conn."""
+    known: dict = {}
+    for rows in batches:
+        raw = orjson.dumps({"seq": 1, "targets": None, "conns": [list(r) for r in rows]})
+        assert envelope.parse_frames_header(raw, known) == envelope.parse_frames_header(raw)
+
+
 # --------------------------------------------------------------------------- what sinks are handed
 
 ids = st.one_of(st.text(min_size=0, max_size=12), st.sampled_from(["", "a\x00b", "x" * 300, "dev\nice", "é"]))

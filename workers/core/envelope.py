@@ -225,13 +225,68 @@ def parse_injected(message: Sequence[bytes]) -> tuple[int, int | None, str | Non
         raise EnvelopeError(f"bad injected reply: {exc}") from None
 
 
-def parse_frames_header(raw: bytes) -> tuple[int | None, list[str] | None, list[Conn]]:
+KNOWN_CONNS_MAX = 65536          # a parser's ``known`` table of connections: emptied when it grows past this
+
+
+def parse_frames_header(raw: bytes, known: dict[str, tuple[list, Conn]] | None = None
+                        ) -> tuple[int | None, list[str] | None, list[Conn]]:
+    """(seq, targets, conns). ``known``, the caller's table of connections from earlier batches (by
+    peer): a connection packed as it was then is the same ``Conn`` object, not unpacked again. The
+    edge's connections outlive many batches, and in a fleet each frame of a batch is from its own."""
     try:
         header = orjson.loads(raw)
-        conns = [_parse_conn(c) for c in header["conns"]]
+        if known is None:
+            conns = [_parse_conn(c) for c in header["conns"]]
+        else:
+            conns = []
+            add = conns.append
+            get = known.get
+            for c in header["conns"]:
+                try:
+                    hit = get(c[2])
+                except (TypeError, KeyError, IndexError):  # not a list of three or more: _parse_conn says why
+                    hit = None
+                if hit is not None and hit[0] == c:             # the same id, listener, peer and device
+                    add(hit[1])
+                    continue
+                conn = _parse_conn(c)
+                if _plain(c):                  # (1 == 1.0 == True, but str() of them differ: not kept)
+                    if len(known) >= KNOWN_CONNS_MAX:
+                        known.clear()
+                    known[c[2]] = (c, conn)
+                add(conn)
         return header.get("seq"), header.get("targets"), conns
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
         raise EnvelopeError(f"bad frames header: {exc}") from None
+
+
+def _plain(c: object) -> bool:
+    """A packed connection whose texts are all str: one that only an equal list unpacks the same as."""
+    return (type(c) is list and type(c[1]) is str and type(c[2]) is str
+            and (len(c) == 3 or type(c[3]) is str and all(type(p) is str for p in c[4])))
+
+
+def frame_rows(body: bytes, n_conns: int) -> list[tuple[bytes, int, int, str | None]]:
+    """``iter_frames`` as a list of (payload, arrival ns, index into the conns, reject reason or None):
+    the parser's loop, one tuple per frame and no generator to resume."""
+    rows: list[tuple[bytes, int, int, str | None]] = []
+    add = rows.append
+    pos, end, size = 0, len(body), _FRAME_HEAD.size
+    unpack = _FRAME_HEAD.unpack_from
+    while pos < end:
+        if pos + size > end:
+            raise EnvelopeError("truncated frame header")
+        length, ts, ci = unpack(body, pos)
+        pos += size
+        start, pos = pos, pos + length
+        if pos > end or ci >= n_conns:
+            if ci & REJECTED and pos <= end and ci & ~REJECTED < n_conns:
+                reason, _, raw = body[start:pos].partition(b"\n")
+                add((raw, ts, ci & ~REJECTED, reason.decode(errors="replace")))
+                continue
+            raise EnvelopeError("truncated frame or bad connection index")
+        add((body[start:pos], ts, ci, None))
+    return rows
 
 
 def iter_frames(body: bytes, conns: Sequence[Conn]) -> Iterator[Frame]:
@@ -261,7 +316,7 @@ def iter_frames(body: bytes, conns: Sequence[Conn]) -> Iterator[Frame]:
 
 def readings_body(readings: Sequence[Reading], events: Sequence[Event]) -> bytes:
     # orjson does not serialize NamedTuples; plain tuples are arrays.
-    return orjson.dumps([[tuple(r) for r in readings], [tuple(e) for e in events]])
+    return orjson.dumps([list(map(tuple, readings)), list(map(tuple, events))])
 
 
 def readings_message(seqs: Sequence[int], body: bytes, seen: Sequence[Seen] = ()) -> list[bytes]:

@@ -18,13 +18,14 @@ objects.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import orjson
 
 from workers.decoders.base import DecodeError, measurement
 from workers.decoders.timestamps import epoch_to_ns, to_ns
 from workers.core.envelope import Event, FieldValue, Reading
+from workers.core.storable import INT_MAX, MAX_ID_CHARS, TS_MAX
 
 if TYPE_CHECKING:
     from workers.decoders.base import Context
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 MAX_DEPTH = 8
 _NUMBERS = frozenset((float, int, bool))
 _TEXT_AND_INTEGERS = frozenset((str, int, bool))       # no float, so nothing to check for NaN
+_SCALARS = frozenset((float, int, bool, str))
 _new = tuple.__new__                                   # Reading(...) without its Python __new__
 ACK_KEY = "cmd_ack"       # a device's answer to a command (docs/commands.md)
 
@@ -50,6 +52,11 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
         doc = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"invalid JSON: {exc}", frame) from None
+    return decode_doc(doc, ctx, frame)
+
+
+def decode_doc(doc: object, ctx: "Context", frame: bytes) -> list[Reading | Event]:
+    """``decode`` of a frame already loaded (``frame`` is for the error)."""
     if type(doc) is dict:
         out = _decode_object(doc, ctx, frame)
         if not out:
@@ -64,6 +71,60 @@ def decode(frame: bytes, ctx: "Context") -> list[Reading | Event]:
     if not out:
         raise DecodeError("no objects in frame", frame)
     return out
+
+
+def flat_reader(opts: JsonOptions) -> Callable[[dict, str, int, int], Reading | None]:
+    """``read(doc, device, recv_ts, size)``: the reading ``decode_doc`` makes of ``doc`` (loaded from a
+    frame of ``size`` bytes, ``device`` and ``recv_ts`` as in ``Context``) when it is the common shape
+    and every store can keep it as it is (``storable.problem`` is None); None for anything else, which
+    ``decode_doc`` and the parser's checks then take the general way.
+
+    The common shape: a flat object, the first device key a non-empty printable string (or none), the
+    first time key an epoch integer (or none), no event or fields key, and values that are numbers,
+    or text with no integer beside it. The parser calls it for every frame of a JSON board, so it is
+    a handful of C calls. One ``max`` checks both that every value is a number (comparing any other
+    JSON value with a number raises) and the 64-bit bound: orjson gives no NaN nor infinity, and an
+    integer it gives is at least -2**63, so only the top bound is left to check."""
+    device_keys, time_keys = opts.device_keys, opts.time_keys
+    special = frozenset((*opts.event_keys, *opts.fields_keys))
+    scalars, new, reading = _SCALARS, _new, Reading
+
+    def read(doc: dict, device: str, recv_ts: int, size: int) -> Reading | None:
+        if not special.isdisjoint(doc):
+            return None
+        fields = doc.copy()
+        for key in device_keys:
+            if key in fields:
+                device = fields.pop(key)
+                if type(device) is not str or not device:
+                    return None
+                break
+        ts = recv_ts
+        for key in time_keys:
+            if key in fields:
+                raw = fields.pop(key)
+                if type(raw) is not int or raw < 0:
+                    return None
+                ts = (raw * 1_000_000_000 if raw < 100_000_000_000 else raw * 1_000_000 if raw < 100_000_000_000_000
+                      else raw * 1_000 if raw < 100_000_000_000_000_000 else raw)       # epoch_to_ns
+                if ts > TS_MAX:
+                    return None
+                break
+        if not fields or not device or len(device) > MAX_ID_CHARS or not device.isprintable() or "" in fields:
+            return None
+        if size > MAX_ID_CHARS and max(map(len, fields)) > MAX_ID_CHARS:     # (a longer name needs more bytes)
+            return None
+        values = fields.values()
+        try:                 # raises for any value not a number: text, null, a list or an object
+            if max(values) > INT_MAX:
+                return None
+        except TypeError:
+            kinds = set(map(type, values))
+            if not kinds <= scalars or int in kinds:
+                return None
+        return new(reading, (device, ts, fields, {}))
+
+    return read
 
 
 def _decode_object(obj: dict, ctx: "Context", frame: bytes) -> list[Reading | Event]:

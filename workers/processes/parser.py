@@ -35,7 +35,8 @@ from workers.core.credentials import may_write_as
 from workers.core.deadletters import DeadLetter, DeadLetterStore
 from workers.core.knowndevices import KnownDevices
 from workers.core.tries import BatchTries
-from workers.decoders import REGISTRY, Context, DecodeError, Decoder
+from workers.decoders import REGISTRY, Context, DecodeError, Decoder, auto
+from workers.decoders import json as json_decoder
 from workers.core.envelope import Ack, Downlink, Event, Reading, Seen
 from workers.core.templates import TemplateError, TopicTemplate, matches, render_reply
 
@@ -48,12 +49,27 @@ REPLY_MAX_AGE_S = 30.0    # a heartbeat older than this (replayed from the journ
 PRESENCE_REFRESH_S = 10.0  # a device seen again the same way is told on at most this often (or a tenth
                            # of its offline_after_s): a fleet's presence costs per device, not per reading
 ACK_KIND = "cmd_ack"
+JSON_ANY, JSON_OBJECTS = "json", "auto"   # source_of: the decoder reads every frame / a "{" frame as JSON
 
 
 def newest_per_field(readings: list[Reading]) -> list[Reading]:
     """What the query worker's latest values need of a batch: per device its newest reading, and an
     older one only for a field the newer ones lack. A board whose 20 readings share a batch then costs
     the query worker one reading instead of 20; ``readings`` itself when there is nothing to drop."""
+    newest: dict[str, Reading] = {}
+    for reading in readings:           # the usual batch: each device's readings in time order, the newest
+        device = reading[0]            # with every field of the older ones: only the newest is needed
+        older = newest.get(device)
+        if older is not None and (reading[1] < older[1] or not reading[2].keys() >= older[2].keys()):
+            break
+        newest[device] = reading
+    else:
+        return readings if len(newest) == len(readings) else list(newest.values())
+    return newest_per_field_general(readings)
+
+
+def newest_per_field_general(readings: list[Reading]) -> list[Reading]:
+    """``newest_per_field`` for any batch (readings out of time order, fields that come and go)."""
     by_device: dict[str, list[Reading]] = {}
     for reading in readings:
         group = by_device.get(reading.device)
@@ -103,6 +119,10 @@ class Parser:
                                     for device, extra in cfg.devices.items() if extra.offline_after_s is not None}
         self.acks: list[Ack] = []
         self.replies: list[Downlink] = []
+        self.conns: dict[str, tuple[list, envelope.Conn]] = {}    # parse_frames_header's table (by peer)
+        self.sources: dict[int, tuple] = {}                       # id(conn) -> source_of(conn), conn held
+        self.flat = json_decoder.flat_reader(cfg.decoders.json)
+        self.tagged = frozenset(device for device, extra in cfg.devices.items() if extra.tags)
 
     def source(self, conn: envelope.Conn) -> tuple[str, str]:
         """(decoder name, default device id) for frames from ``conn``."""
@@ -116,51 +136,88 @@ class Parser:
             return mqtt[0].decoder, mqtt[1].device(conn.peer) or conn.peer
         return "auto", conn.peer.rsplit(":", 1)[0]
 
-    def decode_batch(self, conns: list[envelope.Conn], body: bytes, check: bool = False
+    def decode_batch(self, conns: list[envelope.Conn], body: bytes, check: bool = False, fast: bool = True
                      ) -> tuple[list[Reading], list[Event], list[DeadLetter]]:
         """Decode every frame of a batch. ``check``: also set aside a frame whose values the envelope
-        cannot carry (the slow path, taken only after a batch failed to serialize)."""
+        cannot carry (the slow path, taken only after a batch failed to serialize).
+
+        A JSON frame (decoder ``json``, or ``auto`` and a frame starting with ``{``) of the common flat
+        shape (``json.flat_reader``), from a device already known, with no configured tags, that its
+        connection may report for, is taken here with no further call; everything else goes the
+        general way (``_take``) with the same result, as ``fast=False`` does for every frame (the
+        property tests hold the two to each other)."""
         readings: list[Reading] = []
         events: list[Event] = []
         dead: list[DeadLetter] = []
         last: dict[str, tuple[int, envelope.Conn]] = {}      # device -> its newest frame's (arrival, conn)
-        sources: dict[int, tuple[str, str, Decoder]] = {}     # id(conn) -> decoder name, device, decoder
         cfg = self.cfg
+        known_source, source_of = self.sources.get, self.source_of
+        sources = [known_source(id(conn)) or source_of(conn) for conn in conns]
+        fast = fast and not check
+        flat, loads, known, tagged = self.flat, orjson.loads, self.known.known, self.tagged
+        add_reading = readings.append
         new = tuple.__new__              # a Context per frame without the NamedTuple's Python __new__
-        for frame in envelope.iter_frames(body, conns):
-            conn = frame.conn
-            source = sources.get(id(conn))                    # conns are shared by a batch's frames
-            if source is None:
-                name, device = self.source(conn)
-                source = sources[id(conn)] = (name, device, REGISTRY[name])
-            decoder_name, default_device, decoder = source
-            if frame.reject is not None:
-                dead.append(DeadLetter(frame.recv_ts, "edge", conn.listener, conn.peer, default_device,
-                                       frame.reject, frame.payload))
+        for payload, recv_ts, ci, reject in envelope.frame_rows(body, len(conns)):
+            conn, decoder_name, default_device, decoder, json_like, auth = sources[ci]
+            if reject is not None:
+                dead.append(DeadLetter(recv_ts, "edge", conn.listener, conn.peer, default_device, reject, payload))
                 continue
             try:
-                items = decoder(frame.payload, new(Context, (default_device, frame.recv_ts, cfg)))
+                if fast and json_like and (payload[:1] == b"{" or json_like is JSON_ANY):
+                    try:
+                        doc = loads(payload)
+                    except orjson.JSONDecodeError:
+                        items = decoder(payload, new(Context, (default_device, recv_ts, cfg)))  # its DecodeError
+                    else:
+                        reading = flat(doc, default_device, recv_ts, len(payload)) if type(doc) is dict else None
+                        if reading is not None:
+                            device = reading[0]
+                            if (device in known and device not in tagged
+                                    and (not auth or device == auth)):
+                                last[device] = (recv_ts, conn)
+                                add_reading(reading)
+                                continue
+                            items = [reading]
+                        else:
+                            items = json_decoder.decode_doc(doc, new(Context, (default_device, recv_ts, cfg)),
+                                                            payload)
+                else:
+                    items = decoder(payload, new(Context, (default_device, recv_ts, cfg)))
             except DecodeError as exc:
-                dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
-                                       exc.reason, frame.payload))
+                dead.append(DeadLetter(recv_ts, "parser", conn.listener, conn.peer, default_device,
+                                       exc.reason, payload))
                 continue
             except Exception as exc:  # a decoder bug must not cost anyone else's data
-                log.exception("decoder %s failed on %r", decoder_name, frame.payload[:80])
-                dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
+                log.exception("decoder %s failed on %r", decoder_name, payload[:80])
+                dead.append(DeadLetter(recv_ts, "parser", conn.listener, conn.peer, default_device,
                                        f"the {decoder_name} decoder could not read this frame (a bug in"
-                                       f" sensorpipe; replay it once fixed): {exc}"[:300], frame.payload))
+                                       f" sensorpipe; replay it once fixed): {exc}"[:300], payload))
                 continue
             try:
-                reason = self._take(items, frame, conn, check, readings, events, last)
+                reason = self._take(items, payload, recv_ts, conn, check, readings, events, last)
             except Exception as exc:  # a bug after decoding must cost this frame only, never the batch
-                log.exception("failed on a frame after decoding it: %r", frame.payload[:80])
+                log.exception("failed on a frame after decoding it: %r", payload[:80])
                 reason = (f"sensorpipe failed on this frame after decoding it (a bug; replay it once fixed):"
                           f" {exc}")[:300]
             if reason is not None:
-                dead.append(DeadLetter(frame.recv_ts, "parser", conn.listener, conn.peer, default_device,
-                                       reason, frame.payload))
+                dead.append(DeadLetter(recv_ts, "parser", conn.listener, conn.peer, default_device,
+                                       reason, payload))
         self.last = last
         return readings, events, dead
+
+    def source_of(self, conn: envelope.Conn) -> tuple[envelope.Conn, str, str, Decoder, object, str]:
+        """(conn, decoder name, default device, decoder, JSON_ANY / JSON_OBJECTS / None, authenticated
+        device) for frames from ``conn``; kept while the connection lasts (``parse_frames_header``
+        hands the same Conn object to every batch of one connection)."""
+        source = self.sources.get(id(conn))     # (the table holds the conn: its id is not reused meanwhile)
+        if source is None:
+            name, device = self.source(conn)
+            decoder = REGISTRY[name]
+            json_like = JSON_ANY if decoder is json_decoder.decode else JSON_OBJECTS if decoder is auto.decode else None
+            if len(self.sources) >= envelope.KNOWN_CONNS_MAX:
+                self.sources.clear()
+            source = self.sources[id(conn)] = (conn, name, device, decoder, json_like, conn.device)
+        return source
 
     def presence_news(self, last: dict[str, tuple[int, envelope.Conn]]) -> list[Seen]:
         """Of a batch's newest frame per device, what the commands and query workers and the stores do
@@ -180,7 +237,7 @@ class Parser:
             news.append(Seen(device, ts, conn.listener, conn.conn_id, conn.peer))
         return news
 
-    def _take(self, items: list[Reading | Event], frame: envelope.Frame, conn: envelope.Conn, check: bool,
+    def _take(self, items: list[Reading | Event], payload: bytes, recv_ts: int, conn: envelope.Conn, check: bool,
               readings: list[Reading], events: list[Event], last: dict[str, tuple[int, envelope.Conn]]) -> str | None:
         """Add one decoded frame's items to the batch; or the reason to set the frame aside instead."""
         if conn.device:
@@ -198,7 +255,7 @@ class Parser:
                 return (f"device {item.device[:60]!r} is new and {self.known.limit} devices are known already"
                         " (limits.max_devices): raise it and replay")
         max_event = self.cfg.events.max_event_bytes
-        if len(frame.payload) > max_event:
+        if len(payload) > max_event:
             size = max((len(orjson.dumps(i.body)) for i in items if isinstance(i, Event)), default=0)
             if size > max_event:
                 self.counters.add("oversized_events")
@@ -212,7 +269,7 @@ class Parser:
                 return "an event holds a value JSON cannot carry (an integer beyond 64 bits)"
         devices = self.cfg.devices
         for item in items:
-            last[item.device] = (frame.recv_ts, conn)
+            last[item.device] = (recv_ts, conn)
             if isinstance(item, Reading):
                 extra = devices.get(item.device)
                 if extra is not None and extra.tags:
@@ -221,7 +278,7 @@ class Parser:
                     item = item._replace(tags={k: v for k, v in item.tags.items() if k != envelope.ROLLUP_TAG})
                     self.counters.add("reserved_tag_dropped")
                 readings.append(item)
-            elif self.take_event(item, frame.recv_ts, conn):
+            elif self.take_event(item, recv_ts, conn):
                 events.append(item)
         return None
 
@@ -289,7 +346,7 @@ class Parser:
         try:
             if len(message) != 3 or message[0] != envelope.FRAMES:
                 raise envelope.EnvelopeError(f"expected a frames message, got {message[:1]!r}")
-            seq, targets, conns = envelope.parse_frames_header(message[1])
+            seq, targets, conns = envelope.parse_frames_header(message[1], self.conns)
         except envelope.EnvelopeError as exc:
             self.counters.add("bad_messages")
             log.warning("ignoring a bad message: %s", exc)
