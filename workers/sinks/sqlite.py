@@ -103,15 +103,21 @@ CREATE VIEW IF NOT EXISTS readings (device, field, ts, value, tags) AS    -- a n
     UNION ALL
     SELECT r.device, f.key, r.ts, f.value, r.tags FROM recent_readings AS r, json_each(r.fields) AS f;
 """
-VIEWS = """
+# recent_readings is part of it: a reading newer than every other of its device is not logged (k: of
+# two at one ts, the later write wins; one in recent_readings is the first at its ts, see write())
+LATEST_VIEW = """
 CREATE VIEW IF NOT EXISTS latest (device, field, ts, value) AS     -- a no-op where latest is a table
     SELECT device, field, ts, value FROM (
         SELECT *, row_number() OVER (PARTITION BY device, field ORDER BY ts DESC, k DESC) AS n FROM (
             SELECT device, field, ts, value, 0 AS k FROM latest_rows
             UNION ALL
             SELECT e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, l.id
-            FROM latest_log AS l, json_each(l.latest) AS e))
+            FROM latest_log AS l, json_each(l.latest) AS e
+            UNION ALL
+            SELECT r.device, f.key, r.ts, f.value, -1 FROM recent_readings AS r, json_each(r.fields) AS f))
     WHERE n = 1;
+"""
+VIEWS = LATEST_VIEW + """
 CREATE VIEW IF NOT EXISTS devices (device, last_seen, via, peer, offline_after_s) AS    -- a no-op where a table
     SELECT device, last_seen, via, peer, offline_after_s FROM (
         SELECT *, row_number() OVER (PARTITION BY device ORDER BY last_seen DESC, k DESC) AS n FROM (
@@ -155,6 +161,15 @@ MOVE_RECENT = (
     " WHERE json_patch(excluded.fields, packed_readings.fields) != packed_readings.fields"
 )
 NEWEST_MOVED = "SELECT max(ts) FROM packed_readings WHERE device = ?"
+# A start after a kill, before the log's values (which win at the same ts): the values of recent_readings
+# into latest_rows, in ts order, each kept only when newer (at the same ts latest_rows holds a later write)
+FOLD_RECENT = (
+    "INSERT INTO latest_rows (device, field, ts, value)"
+    " SELECT r.device, f.key, r.ts, f.value FROM recent_readings AS r, json_each(r.fields) AS f"
+    " WHERE true ORDER BY r.ts"
+    " ON CONFLICT (device, field) DO UPDATE SET ts = excluded.ts, value = excluded.value"
+    " WHERE excluded.ts > latest_rows.ts"
+)
 INSERT_BY_FIELD = "INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?)"     # a file made before packing
 
 UPSERT_LATEST = (
@@ -227,6 +242,20 @@ def _merge_seen(into: dict[str, tuple], rows: list) -> None:
             into[row[0]] = row
 
 
+def _keep_older(device: str, before: tuple[int, dict], fields: dict,
+                latest: dict[tuple[str, str], tuple[int, object]],
+                unfolded: dict[tuple[str, str], tuple[int, object]]) -> None:
+    """A device's newest reading lacks fields of the one before: those stay its newest values, per field
+    (unless a later write at the same ts or a newer one is there)."""
+    ts = before[0]
+    for field, value in before[1].items():
+        if field not in fields:
+            key = (device, field)
+            seen = latest.get(key) or unfolded.get(key)
+            if seen is None or ts > seen[0]:
+                latest[key] = (ts, value)
+
+
 _NEVER = ("", INT_MIN)
 _NOTHING = INT_MIN - 1       # the newest moved timestamp of a device with no rows
 
@@ -263,6 +292,9 @@ class SqliteSink:
         # newest values and presence committed to latest_log and not folded into their tables yet
         self.unfolded_latest: dict[tuple[str, str], tuple[int, object]] = {}
         self.unfolded_seen: dict[str, tuple] = {}
+        # device -> (ts, fields) of its newest reading, when that was newer than every other of the device
+        # written before (the fast path of write()): in recent_readings, not logged
+        self.unfolded_newest: dict[str, tuple[int, dict]] = {}
         self.fold_at = 0.0
         # device -> [the newest ts of its rows in packed_readings, the newest ts written], the first
         # looked up once per device. A reading newer than the first goes into recent_readings, any other
@@ -293,6 +325,9 @@ class SqliteSink:
         view = self.db.execute("SELECT sql FROM sqlite_master WHERE name = 'readings'").fetchone()
         if self.packed and "recent_readings" not in view[0]:       # a file made before recent_readings
             self._migrate("DROP VIEW readings;" + READINGS_VIEW)
+        view = self.db.execute("SELECT sql FROM sqlite_master WHERE name = 'latest'").fetchone()
+        if "recent_readings" not in view[0]:
+            self._migrate("DROP VIEW latest;" + LATEST_VIEW)
         self._recover()
         if self.rollups is not None:
             self.marks = RollupMarks(*self.rollups, counters=self.counters)
@@ -319,27 +354,29 @@ class SqliteSink:
             _merge_seen(seen, orjson.loads(log_seen))
         self.unfolded_latest, self.unfolded_seen = latest, seen
         self.recent_rows = 1 if self.packed else 0      # whatever the last run left there
-        self._fold_now()
+        self._fold_now(recover=True)
 
-    def _fold_now(self) -> None:
-        """The newest values and presence waiting in memory (and in latest_log) into their tables, and
-        recent_readings into packed_readings."""
+    def _fold_now(self, recover: bool = False) -> None:
+        """The newest values and presence waiting in memory (and in latest_log, and with ``recover`` in
+        recent_readings) into their tables, and recent_readings into packed_readings."""
         assert self.db is not None
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self._fold(self.unfolded_latest, self.unfolded_seen)
+            if recover and self.recent_rows:
+                self.db.execute(FOLD_RECENT)
+            self._fold(self.unfolded_latest, self.unfolded_seen, self.unfolded_newest)
             if self.recent_rows:
                 self._move()
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self.unfolded_latest, self.unfolded_seen = {}, {}
+        self.unfolded_latest, self.unfolded_seen, self.unfolded_newest = {}, {}, {}
         self.fold_at = time.monotonic() + FOLD_EVERY_S
         self._moved()
 
     def _move(self) -> None:
-        """Inside a transaction: recent_readings into packed_readings, in bulk."""
+        """Inside a transaction, after FOLD_RECENT and the log's fold: recent_readings into packed_readings."""
         assert self.db is not None
         self.db.execute(MOVE_RECENT)
         self.db.execute("DELETE FROM recent_readings")
@@ -367,11 +404,15 @@ class SqliteSink:
         value = self.offline_s[device] = self.offline_after_s(device)
         return value
 
-    def _fold(self, latest: dict[tuple[str, str], tuple[int, object]], seen: dict[str, tuple]) -> None:
-        """Inside a transaction: ``latest`` and ``seen`` into latest_rows and device_rows; the log emptied."""
+    def _fold(self, latest: dict[tuple[str, str], tuple[int, object]], seen: dict[str, tuple],
+              newest: dict[str, tuple[int, dict]]) -> None:
+        """Inside a transaction: ``newest``, then ``latest`` (at the same ts a later write) and ``seen``
+        into latest_rows and device_rows; the log emptied."""
         assert self.db is not None
-        if latest:
-            self.db.executemany(UPSERT_LATEST, [(d, f, ts, v) for (d, f), (ts, v) in latest.items()])
+        rows = [(d, f, ts, v) for d, (ts, fields) in newest.items() for f, v in fields.items()]
+        rows += [(d, f, ts, v) for (d, f), (ts, v) in latest.items()]
+        if rows:
+            self.db.executemany(UPSERT_LATEST, rows)
         if seen:
             self.db.executemany(UPSERT_DEVICE, seen.values())
         self.db.execute("DELETE FROM latest_log")
@@ -387,6 +428,8 @@ class SqliteSink:
         marks = self.marks
         packed = self.packed
         recent = []                   # readings newer than any of their device's in packed_readings
+        newest: dict[str, tuple[int, dict]] = {}      # the fast path's (see unfolded_newest)
+        unfolded_newest = self.unfolded_newest
         device_ts = self.device_ts
         plain: list = []              # readings that are not rollups, for the marks
         for reading in batch.readings:
@@ -421,12 +464,18 @@ class SqliteSink:
                         rows.append((device, ts, packed_fields, tag_text))
             else:
                 rows.extend((device, field, ts, value, tag_text) for field, value in fields.items())
-            if ts >= known[1]:      # the device's newest reading (as it mostly is): its values win
+            if ts > known[1] and packed:
+                # Newer than every reading of its device written before (as it mostly is), so it went
+                # into recent_readings, the first there at its ts: the view latest reads its values
+                # there, the fold puts them into latest_rows (before the move). Not logged.
                 known[1] = ts
-                for field, value in fields.items():
+                for value in fields.values():
                     if type(value) is int and not INT_MIN <= value <= INT_MAX:
                         raise PermanentError(BEYOND_64_BITS)
-                    latest[(device, field)] = (ts, value)
+                before = newest.get(device) or unfolded_newest.get(device)
+                if before is not None and not before[1].keys() <= fields.keys():
+                    _keep_older(device, before, fields, latest, unfolded)
+                newest[device] = (ts, fields)
                 continue
             for field, value in fields.items():
                 if type(value) is int and not INT_MIN <= value <= INT_MAX:
@@ -458,6 +507,7 @@ class SqliteSink:
         fold = now >= self.fold_at or len(self.unfolded_latest) + len(self.unfolded_seen) >= FOLD_MAX_KEYS
         self.recent_rows += len(recent)
         move = self.recent_rows > 0 and (now >= self.move_at or self.recent_rows >= MOVE_MAX_ROWS)
+        fold = fold or move         # the values of recent_readings into latest_rows before they move
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -469,26 +519,28 @@ class SqliteSink:
                     self.db.executemany(INSERT_PACKED if packed else INSERT_BY_FIELD, rows)
                 if recent:
                     self.db.executemany(INSERT_RECENT, recent)
-                if move:
-                    self._move()
                 if events:
                     self.db.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?)", events)
                 if rollups:
                     self.db.executemany(UPSERT_ROLLUP, rollups)
                 if fold:
-                    self._fold({**self.unfolded_latest, **latest}, {**self.unfolded_seen, **devices})
+                    self._fold({**self.unfolded_latest, **latest}, {**self.unfolded_seen, **devices},
+                               {**unfolded_newest, **newest})
                 elif latest or devices:
                     self.db.execute("INSERT INTO latest_log (latest, seen) VALUES (?, ?)", log_row)
+                if move:
+                    self._move()
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
             if fold:
-                self.unfolded_latest, self.unfolded_seen = {}, {}
+                self.unfolded_latest, self.unfolded_seen, self.unfolded_newest = {}, {}, {}
                 self.fold_at = time.monotonic() + FOLD_EVERY_S
             else:
                 self.unfolded_latest.update(latest)
                 self.unfolded_seen.update(devices)
+                unfolded_newest.update(newest)
             if move:
                 self._moved()
             if touched or late:
@@ -503,7 +555,8 @@ class SqliteSink:
             raise PermanentError(f"sqlite: a value SQLite cannot store ({exc})") from None
 
     def close(self) -> None:
-        if self.db is not None and (self.unfolded_latest or self.unfolded_seen or self.recent_rows):
+        if self.db is not None and (self.unfolded_latest or self.unfolded_seen or self.unfolded_newest
+                                    or self.recent_rows):
             try:
                 self._fold_now()       # the tables whole when the sink stops
             except sqlite3.Error as exc:    # locked, disk full: latest_log keeps it, the next start folds it
