@@ -177,6 +177,9 @@ UPSERT_LATEST = (
     " ON CONFLICT (device, field) DO UPDATE SET ts = excluded.ts, value = excluded.value"
     " WHERE excluded.ts >= latest_rows.ts"
 )
+# A device's newest reading from recent_readings, folded with the move: a value of latest_rows at the same
+# ts is a later write's (folded from the log before), so it stays
+UPSERT_NEWEST = UPSERT_LATEST.replace("excluded.ts >= latest_rows.ts", "excluded.ts > latest_rows.ts")
 
 # A file made before latest and devices were views: their rows move into the tables behind the views
 MIGRATE = """
@@ -243,17 +246,17 @@ def _merge_seen(into: dict[str, tuple], rows: list) -> None:
 
 
 def _keep_older(device: str, before: tuple[int, dict], fields: dict,
-                latest: dict[tuple[str, str], tuple[int, object]],
+                kept: dict[tuple[str, str], tuple[int, object]],
                 unfolded: dict[tuple[str, str], tuple[int, object]]) -> None:
-    """A device's newest reading lacks fields of the one before: those stay its newest values, per field
-    (unless a later write at the same ts or a newer one is there)."""
+    """A device's newest reading lacks fields of its newest before: those stay its newest values, per
+    field, folded as the newest readings are (they are in recent_readings too)."""
     ts = before[0]
     for field, value in before[1].items():
         if field not in fields:
             key = (device, field)
-            seen = latest.get(key) or unfolded.get(key)
+            seen = kept.get(key) or unfolded.get(key)
             if seen is None or ts > seen[0]:
-                latest[key] = (ts, value)
+                kept[key] = (ts, value)
 
 
 _NEVER = ("", INT_MIN)
@@ -293,8 +296,9 @@ class SqliteSink:
         self.unfolded_latest: dict[tuple[str, str], tuple[int, object]] = {}
         self.unfolded_seen: dict[str, tuple] = {}
         # device -> (ts, fields) of its newest reading, when that was newer than every other of the device
-        # written before (the fast path of write()): in recent_readings, not logged
+        # written before (the fast path of write()): in recent_readings, not logged; folded with the move
         self.unfolded_newest: dict[str, tuple[int, dict]] = {}
+        self.unfolded_kept: dict[tuple[str, str], tuple[int, object]] = {}     # see _keep_older
         self.fold_at = 0.0
         # device -> [the newest ts of its rows in packed_readings, the newest ts written], the first
         # looked up once per device. A reading newer than the first goes into recent_readings, any other
@@ -364,14 +368,14 @@ class SqliteSink:
         try:
             if recover and self.recent_rows:
                 self.db.execute(FOLD_RECENT)
-            self._fold(self.unfolded_latest, self.unfolded_seen, self.unfolded_newest)
+            self._fold(self.unfolded_latest, self.unfolded_seen, self.unfolded_newest, self.unfolded_kept)
             if self.recent_rows:
                 self._move()
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self.unfolded_latest, self.unfolded_seen, self.unfolded_newest = {}, {}, {}
+        self.unfolded_latest, self.unfolded_seen, self.unfolded_newest, self.unfolded_kept = {}, {}, {}, {}
         self.fold_at = time.monotonic() + FOLD_EVERY_S
         self._moved()
 
@@ -405,14 +409,18 @@ class SqliteSink:
         return value
 
     def _fold(self, latest: dict[tuple[str, str], tuple[int, object]], seen: dict[str, tuple],
-              newest: dict[str, tuple[int, dict]]) -> None:
-        """Inside a transaction: ``newest``, then ``latest`` (at the same ts a later write) and ``seen``
-        into latest_rows and device_rows; the log emptied."""
+              newest: dict[str, tuple[int, dict]] | None = None,
+              kept: dict[tuple[str, str], tuple[int, object]] | None = None) -> None:
+        """Inside a transaction: ``newest`` and ``kept`` (before a move), then ``latest`` (at the same ts
+        a later write) and ``seen`` into latest_rows and device_rows; the log emptied."""
         assert self.db is not None
-        rows = [(d, f, ts, v) for d, (ts, fields) in newest.items() for f, v in fields.items()]
-        rows += [(d, f, ts, v) for (d, f), (ts, v) in latest.items()]
-        if rows:
-            self.db.executemany(UPSERT_LATEST, rows)
+        if newest:
+            self.db.executemany(UPSERT_NEWEST, [(d, f, ts, v) for d, (ts, fields) in newest.items()
+                                                for f, v in fields.items()])
+        if kept:
+            self.db.executemany(UPSERT_NEWEST, [(d, f, ts, v) for (d, f), (ts, v) in kept.items()])
+        if latest:
+            self.db.executemany(UPSERT_LATEST, [(d, f, ts, v) for (d, f), (ts, v) in latest.items()])
         if seen:
             self.db.executemany(UPSERT_DEVICE, seen.values())
         self.db.execute("DELETE FROM latest_log")
@@ -429,6 +437,7 @@ class SqliteSink:
         packed = self.packed
         recent = []                   # readings newer than any of their device's in packed_readings
         newest: dict[str, tuple[int, dict]] = {}      # the fast path's (see unfolded_newest)
+        kept: dict[tuple[str, str], tuple[int, object]] = {}
         unfolded_newest = self.unfolded_newest
         device_ts = self.device_ts
         plain: list = []              # readings that are not rollups, for the marks
@@ -474,7 +483,7 @@ class SqliteSink:
                         raise PermanentError(BEYOND_64_BITS)
                 before = newest.get(device) or unfolded_newest.get(device)
                 if before is not None and not before[1].keys() <= fields.keys():
-                    _keep_older(device, before, fields, latest, unfolded)
+                    _keep_older(device, before, fields, kept, self.unfolded_kept)
                 newest[device] = (ts, fields)
                 continue
             for field, value in fields.items():
@@ -507,7 +516,7 @@ class SqliteSink:
         fold = now >= self.fold_at or len(self.unfolded_latest) + len(self.unfolded_seen) >= FOLD_MAX_KEYS
         self.recent_rows += len(recent)
         move = self.recent_rows > 0 and (now >= self.move_at or self.recent_rows >= MOVE_MAX_ROWS)
-        fold = fold or move         # the values of recent_readings into latest_rows before they move
+        fold = fold or move         # the log's values into latest_rows with (after) recent_readings' ones
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -525,7 +534,8 @@ class SqliteSink:
                     self.db.executemany(UPSERT_ROLLUP, rollups)
                 if fold:
                     self._fold({**self.unfolded_latest, **latest}, {**self.unfolded_seen, **devices},
-                               {**unfolded_newest, **newest})
+                               {**unfolded_newest, **newest} if move else None,
+                               {**self.unfolded_kept, **kept} if move else None)
                 elif latest or devices:
                     self.db.execute("INSERT INTO latest_log (latest, seen) VALUES (?, ?)", log_row)
                 if move:
@@ -535,12 +545,16 @@ class SqliteSink:
                 self.db.execute("ROLLBACK")
                 raise
             if fold:
-                self.unfolded_latest, self.unfolded_seen, self.unfolded_newest = {}, {}, {}
+                self.unfolded_latest, self.unfolded_seen = {}, {}
                 self.fold_at = time.monotonic() + FOLD_EVERY_S
             else:
                 self.unfolded_latest.update(latest)
                 self.unfolded_seen.update(devices)
+            if move:
+                self.unfolded_newest, self.unfolded_kept = {}, {}
+            else:
                 unfolded_newest.update(newest)
+                self.unfolded_kept.update(kept)
             if move:
                 self._moved()
             if touched or late:
@@ -556,7 +570,7 @@ class SqliteSink:
 
     def close(self) -> None:
         if self.db is not None and (self.unfolded_latest or self.unfolded_seen or self.unfolded_newest
-                                    or self.recent_rows):
+                                    or self.unfolded_kept or self.recent_rows):
             try:
                 self._fold_now()       # the tables whole when the sink stops
             except sqlite3.Error as exc:    # locked, disk full: latest_log keeps it, the next start folds it
