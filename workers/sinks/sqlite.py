@@ -201,6 +201,7 @@ FOLD_EVERY_S = 5.0       # newest values and presence go from latest_log into th
 FOLD_MAX_KEYS = 200_000  # or once this many (device, field) and devices wait in memory
 MOVE_EVERY_S = 20.0      # recent_readings into packed_readings this often
 MOVE_MAX_ROWS = 400_000  # or once it holds this many rows
+DEVICES_KNOWN_MAX = 500_000   # device_ts and offline_s forgotten past this many (after a move: then safely)
 
 UPSERT_ROLLUP = (
     "INSERT INTO rollups (device, field, window, start, count, min, max, mean, last)"
@@ -387,6 +388,8 @@ class SqliteSink:
 
     def _moved(self) -> None:
         """After the move's commit: every device's newest written ts is in packed_readings."""
+        if len(self.device_ts) > DEVICES_KNOWN_MAX:    # none in recent_readings: looked up again when seen
+            self.device_ts, self.offline_s = {}, {}
         for known in self.device_ts.values():
             known[0] = known[1]
         self.recent_rows = 0
