@@ -27,17 +27,22 @@ again when checkpointed). Every ``MOVE_EVERY_S`` its rows move into ``packed_rea
 statement, sorted by (device, ts): a page per device per move, not per commit. The view ``readings``
 reads both tables; no (device, ts) is ever in both (``SqliteSink.device_ts``: a reading no newer than
 its device's newest moved row is written into ``packed_readings``), the move is one transaction, so a
-reader sees every committed reading once; a start moves what the last run left. A file made before
-``recent_readings`` gets the new view at the sink's first start.
+reader sees every committed reading once; a start moves what the last run left. A query of one
+device over a span reads ``recent_readings`` by ts, so every device's rows of that span there (at most
+``MOVE_EVERY_S`` of them); a rollup window is read once due, after its rows have mostly moved. A file
+made before ``recent_readings`` gets the new view at the sink's first start.
 
 The newest values and presence are not upserted per commit: with thousands of devices each sending a
 little, that dirtied every page of ``latest`` and ``devices`` at every commit (a fifth of the
 sink's CPU in a 10,000-board fleet). Each commit instead adds one row to ``latest_log`` (the batch's
 newest value per device and field, and its presence rows, as JSON), and every ``FOLD_EVERY_S`` the
 values waiting in memory are upserted once into ``latest_rows`` and ``device_rows`` and the log is
-emptied, in the same transaction as a batch. The views ``latest`` and ``devices`` read the tables and
-the log (a newer ts wins; at the same ts the later write), so a reader never sees an older value than
-was committed; a start after a kill folds the log in. A file made before these views has its
+emptied, in the same transaction as a batch. A reading newer than every other of its device (as most
+are) is not logged at all: it is in ``recent_readings``, which the view ``latest`` reads too, and each
+device's newest such reading is upserted with the move. The views ``latest`` and ``devices`` read the
+tables, the log and ``recent_readings`` (a newer ts wins; at the same ts the later write), so a reader
+never sees an older value than was committed; a start after a kill folds the log and
+``recent_readings`` in. A file made before these views has its
 ``latest`` and ``devices`` tables moved behind them by the sink's first start.
 
 With rollups on, ``readings`` is also the rollup worker's set of points (``[rollups]
