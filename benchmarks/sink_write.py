@@ -2,7 +2,8 @@
 benchmarks send them. ``python -m benchmarks.sink_write [--batches N] [--rollups]``.
 
 Shapes: ``200x1`` a 200-reading batch from 200 devices (one each, as in the fleet), ``100x2`` 100 devices
-with 2 each, ``2000x1`` the fleet's 200 ms batch (10,000 boards x 1 reading/s) out of 10,000 devices.
+with 2 each, ``2000x1`` the fleet's 200 ms batch (10,000 boards x 1 reading/s) out of 10,000 devices,
+``5000x50`` and ``5000x5`` a full batch at full speed from 100 and 1,000 boards.
 Each reading is the benchmark's (temp, humi, rssi), a new timestamp per device per batch."""
 from __future__ import annotations
 
@@ -94,12 +95,13 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=300)
     ap.add_argument("--rollups", action="store_true")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--only", default="200x1,100x2,2000x1")
+    ap.add_argument("--only", default="200x1,100x2,2000x1,5000x50,5000x5")
     args = ap.parse_args()
-    shapes = {"200x1": (200, 1, 200), "100x2": (100, 2, 200), "2000x1": (10_000, 1, 2000)}
+    shapes = {"200x1": (200, 1, 200), "100x2": (100, 2, 200), "2000x1": (10_000, 1, 2000),
+              "5000x50": (100, 50, 5000), "5000x5": (1000, 5, 5000)}
     for shape in args.only.split(","):
         devices, per, size = shapes[shape]
-        count = args.batches if size == 200 else max(10, args.batches // 2)
+        count = {200: args.batches, 2000: args.batches // 2}.get(size, args.batches // 10)
         run(shape, devices, per, size, count, args.rollups, shape if args.profile else None)
 
 

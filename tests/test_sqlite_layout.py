@@ -131,22 +131,25 @@ def test_a_file_made_before_recent_readings_has_its_view_replaced(tmp_path: Path
     sink.close()
 
 
-KNOWN_MAX = sqlite_sink.DEVICES_KNOWN_MAX
+KNOWN_MAX, DENSE = sqlite_sink.DEVICES_KNOWN_MAX, sqlite_sink.DENSE_READINGS_PER_DEVICE
 _devices = st.sampled_from(["a", "b", "c"])
 _reading = st.builds(lambda d, ts, fields: Reading(d, ts, fields, {}), _devices, st.integers(0, 6),
                      st.dictionaries(st.sampled_from(["t", "h", "s"]), st.integers(-3, 3), min_size=1, max_size=3))
 _step = st.one_of(st.lists(_reading, min_size=1, max_size=6), st.sampled_from(["move", "fold", "restart", "kill"]))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(_step, min_size=1, max_size=12), forget=st.booleans())
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(_step, min_size=1, max_size=12), forget=st.booleans(), dense=st.sampled_from([1, 2, 16]))
 def test_every_reading_is_read_once_whatever_the_moves_folds_and_restarts(tmp_path: Path, steps: list,
-                                                                          forget: bool) -> None:
+                                                                          forget: bool, dense: int) -> None:
     """The store against a model: per (device, ts) the first value of each field stored wins; per
     (device, field) the newest ts wins, of two at one ts the later; each readings row is there once.
-    ``forget``: the sink forgets what it knows of the devices at every move (as past DEVICES_KNOWN_MAX)."""
+    ``forget``: the sink forgets what it knows of the devices at every move (as past DEVICES_KNOWN_MAX);
+    ``dense``: DENSE_READINGS_PER_DEVICE (1: every batch writes its devices' newest straight into
+    packed_readings when none of theirs wait in recent_readings)."""
     path = tmp_path / f"{uuid.uuid4().hex}.db"
     sqlite_sink.DEVICES_KNOWN_MAX = 0 if forget else KNOWN_MAX
+    sqlite_sink.DENSE_READINGS_PER_DEVICE = dense
     history: dict[tuple[str, int], dict[str, int]] = {}
     newest: dict[tuple[str, str], tuple[int, int]] = {}
     sink = SqliteSink(path)
@@ -185,3 +188,4 @@ def test_every_reading_is_read_once_whatever_the_moves_folds_and_restarts(tmp_pa
     finally:
         sink.close()
         sqlite_sink.DEVICES_KNOWN_MAX = KNOWN_MAX
+        sqlite_sink.DENSE_READINGS_PER_DEVICE = DENSE

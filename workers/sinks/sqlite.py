@@ -53,6 +53,7 @@ in the rollup state (``RollupMarks``), and counts ``late_readings``, ``too_late_
 from __future__ import annotations
 
 import logging
+import operator
 import sqlite3
 import time
 from pathlib import Path
@@ -206,6 +207,7 @@ FOLD_EVERY_S = 5.0       # newest values and presence go from latest_log into th
 FOLD_MAX_KEYS = 200_000  # or once this many (device, field) and devices wait in memory
 MOVE_EVERY_S = 20.0      # recent_readings into packed_readings this often
 MOVE_MAX_ROWS = 400_000  # or once it holds this many rows
+DENSE_READINGS_PER_DEVICE = 16   # a batch with as many per device (on average) bypasses recent_readings
 DEVICES_KNOWN_MAX = 500_000   # device_ts and offline_s forgotten past this many (after a move: then safely)
 
 UPSERT_ROLLUP = (
@@ -255,7 +257,7 @@ def _keep_older(device: str, before: tuple[int, dict], fields: dict,
                 kept: dict[tuple[str, str], tuple[int, object]],
                 unfolded: dict[tuple[str, str], tuple[int, object]]) -> None:
     """A device's newest reading lacks fields of its newest before: those stay its newest values, per
-    field, folded as the newest readings are (they are in recent_readings too)."""
+    field (a later write at the same ts wins), in ``kept``."""
     ts = before[0]
     for field, value in before[1].items():
         if field not in fields:
@@ -266,6 +268,7 @@ def _keep_older(device: str, before: tuple[int, dict], fields: dict,
 
 
 _NEVER = ("", INT_MIN)
+_device = operator.itemgetter(0)
 _NOTHING = INT_MIN - 1       # the newest moved timestamp of a device with no rows
 
 
@@ -444,6 +447,10 @@ class SqliteSink:
         marks = self.marks
         packed = self.packed
         recent = []                   # readings newer than any of their device's in packed_readings
+        # Many readings per device (a few boards at full speed): a page per device per commit costs
+        # little, and a row written once is cheaper than written and moved
+        dense = packed and len(batch.readings) >= DENSE_READINGS_PER_DEVICE * len(set(map(_device, batch.readings)))
+        direct: dict[str, tuple[int, dict]] = {}      # device -> its newest reading written so, this batch
         newest: dict[str, tuple[int, dict]] = {}      # the fast path's (see unfolded_newest)
         kept: dict[tuple[str, str], tuple[int, object]] = {}
         unfolded_newest = self.unfolded_newest
@@ -476,7 +483,20 @@ class SqliteSink:
                     if "null" in packed_fields and _not_finite(fields):     # orjson writes NaN, inf as null
                         raise PermanentError(NOT_FINITE)
                     if ts > known[0]:
-                        recent.append((device, ts, packed_fields, tag_text))
+                        if dense and known[0] == known[1]:     # none of its rows in recent_readings
+                            known[0] = known[1] = ts           # its newest, straight into packed_readings
+                            rows.append((device, ts, packed_fields, tag_text))
+                            for value in fields.values():
+                                if type(value) is int and not INT_MIN <= value <= INT_MAX:
+                                    raise PermanentError(BEYOND_64_BITS)
+                            # its values logged once per device, after the loop
+                            before = direct.get(device)
+                            if before is not None and not before[1].keys() <= fields.keys():
+                                _keep_older(device, before, fields, latest, unfolded)
+                            direct[device] = (ts, fields)
+                            continue
+                        else:
+                            recent.append((device, ts, packed_fields, tag_text))
                     else:           # redelivered, or older than what was moved: where its (device, ts) is
                         rows.append((device, ts, packed_fields, tag_text))
             else:
@@ -500,6 +520,12 @@ class SqliteSink:
                 key = (device, field)
                 seen = latest.get(key) or unfolded.get(key)
                 if seen is None or ts >= seen[0]:
+                    latest[key] = (ts, value)
+        for device, (ts, fields) in direct.items():     # each the first write at its ts: a later one wins
+            for field, value in fields.items():
+                key = (device, field)
+                seen = latest.get(key) or unfolded.get(key)
+                if seen is None or ts > seen[0]:
                     latest[key] = (ts, value)
         events = [(e.device, e.ts, e.kind, orjson.dumps(e.body).decode()) for e in batch.events]
         devices: dict[str, tuple] = {}
