@@ -159,7 +159,7 @@ INSERT_RECENT = (       # the same merge in the table of readings not moved yet
 )
 # recent_readings into packed_readings, in the order of its key: each device's rows go in together, so
 # a move dirties about a page per device whatever the number of commits since the last. No (device, ts)
-# is in both tables (``SqliteSink.newest_moved``): the merge is there for safety, it never runs.
+# is in both tables (``SqliteSink.device_ts``): the merge is there for safety, it never runs.
 MOVE_RECENT = (
     "INSERT INTO packed_readings (device, ts, fields, tags)"
     " SELECT device, ts, fields, tags FROM recent_readings WHERE true ORDER BY device, ts"
@@ -358,7 +358,7 @@ class SqliteSink:
 
     def _recover(self) -> None:
         """What the last run committed to latest_log and did not fold in (it was killed), folded in now;
-        and its recent_readings moved (``newest_moved`` starts empty)."""
+        and its recent_readings moved (``device_ts`` starts empty)."""
         assert self.db is not None
         latest: dict[tuple[str, str], tuple[int, object]] = {}
         seen: dict[str, tuple] = {}
@@ -449,7 +449,8 @@ class SqliteSink:
         recent = []                   # readings newer than any of their device's in packed_readings
         # Many readings per device (a few boards at full speed): a page per device per commit costs
         # little, and a row written once is cheaper than written and moved
-        dense = packed and len(batch.readings) >= DENSE_READINGS_PER_DEVICE * len(set(map(_device, batch.readings)))
+        dense = packed and (len(batch.readings)
+                            >= DENSE_READINGS_PER_DEVICE * len(set(map(_device, batch.readings))))
         direct: dict[str, tuple[int, dict]] = {}      # device -> its newest reading written so, this batch
         newest: dict[str, tuple[int, dict]] = {}      # the fast path's (see unfolded_newest)
         kept: dict[tuple[str, str], tuple[int, object]] = {}
