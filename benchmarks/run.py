@@ -218,7 +218,9 @@ class SqliteStore:
         try:
             # a row per reading (every reading here has temp): counted every POLL_S, so not through the view
             if db.execute("SELECT type FROM sqlite_master WHERE name = 'readings'").fetchone() == ("view",):
-                return db.execute("SELECT count(*) FROM packed_readings").fetchone()[0]
+                recent = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'recent_readings'").fetchone()
+                return db.execute("SELECT (SELECT count(*) FROM packed_readings)" + (
+                    " + (SELECT count(*) FROM recent_readings)" if recent else "")).fetchone()[0]
             return db.execute("SELECT count(*) FROM readings WHERE field = 'temp'").fetchone()[0]   # a row per field
         except sqlite3.OperationalError:
             return 0

@@ -295,7 +295,9 @@ def stored_rows(pipeline: Pipeline) -> dict[str, list[tuple[str, int, Any]]]:
 def influx_rows(victoria: Victoria, measurement: str) -> dict[str, list[tuple[str, int, Any]]]:
     """What VictoriaMetrics holds, as ``stored_rows`` (timestamps are milliseconds there)."""
     rows: dict[str, list[tuple[str, int, Any]]] = {}
-    for item in victoria.export(f'{{__name__=~"{measurement}_.*"}}'):
+    # not the rollups (measurement <measurement>_<window>): a window closes 90 s after its first reading,
+    # which a slow run reaches
+    for item in victoria.export(f'{{__name__=~"{measurement}_.*", __name__!~"{measurement}_[0-9]+[smhd]_.*"}}'):
         name = item["metric"]["__name__"][len(measurement) + 1:]
         out = rows.setdefault(item["metric"].get("device", ""), [])
         out.extend((name, ms * 1_000_000, value) for ms, value in zip(item["timestamps"], item["values"]))

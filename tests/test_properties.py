@@ -345,3 +345,27 @@ def test_the_influx_sink_stores_or_dead_letters_whatever_it_is_handed(tmp_path_f
         sink.close()
         harness.close()
 
+
+
+def _observe_one_by_one(counters: dict, seen: list, now_ns: int) -> None:
+    """``latency.observe_stored`` as it was, an observation at a time: the reference."""
+    from workers.core.latency import BUCKETS_MS, PREFIX
+    for entry in seen:
+        ms = max(0, now_ns - entry.ts) // 1_000_000
+        bucket = next((f"{PREFIX}{b}" for b in BUCKETS_MS if ms <= b), f"{PREFIX}inf")
+        counters[bucket] = counters.get(bucket, 0) + 1
+        counters["stored_latency_count"] = counters.get("stored_latency_count", 0) + 1
+        counters["stored_latency_sum_ms"] = counters.get("stored_latency_sum_ms", 0) + ms
+
+
+@given(ages_ms=st.lists(st.one_of(st.integers(-5_000, 70_000), st.sampled_from([0, 5, 6, 10, 60000, 60001])),
+                        max_size=50), start=st.dictionaries(st.sampled_from(["stored_latency_le_5", "x"]),
+                                                            st.integers(0, 9)))
+def test_stored_latency_counted_per_batch_as_one_by_one(ages_ms: list[int], start: dict) -> None:
+    from workers.core.latency import observe_stored
+    now = 1_765_000_000_000_000_000
+    seen = [envelope.Seen("d", now - age * 1_000_000 - 123, "tcp", 1, "p") for age in ages_ms]
+    want, got = dict(start), dict(start)
+    _observe_one_by_one(want, seen, now)
+    observe_stored(got, seen, now)
+    assert got == want

@@ -45,7 +45,12 @@ def test_newest_values_read_through_the_views_before_and_after_a_fold(tmp_path: 
     assert dict(db.execute("SELECT device, online FROM presence")) == {"a": 0, "b": 0}    # 1970: long offline
     assert db.execute("SELECT count(*) FROM latest_rows").fetchone() == (0,)
 
-    sink.fold_at = 0.0                                  # FOLD_EVERY_S has passed
+    sink.fold_at = 0.0                                  # FOLD_EVERY_S has passed: the log folded
+    sink.write(Batch([Reading("b", 4_000, {"t": 7}, {})], [], [seen("b", 30)]))
+    assert db.execute("SELECT count(*) FROM latest_log").fetchone() == (0,)
+    want[("b", "t")] = (4_000, 7)
+    assert latest(db) == want                           # the newest of each device read in recent_readings
+    sink.move_at = 0.0                                  # MOVE_EVERY_S has passed: they go into latest_rows
     sink.write(Batch([Reading("b", 4_000, {"t": 7}, {})], [], [seen("b", 30)]))
     assert db.execute("SELECT count(*) FROM latest_log").fetchone() == (0,)
     want[("b", "t")] = (4_000, 7)

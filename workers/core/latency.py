@@ -7,6 +7,9 @@ they travel in the ``stats`` message like any counter; /metrics turns them into 
 """
 from __future__ import annotations
 
+import bisect
+import collections
+import functools
 import time
 from typing import Iterable
 
@@ -16,11 +19,20 @@ BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 6000
 PREFIX = "stored_latency_le_"
 
 
+BUCKET_NAMES = tuple(f"{PREFIX}{b}" for b in BUCKETS_MS) + (f"{PREFIX}inf",)
+_bucket = functools.partial(bisect.bisect_left, BUCKETS_MS)     # the first bucket with ms <= its bound
+
+
 def observe_stored(counters: dict, seen: Iterable[Seen], now_ns: int | None = None) -> None:
+    """The batch's observations counted together (a fleet's batch holds a Seen per reading)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
-    for entry in seen:
-        ms = max(0, now_ns - entry.ts) // 1_000_000
-        bucket = next((f"{PREFIX}{b}" for b in BUCKETS_MS if ms <= b), f"{PREFIX}inf")
-        counters[bucket] = counters.get(bucket, 0) + 1
-        counters["stored_latency_count"] = counters.get("stored_latency_count", 0) + 1
-        counters["stored_latency_sum_ms"] = counters.get("stored_latency_sum_ms", 0) + ms
+    ms = [(now_ns - entry.ts) // 1_000_000 for entry in seen]
+    if not ms:
+        return
+    if min(ms) < 0:                        # a clock that went back: counted as 0 ms
+        ms = [max(0, m) for m in ms]
+    for index, count in collections.Counter(map(_bucket, ms)).items():
+        bucket = BUCKET_NAMES[index]
+        counters[bucket] = counters.get(bucket, 0) + count
+    counters["stored_latency_count"] = counters.get("stored_latency_count", 0) + len(ms)
+    counters["stored_latency_sum_ms"] = counters.get("stored_latency_sum_ms", 0) + sum(ms)
