@@ -249,8 +249,12 @@ class QueryWorker:
         try:
             if window is None:
                 columns = ["ts", "value"]
-                rows = db.execute("SELECT ts / 1000000, value FROM readings WHERE device = ? AND field = ?"
-                                  " AND ts >= ? AND ts < ? ORDER BY ts LIMIT ?", (device, field, *span, cap + 1))
+                # ts itself, not ts / 1000000: ordered by a column, the view's two tables (packed_readings
+                # and recent_readings) are merged in key order and stop at the limit instead of sorted whole
+                rows = ((ts // 1_000_000 if ts >= 0 else -(-ts // 1_000_000), value)     # as SQLite's ts / 1000000
+                        for ts, value in db.execute(
+                            "SELECT ts, value FROM readings WHERE device = ? AND field = ? AND ts >= ? AND ts < ?"
+                            " ORDER BY ts LIMIT ?", (device, field, *span, cap + 1)))
             else:
                 columns = ROLLUP_COLUMNS
                 rows = db.execute("SELECT start / 1000000, count, min, max, mean, last FROM rollups"
