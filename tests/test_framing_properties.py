@@ -87,6 +87,25 @@ def test_lines_every_byte_is_a_frame_a_counted_reject_or_a_delimiter(lines, tail
     assert all(len(raw) <= MAX for _, raw in rejects)
 
 
+@given(before=lines, tail=texty, read=st.binary(max_size=MAX + 4) | texty.map(lambda b: b + b"\n")
+       | texty.map(lambda b: b + b"\r\n"))
+def test_one_line_cuts_what_feed_cuts(before, tail: bytes, read: bytes) -> None:
+    """The edge's short path for a read (``one_line``) is the general one's frame whenever it answers,
+    after any earlier reads (held bytes, a line being skipped), and leaves the framer as ``feed`` does."""
+    earlier = b"".join(body + end for body, end in before) + tail
+    short, general = LineFramer(MAX), LineFramer(MAX)
+    short.feed(earlier)
+    general.feed(earlier)
+    frame = short.one_line(read)
+    frames, rejects = general.feed(read)
+    if frame is None:
+        return                                   # the edge feeds it: nothing to compare
+    assert ([frame] if frame else []) == frames and rejects == []
+    assert short.buffer == general.buffer == b"" and short.skipping == general.skipping
+    assert short.rejected_bytes == general.rejected_bytes
+    assert feed(short, b"next\n", []) == feed(general, b"next\n", [])
+
+
 # --------------------------------------------------------------------------- bare JSON objects
 
 json_values = st.recursive(

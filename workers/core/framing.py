@@ -40,6 +40,19 @@ class LineFramer:
         # the line was refused whole or while it was still arriving.
         self.excerpt = min(max_frame, REJECT_EXCERPT)
 
+    @property
+    def lines(self) -> "LineFramer":
+        return self
+
+    def one_line(self, data: bytes) -> bytes | None:
+        """The frame ``feed`` would cut from ``data`` when ``data`` is one whole line and nothing is
+        held (a board's every write): ``b""`` for a blank line, None when ``feed`` must take it. Nothing
+        is held after it either, and nothing rejected: a fleet's read costs one call and no lists."""
+        if self.buffer or self.skipping or len(data) > self.max_frame + 1 or data.find(b"\n") != len(data) - 1:
+            return None
+        line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+        return line if line.strip() else b""
+
     def feed(self, data: bytes) -> tuple[Frames, Rejects]:
         frames: Frames = []
         rejects: Rejects = []
@@ -265,6 +278,11 @@ class AutoFramer:
         return self._rejected_before + (self.inner.rejected_bytes if self.inner else 0)
 
     @property
+    def lines(self) -> LineFramer | None:
+        """The line framer once the device turned out to write lines (``LineFramer.one_line``)."""
+        return self.inner if type(self.inner) is LineFramer else None
+
+    @property
     def mode(self) -> str:
         return {LineFramer: "lines", JsonStreamFramer: "json-stream"}.get(type(self.inner), "undecided")
 
@@ -308,6 +326,7 @@ class PacketFramer:
         self.buffer = b""
         self.fatal: str | None = None
         self.rejected_bytes = 0
+        self.lines = None           # packets, never lines
 
     def feed(self, data: bytes) -> tuple[Frames, Rejects]:
         """After a bad header nothing more is read: what followed it is counted as rejected, and the

@@ -326,6 +326,9 @@ class Guard:
             self._refuse(conn, "refused_address_limit", f"{address} has {self.by_address[address]} connections")
             return False
         session = conn.session = Session(address, listener.max_frames_per_s)
+        # Nothing to hello, check or charge: ``screen`` would pass every frame on as it is, so the edge
+        # takes them without asking (a fleet's every read).
+        conn.unscreened = listener.auth != "required" and listener.max_frames_per_s <= 0
         self.by_address[address] += 1
         self.total += 1
         loop = asyncio.get_running_loop()
@@ -344,6 +347,7 @@ class Guard:
         if session is None:
             return
         conn.session = None
+        conn.unscreened = False
         self.total -= 1
         self.by_address[session.address] -= 1
         if self.by_address[session.address] <= 0:
@@ -482,6 +486,8 @@ class Guard:
     def _authenticated(self, conn: Any, session: Session, credential: Credential) -> None:
         session.device = credential.device
         conn.conn = conn.conn._replace(device=credential.device, may_report=credential.may_report)
+        if not conn.binary and conn.listener.max_frames_per_s <= 0:
+            conn.unscreened = True              # a text connection's later frames are its device's as they are
         self.authenticated.setdefault(credential.device, set()).add(conn)
         self.counters.add("auth_ok")
         if not conn.binary and conn.transport is not None:

@@ -51,6 +51,18 @@ class ArrivalClock:
         self.offset = STAMP_STEP_NS * slot + STAMP_STEP_NS - 1     # the top of this slot's 256 ns
         self.slots = slots
 
+    def stamp(self) -> int:
+        """One stamp (``stamps(1)``'s, without the range): a fleet's every read takes one."""
+        step = self.step
+        now = time.time_ns()
+        if self.slots > 1:
+            now += (self.offset - now) % step
+        last = self.last + step
+        if now < last:
+            now = last
+        self.last = now
+        return now
+
     def stamps(self, count: int) -> range:
         """Stamps for ``count`` frames that arrived together, in one step."""
         step = self.step

@@ -74,15 +74,24 @@ BATCH_MAX_BYTES = 8 * 1024 * 1024  # a batch is cut at this many frame bytes too
 DOWNLINK_BUFFER_MAX = 64 * 1024    # lines waiting for a device that does not read: refuse more
 TRIM_AFTER_BYTES = 4 * 1024 * 1024
 
+_monotonic = time.monotonic
+
 
 class DeviceConnection(asyncio.Protocol):
+    # Slots: a fleet's 10,000 connections are each read once a second, with caches long cold by then;
+    # fewer, smaller objects per read are most of what that read costs the edge's Python.
+    __slots__ = ("edge", "listener", "binary", "framer", "lines", "session", "unscreened", "transport", "conn",
+                 "last_progress", "closed", "finished", "held", "acks_owed", "last_owed", "close_when_answered")
+
     def __init__(self, edge: "Edge", listener: Listener) -> None:
         self.edge = edge
         self.listener = listener
         self.binary = listener.framing == "binary"
         self.framer = make_framer(listener.framing, listener.max_frame_bytes,
                                   PACKET_TRAILER if self.binary and listener.auth == "required" else 0)
+        self.lines = self.framer.lines          # once the device writes lines: a read's short path
         self.session: Session | None = None     # the guard's: limits, TLS, who it authenticated as
+        self.unscreened = False                 # the guard passes every frame on as it is (set on admit)
         self.transport: asyncio.Transport | None = None
         self.conn: Conn | None = None
         # idle_timeout_s is measured from the last frame cut, not the last byte read: a byte every few
@@ -103,11 +112,27 @@ class DeviceConnection(asyncio.Protocol):
         self.edge.opened(self)
 
     def data_received(self, data: bytes) -> None:
+        lines = self.lines
+        if lines is not None:
+            # A board's write: one whole line, nothing held before or after it, nothing rejected.
+            frame = lines.one_line(data)
+            if frame is not None:
+                if not frame:
+                    return                   # a blank line: no frame, no progress
+                if self.unscreened:
+                    self.last_progress = _monotonic()
+                    self.edge.take_line(self, frame)
+                    return
+                frames, rejects = self.edge.guard.screen(self, [frame], [])
+                if frames or rejects:
+                    self.last_progress = _monotonic()
+                    self.edge.accept(self, frames, rejects)
+                return
         framer = self.framer
         rejected = framer.rejected_bytes
         frames, rejects = self.edge.guard.screen(self, *framer.feed(data))
         if frames or rejects:
-            self.last_progress = time.monotonic()
+            self.last_progress = _monotonic()
             self.edge.accept(self, frames, rejects)
         if framer.rejected_bytes != rejected:
             self.edge.counters.add("rejected_bytes", framer.rejected_bytes - rejected)
@@ -116,6 +141,8 @@ class DeviceConnection(asyncio.Protocol):
             self.edge.counters.add("closed_fatal")
             log.info("closing %s: %s", self.conn and self.conn.peer, framer.fatal)
             self.close_after_answers()
+        elif lines is None:
+            self.lines = framer.lines
 
     def eof_received(self) -> bool:
         self._finish()
@@ -171,7 +198,7 @@ class DeviceConnection(asyncio.Protocol):
     def next_ts(self) -> int:
         """Arrival time in ns, strictly increasing across the whole edge (``workers.core.stamps``), so
         that two frames never share the (device, field, timestamp) key readings are stored by."""
-        return self.next_stamps(1)[0]
+        return self.edge.arrivals.stamp()
 
     def next_stamps(self, count: int) -> range:
         """``next_ts`` for ``count`` frames that arrived in one read, in one step."""
@@ -228,6 +255,9 @@ class Edge:
         self._last_shed_log = -LOG_EVERY_S
         self.sweep_interval = min([SWEEP_INTERVAL_S, *(lst.idle_timeout_s / 4 for lst in cfg.listeners)])
         self._batch_conns: dict[int, int] = {}
+        self._batch_max_frames = cfg.edge.batch_max_frames
+        self.frames_read = 0                    # frames read from devices (the counter "frames", kept
+                                                # here and folded in before stats: a read costs less)
         self._batch_conn_list: list[Conn] = []
         self._binary_acks: list[Owed] = []      # the binary packets of the pending batch, in order
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -345,6 +375,22 @@ class Edge:
 
     # ------------------------------------------------------------------ batching
 
+    def take_line(self, conn: DeviceConnection, frame: bytes) -> None:
+        """``accept`` of one frame from a connection the guard does not screen: a board's write, which
+        in a fleet is nearly every read the edge makes, so it is kept to a few steps."""
+        conn_id = conn.conn.conn_id   # type: ignore[union-attr]   # (set once connected)
+        index = self._batch_conns.get(conn_id)
+        if index is None:
+            index = self._batch_conns[conn_id] = len(self._batch_conn_list)
+            self._batch_conn_list.append(conn.conn)   # type: ignore[arg-type]
+        pending = self._pending
+        pending.append((frame, self.arrivals.stamp(), index))
+        self._pending_bytes += len(frame)
+        self.frames_read += 1
+        if self._flush_timer is None or len(pending) >= self._batch_max_frames \
+                or self._pending_bytes >= BATCH_MAX_BYTES:
+            self._schedule()
+
     def accept(self, conn: DeviceConnection, frames: list[bytes], rejects: list[tuple[str, bytes]]) -> None:
         assert conn.conn is not None
         index = self._batch_conns.get(conn.conn.conn_id)
@@ -353,10 +399,10 @@ class Edge:
             self._batch_conn_list.append(conn.conn)
         pending = self._pending
         start = len(pending)
-        if len(frames) == 1:              # a board's write: one line (the common case, made cheap)
+        if len(frames) == 1:
             frame = frames[0]
             self._pending_bytes += len(frame)
-            pending.append((frame, self.arrivals.stamps(1).start, index))
+            pending.append((frame, self.arrivals.stamp(), index))
         elif frames:
             self._pending_bytes += sum(map(len, frames))
             pending.extend(zip(frames, conn.next_stamps(len(frames)), repeat(index)))
@@ -366,7 +412,7 @@ class Edge:
             self.counters.add("rejected_frames", len(rejects))
             log.info("rejected %d frame(s) from %s: %s; first bytes %r", len(rejects), conn.conn.peer,
                      rejects[0][0], rejects[0][1][:60])
-        self.counters.add("frames", len(frames))
+        self.frames_read += len(frames)
         if conn.binary and frames:
             session = conn.session
             owed: list[Owed] = []
@@ -595,6 +641,11 @@ class Edge:
                 self._inject_sock.send_multipart(envelope.injected_message(route, ref, seq), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 self.counters.add("inject_replies_lost")
+
+    def count_frames(self) -> None:
+        """The frames read since the last time into the counters (``frames``)."""
+        self.counters.add("frames", self.frames_read)
+        self.frames_read = 0
 
     # ------------------------------------------------------------------ backpressure
 
@@ -888,6 +939,7 @@ class Edge:
                 continue
             stats_sent += 1
             next_stats = now + (runtime.STARTUP_STATS_S if stats_sent < runtime.STARTUP_STATS else runtime.STATS_INTERVAL_S)
+            self.count_frames()
             self.counters["connections"] = len(self.connections)
             self.counters["partial_bytes"] = self.held_total
             self.counters["inflight_batches"] = len(self.inflight)
