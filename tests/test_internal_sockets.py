@@ -118,5 +118,5 @@ def test_latest_values_skip_malformed_rows_without_spoiling_good_ones() -> None:
     bad = latest.apply_readings([["d", 5, {"t": 1}, {}], ["d", "6", {"t": 2}, {}], ["d", True, {"t": 3}, {}],
                                  [1, 2], "row", ["d", 7, {"t": {"x": 1}}, {}], ["d", 8, {"t": 4}, {}]])
     assert bad == 5
-    assert latest.devices["d"] == {"t": (4, 8)}
+    assert latest.fields("d") == {"t": (4, 8)}
     assert latest.apply_readings({"not": "a list"}) == 1

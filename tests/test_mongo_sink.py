@@ -195,7 +195,8 @@ def test_the_query_worker_restores_latest_values_from_mongo(mongo: Mongo) -> Non
     cfg = config_mod.from_dict({"sinks": {"mongo": {"enabled": True, "url": mongo.url, "database": database}}})
     latest = LatestValues()
     assert restore_from_mongo(cfg, latest) == 3
-    assert latest.devices == {"d1": {"temp.c": (21.5, T0), "ok": (True, T0)}, "d2": {"n": (3, T0 + S)}}
+    assert {d: latest.fields(d) for d in latest.newest} == {"d1": {"temp.c": (21.5, T0), "ok": (True, T0)},
+                                                            "d2": {"n": (3, T0 + S)}}
 
 
 # --------------------------------------------------------------------------- in the pipeline

@@ -7,10 +7,15 @@ from workers.processes.parser import newest_per_field, newest_per_field_general
 from workers.processes.query import LatestValues
 
 
-def _latest(readings: list[Reading]) -> tuple[dict, dict]:
+def _latest(readings: list[Reading]) -> dict:
     values = LatestValues()
-    values.apply_readings([tuple(r) for r in readings])
-    return values.devices, values.last_seen
+    assert values.apply_readings([list(r) for r in readings]) == 0
+    return _state(values)
+
+
+def _state(values: LatestValues) -> dict:
+    """Every device's fields and newest timestamp, as the query worker answers them."""
+    return {device: (values.fields(device), values.last_seen(device)) for device in values.newest}
 
 
 def test_one_reading_per_device_is_passed_through_as_it_is() -> None:
@@ -87,6 +92,13 @@ def test_latest_values_are_the_same_whichever_order_and_path_readings_take() -> 
     for _ in range(200):
         rows = [[rng.choice("ab"), rng.randint(-3, 6), {f: rng.random() for f in rng.sample("xyz", rng.randint(1, 3))},
                  {}] for _ in range(rng.randint(1, 12))]
+        rule: dict = {}                 # the rule, field by field: the newest wins, of equal times the later
+        for device, ts, fields, _ in rows:
+            known, newest = rule.setdefault(device, ({}, ts))
+            for field, value in fields.items():
+                if field not in known or ts >= known[field][1]:
+                    known[field] = (value, ts)
+            rule[device] = (known, max(newest, ts))
         one_by_one = LatestValues()
         for device, ts, fields, _ in rows:
             for field, value in fields.items():
@@ -95,5 +107,5 @@ def test_latest_values_are_the_same_whichever_order_and_path_readings_take() -> 
         cut = rng.randint(0, len(rows))
         batched.apply_readings(rows[:cut])
         batched.apply_readings(rows[cut:])
-        assert (batched.devices, batched.last_seen) == (one_by_one.devices, one_by_one.last_seen)
-
+        assert _state(batched) == rule
+        assert _state(one_by_one) == rule

@@ -30,9 +30,11 @@ order in which parsers deliver does not matter.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import time
+from itertools import chain
 from typing import Any, Callable
 
 import orjson
@@ -48,8 +50,10 @@ STATS_STALE_S = 30.0
 DEFAULT_HISTORY_SPAN_MS = 24 * 3600 * 1000     # "from" defaults to a day before "to"
 ROLLUP_COLUMNS = ["ts", "count", "min", "max", "mean", "last"]
 
-Latest = dict[str, dict[str, tuple[Any, int]]]      # device -> field -> (value, ts ns)
 FIELD_TYPES = frozenset((int, float, str, bool, type(None)))   # what a reading's field may hold
+_LIST, _FOUR, _STR, _INT, _DICT = (frozenset((x,)) for x in (list, 4, str, int, dict))
+_SEEN_ROW = (str, int, str, int, str)        # device, arrival ns, listener, conn_id, peer
+_new_seen = functools.partial(tuple.__new__, envelope.Seen)
 
 
 class QueryError(runtime.RequestError):
@@ -57,9 +61,14 @@ class QueryError(runtime.RequestError):
 
 
 class LatestValues:
+    """Per device its newest reading as it came (its timestamp and its fields, the very dict the live
+    message was parsed into), and for a field that reading lacks, the value and time of the newest
+    reading that had it. A fleet's every reading is its device's newest with the fields the one before
+    had: taking it is two stores, with no object made and no loop over its fields."""
+
     def __init__(self) -> None:
-        self.devices: Latest = {}
-        self.last_seen: dict[str, int] = {}             # newest reading's timestamp
+        # device -> [ts, fields, older]: older is None, or {field: (value, ts)} for fields not in fields
+        self.newest: dict[str, list] = {}
         self.presence: dict[str, envelope.Seen] = {}    # newest frame's arrival, and by which way
 
     def seen(self, entry: envelope.Seen) -> None:
@@ -67,24 +76,95 @@ class LatestValues:
         if known is None or entry.ts >= known.ts:
             self.presence[entry.device] = entry
 
+    def apply_seen(self, rows: list) -> int:
+        """``seen`` for the presence rows of a live message (``envelope.parse_live``), each checked;
+        returns how many were malformed and skipped. An entry older than the one kept is no news."""
+        presence = self.presence
+        bad = 0
+        if type(rows) is not list:
+            return 1
+        for row in rows:
+            if type(row) is not list or tuple(map(type, row)) != _SEEN_ROW:
+                bad += 1
+                continue
+            known = presence.get(row[0])
+            if known is None or row[1] >= known.ts:
+                presence[row[0]] = _new_seen(row)
+        return bad
+
+    def fields(self, device: str) -> dict[str, tuple[Any, int]] | None:
+        """``{field: (value, ts)}`` of ``device`` (None: never seen): each field's value in the newest
+        reading that had it; of equal timestamps, the reading taken last."""
+        entry = self.newest.get(device)
+        if entry is None:
+            return None
+        ts, fields, older = entry
+        out = {name: (value, ts) for name, value in fields.items()}
+        if older:
+            out.update(older)
+        return out
+
+    def last_seen(self, device: str) -> int | None:
+        """The timestamp of ``device``'s newest reading."""
+        entry = self.newest.get(device)
+        return None if entry is None else entry[0]
+
     def update(self, device: str, field: str, value: Any, ts: int) -> None:
-        fields = self.devices.get(device)
-        if fields is None:
-            fields = self.devices[device] = {}
-        seen = fields.get(field)
-        if seen is None or ts >= seen[1]:
-            fields[field] = (value, ts)
-        if ts > self.last_seen.get(device, 0):
-            self.last_seen[device] = ts
+        """One field of a reading (values restored from a store)."""
+        self._take(device, ts, {field: value})
+
+    def _take(self, device: str, ts: int, fields: dict) -> None:
+        """A reading whose values are all of ``FIELD_TYPES``: the general case of ``apply_readings``."""
+        entry = self.newest.get(device)
+        if entry is None:
+            self.newest[device] = [ts, fields, None]
+            return
+        newest_ts, newest_fields, older = entry
+        if ts >= newest_ts:         # the device's newest: what the one before had and it lacks stays
+            kept = {name: (value, newest_ts) for name, value in newest_fields.items() if name not in fields}
+            if older:
+                kept.update((name, seen) for name, seen in older.items() if name not in fields)
+            entry[0], entry[1], entry[2] = ts, fields, kept or None
+            return
+        for name, value in fields.items():     # older than the newest: only for fields it lacks
+            if name in newest_fields:
+                continue
+            if older is None:
+                older = entry[2] = {}
+            seen = older.get(name)
+            if seen is None or ts >= seen[1]:
+                older[name] = (value, ts)
 
     def apply_readings(self, readings: list) -> int:
-        """``update`` for every field of every reading, inlined: this runs for every reading. Returns how
-        many were malformed and skipped: one kept with a timestamp that is not an integer would make
-        every later reading of its device fail to compare."""
-        devices, last_seen = self.devices, self.last_seen
-        bad = 0
+        """Take every reading of a live message; this runs for every reading. Returns how many rows and
+        field values were malformed and skipped: one kept with a timestamp that is not an integer would
+        make every later reading of its device fail to compare."""
         if type(readings) is not list:
             return 1
+        try:   # the whole message checked at once, in C: rows, their members, every field's value
+            devices, stamps, fieldsets, _ = zip(*readings)
+            wellformed = (_LIST.issuperset(map(type, readings)) and _FOUR.issuperset(map(len, readings))
+                          and _STR.issuperset(map(type, devices)) and _INT.issuperset(map(type, stamps))
+                          and _DICT.issuperset(map(type, fieldsets))
+                          and FIELD_TYPES.issuperset(map(type, chain.from_iterable(map(dict.values, fieldsets)))))
+        except (TypeError, ValueError):
+            wellformed = False
+        if not wellformed:
+            return self._apply_checked(readings)
+        newest = self.newest
+        for device, ts, fields in zip(devices, stamps, fieldsets):
+            entry = newest.get(device)
+            # the device's newest reading with at least the fields of the one before: a fleet's every one
+            if entry is not None and ts >= entry[0] and entry[2] is None and fields.keys() >= entry[1].keys():
+                entry[0] = ts
+                entry[1] = fields
+            else:
+                self._take(device, ts, fields)
+        return 0
+
+    def _apply_checked(self, readings: list) -> int:
+        """``apply_readings`` row by row for a message that holds something malformed."""
+        bad = 0
         for row in readings:
             if type(row) is not list or len(row) != 4:
                 bad += 1
@@ -93,19 +173,9 @@ class LatestValues:
             if type(device) is not str or type(ts) is not int or type(fields) is not dict:
                 bad += 1
                 continue
-            known = devices.get(device)
-            if known is None:
-                known = devices[device] = {}
-            newest = last_seen.get(device, 0)
-            wins = ts >= newest   # the device's newest reading (a fleet's every one): each of its fields wins
-            for field, value in fields.items():
-                if type(value) not in FIELD_TYPES:
-                    bad += 1
-                    continue
-                if wins or (seen := known.get(field)) is None or ts >= seen[1]:
-                    known[field] = (value, ts)
-            if ts > newest:
-                last_seen[device] = ts
+            kept = {name: value for name, value in fields.items() if type(value) in FIELD_TYPES}
+            bad += len(fields) - len(kept)
+            self._take(device, ts, kept)
         return bad
 
 
@@ -182,7 +252,7 @@ class QueryWorker:
         device = request.get("device")
         if not isinstance(device, str) or not device:
             raise QueryError('"device" must be a non-empty string')
-        fields = self.latest.devices.get(device)
+        fields = self.latest.fields(device)
         if fields is None:
             raise QueryError(f"unknown device {device!r}", errors.UNKNOWN_DEVICE)
         return {"ok": True, "device": device,
@@ -190,11 +260,11 @@ class QueryWorker:
 
     def op_devices(self, request: dict) -> dict:
         now = time.time_ns()
-        presence, readings = self.latest.presence, self.latest.last_seen
+        presence, readings = self.latest.presence, self.latest.newest
         devices = []
         for device in sorted(presence.keys() | readings.keys()):
             seen = presence.get(device)
-            last_seen = seen.ts if seen is not None else readings[device]    # arrival, else reading time
+            last_seen = seen.ts if seen is not None else readings[device][0]    # arrival, else reading time
             devices.append({"device": device, "last_seen": last_seen // 1_000_000,
                             "online": now - last_seen <= self.cfg.offline_after_s(device) * 1e9,
                             "via": seen.listener if seen else "", "peer": seen.peer if seen else ""})
@@ -282,13 +352,13 @@ class QueryWorker:
         kind = message[0] if message else b""
         try:
             if kind == envelope.READINGS:
-                _, readings, _ = envelope.parse_readings_rows(message[1], message[2])
+                seen, readings = envelope.parse_live(message[1], message[2])
                 bad = self.latest.apply_readings(readings)
-                for entry in envelope.parse_seen(message[1]):
-                    self.latest.seen(entry)
                 if bad:
                     self._bad_live("bad_live_readings", bad, f"{bad} malformed reading(s) in {message[2][:120]!r}")
                 self.counters.add("live_readings", len(readings) - bad if type(readings) is list else 0)
+                if self.latest.apply_seen(seen):
+                    raise envelope.EnvelopeError(f"bad seen list in {message[1][:120]!r}")
             elif kind == envelope.STATS:
                 worker, counters = envelope.parse_stats(message)
                 if not isinstance(counters, dict) or not worker:
