@@ -87,23 +87,34 @@ def test_lines_every_byte_is_a_frame_a_counted_reject_or_a_delimiter(lines, tail
     assert all(len(raw) <= MAX for _, raw in rejects)
 
 
-@given(before=lines, tail=texty, read=st.binary(max_size=MAX + 4) | texty.map(lambda b: b + b"\n")
-       | texty.map(lambda b: b + b"\r\n"))
-def test_one_line_cuts_what_feed_cuts(before, tail: bytes, read: bytes) -> None:
-    """The edge's short path for a read (``one_line``) is the general one's frame whenever it answers,
-    after any earlier reads (held bytes, a line being skipped), and leaves the framer as ``feed`` does."""
+@given(before=lines, tail=texty, read=st.binary(max_size=MAX + 4) | lines.map(
+    lambda ls: b"".join(body + end for body, end in ls)))
+def test_whole_lines_cuts_what_feed_cuts(before, tail: bytes, read: bytes) -> None:
+    """The edge's short path for a read (``whole_lines``) is the general one's frames whenever it
+    answers, after any earlier reads (held bytes, a line being skipped), and leaves the framer as
+    ``feed`` does."""
     earlier = b"".join(body + end for body, end in before) + tail
     short, general = LineFramer(MAX), LineFramer(MAX)
     short.feed(earlier)
     general.feed(earlier)
-    frame = short.one_line(read)
-    frames, rejects = general.feed(read)
-    if frame is None:
+    frames = short.whole_lines(read)
+    expected, rejects = general.feed(read)
+    if frames is None:
         return                                   # the edge feeds it: nothing to compare
-    assert ([frame] if frame else []) == frames and rejects == []
+    assert frames == expected and rejects == []
     assert short.buffer == general.buffer == b"" and short.skipping == general.skipping
     assert short.rejected_bytes == general.rejected_bytes
     assert feed(short, b"next\n", []) == feed(general, b"next\n", [])
+
+
+def test_whole_lines_answers_a_boards_reads() -> None:
+    framer = LineFramer(MAX)
+    assert framer.whole_lines(b'{"t":1}\n') == [b'{"t":1}']
+    assert framer.whole_lines(b'{"t":1}\r\n') == [b'{"t":1}']
+    assert framer.whole_lines(b'{"t":1}\n{"t":2}\n') == [b'{"t":1}', b'{"t":2}']
+    assert framer.whole_lines(b"\n") == []
+    assert framer.whole_lines(b'{"t":1}') is None                      # a partial line: feed holds it
+    assert framer.whole_lines(b"x" * (MAX + 1) + b"\n") is None         # over the limit: feed rejects it
 
 
 # --------------------------------------------------------------------------- bare JSON objects

@@ -44,14 +44,25 @@ class LineFramer:
     def lines(self) -> "LineFramer":
         return self
 
-    def one_line(self, data: bytes) -> bytes | None:
-        """The frame ``feed`` would cut from ``data`` when ``data`` is one whole line and nothing is
-        held (a board's every write): ``b""`` for a blank line, None when ``feed`` must take it. Nothing
-        is held after it either, and nothing rejected: a fleet's read costs one call and no lists."""
-        if self.buffer or self.skipping or len(data) > self.max_frame + 1 or data.find(b"\n") != len(data) - 1:
+    def whole_lines(self, data: bytes) -> Frames | None:
+        """The frames ``feed`` would cut from ``data`` when ``data`` is whole lines, none over the
+        limit, read with nothing held: a board's write, or a few of them. Nothing is held after it and
+        nothing rejected. None: ``feed`` must take it (a partial line, a CR, a blank line among others,
+        anything over the limit). A board's read then costs a call and a split, not the general loop."""
+        if self.buffer or self.skipping or not data.endswith(b"\n"):
             return None
-        line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
-        return line if line.strip() else b""
+        if data.find(b"\n") == len(data) - 1:                 # one line: a fleet's every read
+            if len(data) > self.max_frame + 1:
+                return None
+            line = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+            return [line] if line.strip() else []
+        if b"\r" in data:
+            return None
+        lines = data.split(b"\n")
+        lines.pop()
+        if len(data) > self.max_frame + 1 and max(map(len, lines)) > self.max_frame:
+            return None
+        return lines if all(map(bytes.strip, lines)) else None
 
     def feed(self, data: bytes) -> tuple[Frames, Rejects]:
         frames: Frames = []

@@ -114,16 +114,16 @@ class DeviceConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         lines = self.lines
         if lines is not None:
-            # A board's write: one whole line, nothing held before or after it, nothing rejected.
-            frame = lines.one_line(data)
-            if frame is not None:
-                if not frame:
+            # A board's write: whole lines, nothing held before or after them, nothing rejected.
+            frames = lines.whole_lines(data)
+            if frames is not None:
+                if not frames:
                     return                   # a blank line: no frame, no progress
                 if self.unscreened:
                     self.last_progress = _monotonic()
-                    self.edge.take_line(self, frame)
+                    self.edge.take_lines(self, frames)
                     return
-                frames, rejects = self.edge.guard.screen(self, [frame], [])
+                frames, rejects = self.edge.guard.screen(self, frames, [])
                 if frames or rejects:
                     self.last_progress = _monotonic()
                     self.edge.accept(self, frames, rejects)
@@ -375,18 +375,24 @@ class Edge:
 
     # ------------------------------------------------------------------ batching
 
-    def take_line(self, conn: DeviceConnection, frame: bytes) -> None:
-        """``accept`` of one frame from a connection the guard does not screen: a board's write, which
-        in a fleet is nearly every read the edge makes, so it is kept to a few steps."""
+    def take_lines(self, conn: DeviceConnection, frames: list[bytes]) -> None:
+        """``accept`` of frames from a connection the guard does not screen: a board's write, which in
+        a fleet is nearly every read the edge makes, so it is kept to a few steps."""
         conn_id = conn.conn.conn_id   # type: ignore[union-attr]   # (set once connected)
         index = self._batch_conns.get(conn_id)
         if index is None:
             index = self._batch_conns[conn_id] = len(self._batch_conn_list)
             self._batch_conn_list.append(conn.conn)   # type: ignore[arg-type]
         pending = self._pending
-        pending.append((frame, self.arrivals.stamp(), index))
-        self._pending_bytes += len(frame)
-        self.frames_read += 1
+        if len(frames) == 1:
+            frame = frames[0]
+            pending.append((frame, self.arrivals.stamp(), index))
+            self._pending_bytes += len(frame)
+            self.frames_read += 1
+        else:
+            pending.extend(zip(frames, self.arrivals.stamps(len(frames)), repeat(index)))
+            self._pending_bytes += sum(map(len, frames))
+            self.frames_read += len(frames)
         if self._flush_timer is None or len(pending) >= self._batch_max_frames \
                 or self._pending_bytes >= BATCH_MAX_BYTES:
             self._schedule()
