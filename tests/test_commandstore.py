@@ -66,3 +66,33 @@ def test_devices_and_their_routes_survive_a_restart(tmp_path: Path) -> None:
     assert devices == {"g1": DeviceState(30, Route("mqtt:farm", 0, "broker"), acks=True), "b1": DeviceState(20)}
     assert devices["g1"].route is not None and devices["g1"].route.mqtt
     store.close()
+
+
+def test_the_commands_worker_writes_last_seen_down_when_it_moved_on_by_a_tenth(tmp_path) -> None:
+    """A fleet's presence costs the commands store a row per device every offline_after_s / 10, not
+    one per presence entry; new devices and new routes are written at the next save, and everything
+    when the worker stops."""
+    from workers.core.config import from_dict
+    from workers.core.envelope import Seen
+    from workers.processes.commands import Commands
+
+    cfg = from_dict({"data_dir": str(tmp_path), "presence": {"offline_after_s": 100},
+                     "devices": {"napper": {"offline_after_s": 10}}})
+    s = 1_000_000_000
+    worker = Commands(cfg)
+    try:
+        worker.on_seen([Seen("a", 100 * s, "text", 1, "p:1"), Seen("napper", 100 * s, "text", 2, "p:2")], [], [])
+        worker.save_devices()
+        assert {d: st.last_seen for d, st in worker.store.devices().items()} == {"a": 100 * s, "napper": 100 * s}
+        worker.on_seen([Seen("a", 105 * s, "text", 1, "p:1"), Seen("napper", 101 * s, "text", 2, "p:2")], [], [])
+        worker.save_devices()                 # a: 5 s on, under its 10 s; napper: 1 s, its tenth of 10 s
+        assert {d: st.last_seen for d, st in worker.store.devices().items()} == {"a": 100 * s, "napper": 101 * s}
+        worker.on_seen([Seen("a", 106 * s, "text", 3, "p:3")], [], [])          # another connection: at once
+        worker.save_devices()
+        assert worker.store.devices()["a"] == DeviceState(106 * s, Route("text", 3, "p:3"))
+        worker.on_seen([Seen("a", 110 * s, "text", 3, "p:3")], [], [])
+        worker.save_devices(every_last_seen=True)                               # as when stopping
+        assert worker.store.devices()["a"].last_seen == 110 * s
+    finally:
+        worker.store.close()
+        worker.updates.close()

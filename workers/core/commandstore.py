@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -74,6 +74,7 @@ class DeviceState:
     route: Route | None = None         # None: only seen where commands cannot go (a binary port)
     acks: bool = False                 # it has acknowledged a command: it gets unacknowledged ones again
     dirty: bool = False
+    saved_seen: int = field(default=0, compare=False)   # the last_seen the store holds
 
 
 SELECT_COMMANDS = ("SELECT id, device, payload, created_ms, expires_ms, state, attempts, delivered_ms, via, error,"
@@ -134,7 +135,7 @@ class CommandStore:
         out = {}
         for device, last_seen, listener, conn_id, peer, acks in self.db.execute("SELECT * FROM devices"):
             route = Route(listener, conn_id, peer) if listener else None
-            out[device] = DeviceState(last_seen, route, bool(acks))
+            out[device] = DeviceState(last_seen, route, bool(acks), saved_seen=last_seen)
         return out
 
     def prune(self, before_ms: int) -> int:
