@@ -74,6 +74,9 @@ BATCH_MAX_BYTES = 8 * 1024 * 1024  # a batch is cut at this many frame bytes too
 DOWNLINK_BUFFER_MAX = 64 * 1024    # lines waiting for a device that does not read: refuse more
 TRIM_AFTER_BYTES = 4 * 1024 * 1024
 
+NAP_S = 0.002                      # the loop's nap after a turn that read few devices (Edge.nap)
+NAP_READS = 32                     # fewer reads than this in a turn: a nap follows it
+
 _monotonic = time.monotonic
 
 
@@ -112,6 +115,10 @@ class DeviceConnection(asyncio.Protocol):
         self.edge.opened(self)
 
     def data_received(self, data: bytes) -> None:
+        edge = self.edge
+        edge.turn_reads += 1
+        if edge.nap_handle is None:
+            edge.nap_handle = edge.loop.call_soon(edge.nap)   # type: ignore[union-attr]   # (set once one connected)
         lines = self.lines
         if lines is not None:
             # A board's write: whole lines, nothing held before or after them, nothing rejected.
@@ -264,6 +271,9 @@ class Edge:
         self._flush_urgent = False              # the timer is due at ack_max_delay_ms
         self._batch_started = 0.0               # loop time of the pending batch's first frame
         self.servers: list[asyncio.AbstractServer] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.turn_reads = 0                     # device reads since the last nap
+        self.nap_handle: asyncio.Handle | None = None
         self.link: StreamLink | None = None       # [journal] backend = "jetstream": the cluster
         self.publisher: BatchPublisher | None = None
         self.feeder: StreamFeeder | None = None   # on a host with sinks: feeds them from the stream
@@ -285,6 +295,8 @@ class Edge:
         return self._conn_ids
 
     def opened(self, conn: DeviceConnection) -> None:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         name = conn.listener.name
         if self.per_listener.get(name, 0) >= conn.listener.max_connections or self.stop.is_set():
             self.counters.add("refused_connections")
@@ -372,6 +384,16 @@ class Edge:
         if _malloc_trim is not None:
             _malloc_trim(0)
             self.counters.add("memory_trims")
+
+    def nap(self) -> None:
+        """Called once per turn of the event loop that read devices. A turn that read only a few (a fleet:
+        thousands of boards each writing now and then) is followed by a short sleep, so that the next
+        poll finds a few dozen sockets ready instead of one or two: fewer wake-ups and polls per read.
+        A busy loop (boards at full speed: many reads a turn) never sleeps."""
+        self.nap_handle = None
+        reads, self.turn_reads = self.turn_reads, 0
+        if reads < NAP_READS:
+            time.sleep(NAP_S)
 
     # ------------------------------------------------------------------ batching
 
