@@ -128,24 +128,24 @@ class DeviceConnection(asyncio.Protocol):
                     return                   # a blank line: no frame, no progress
                 if self.unscreened:
                     self.last_progress = _monotonic()
-                    self.edge.take_lines(self, frames)
+                    edge.take_lines(self, frames)
                     return
-                frames, rejects = self.edge.guard.screen(self, frames, [])
+                frames, rejects = edge.guard.screen(self, frames, [])
                 if frames or rejects:
                     self.last_progress = _monotonic()
-                    self.edge.accept(self, frames, rejects)
+                    edge.accept(self, frames, rejects)
                 return
         framer = self.framer
         rejected = framer.rejected_bytes
-        frames, rejects = self.edge.guard.screen(self, *framer.feed(data))
+        frames, rejects = edge.guard.screen(self, *framer.feed(data))
         if frames or rejects:
             self.last_progress = _monotonic()
-            self.edge.accept(self, frames, rejects)
+            edge.accept(self, frames, rejects)
         if framer.rejected_bytes != rejected:
-            self.edge.counters.add("rejected_bytes", framer.rejected_bytes - rejected)
-        self.edge.hold(self, framer.held_bytes)
+            edge.counters.add("rejected_bytes", framer.rejected_bytes - rejected)
+        edge.hold(self, framer.held_bytes)
         if framer.fatal:
-            self.edge.counters.add("closed_fatal")
+            edge.counters.add("closed_fatal")
             log.info("closing %s: %s", self.conn and self.conn.peer, framer.fatal)
             self.close_after_answers()
         elif lines is None:
