@@ -274,6 +274,7 @@ class QueryWorker:
         from workers.core.outbox import sink_summary
 
         now = time.monotonic()
+        self.counters["resync_due"] = 1 if self.resync_at else 0     # a restore from the store is still to come
         self.stats["query"] = (now, self.counters.snapshot())
         sinks = {name.split(":", 1)[1]: {**sink_summary(counters), "stale": now - at > STATS_STALE_S}
                  for name, (at, counters) in sorted(self.stats.items()) if name.startswith("sink:")}
@@ -379,6 +380,7 @@ class QueryWorker:
             log.warning("ignoring malformed input on the live socket (logged once; counted as %s): %s", counter, what)
 
     def restore(self) -> None:
+        self.counters.add("restores")           # passes made (the first at start, the resyncs after it)
         source = restore_source(self.cfg)
         restorer = RESTORERS.get(source)
         if restorer is None:
