@@ -233,6 +233,13 @@ def _holds_nul(fields: dict) -> bool:
 NOT_FINITE = "sqlite: a value is NaN or infinite, which the store does not keep (the parser reads it as a failed read)"
 
 
+def _check_64_bits(fields: dict) -> None:
+    """PermanentError for an integer beyond the 64 bits SQLite keeps (orjson writes up to 2**64 - 1)."""
+    for value in fields.values():
+        if type(value) is int and not INT_MIN <= value <= INT_MAX:
+            raise PermanentError(BEYOND_64_BITS)
+
+
 def _not_finite(fields: dict) -> bool:
     return any(type(value) is float and value - value != 0.0 for value in fields.values())
 
@@ -487,9 +494,7 @@ class SqliteSink:
                         if dense and known[0] == known[1]:     # none of its rows in recent_readings
                             known[0] = known[1] = ts           # its newest, straight into packed_readings
                             rows.append((device, ts, packed_fields, tag_text))
-                            for value in fields.values():
-                                if type(value) is int and not INT_MIN <= value <= INT_MAX:
-                                    raise PermanentError(BEYOND_64_BITS)
+                            _check_64_bits(fields)
                             # its values logged once per device, after the loop
                             before = direct.get(device)
                             if before is not None and not before[1].keys() <= fields.keys():
@@ -507,9 +512,7 @@ class SqliteSink:
                 # into recent_readings, the first there at its ts: the view latest reads its values
                 # there, the fold puts them into latest_rows (before the move). Not logged.
                 known[1] = ts
-                for value in fields.values():
-                    if type(value) is int and not INT_MIN <= value <= INT_MAX:
-                        raise PermanentError(BEYOND_64_BITS)
+                _check_64_bits(fields)
                 before = newest.get(device) or unfolded_newest.get(device)
                 if before is not None and not before[1].keys() <= fields.keys():
                     _keep_older(device, before, fields, kept, self.unfolded_kept)
